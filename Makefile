@@ -1,0 +1,55 @@
+# mmfusion: `make run` sets everything up and runs the pipeline; `make test` runs the tests.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+
+# Offline and quiet: no telemetry, no model hub (see ../shared/stack.md).
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export BENTOML_DO_NOT_TRACK := true
+export DVC_NO_ANALYTICS := 1
+export GX_ANALYTICS_ENABLED := false
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+# Everything a run writes stays inside the project.
+export PREFECT_HOME := $(CURDIR)/.prefect
+export BENTOML_HOME := $(CURDIR)/.bentoml
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: help setup run test test-fast ui lock
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q uv==0.13.9
+	$(VENV)/bin/uv pip install -q --python $(PY) -r requirements.lock
+	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps -e .
+	touch $@
+
+setup: $(VENV)/.installed ## create .venv with the pinned lock and do one-time initialisation
+	@git rev-parse --git-dir >/dev/null 2>&1 || git init -q
+	@# dvc exp needs a git identity; set a local one only where none is configured
+	@git config user.email >/dev/null || git config user.email "mmfusion@localhost"
+	@git config user.name >/dev/null || git config user.name "mmfusion"
+	@mkdir -p $(PREFECT_HOME) $(BENTOML_HOME)
+
+run: setup ## run the whole pipeline (dvc repro), every stage a Prefect flow run
+	@# One Prefect server for the whole repro (not one temporary server per stage); none when nothing is stale.
+	@if dvc status -q >/dev/null 2>&1; then dvc repro; else $(PY) -m flows.server -- dvc repro; fi
+
+test: setup ## the test suite (what .ci/run calls)
+	$(PY) -m pytest -q --durations=15
+
+ui: setup ## Prefect server + the `pipeline` deployment on 127.0.0.1: trigger runs from the browser
+	$(PY) -m flows.ui
+
+lock: ## re-freeze requirements.lock from the current .venv
+	$(VENV)/bin/uv pip freeze --python $(PY) --exclude-editable > requirements.lock

@@ -1,0 +1,1 @@
+"""Prefect flows and deployments: thin wrappers over `mmfusion.stages`."""

@@ -1,0 +1,78 @@
+"""One Prefect flow per pipeline stage, each running the stage's work as a Prefect task.
+
+DVC calls `python -m flows.stages <stage>`: DVC decides whether a stage must run,
+Prefect records how it ran (a flow run with its logs, visible in the UI when
+PREFECT_API_URL points at a server; an ephemeral local server otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mmfusion")
+
+from prefect import flow, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+from mmfusion.config import load_params  # noqa: E402
+from mmfusion.stages import STAGES  # noqa: E402
+from mmfusion.stages.common import USER_ERRORS  # noqa: E402
+
+
+def _summary_markdown(name: str, summary: dict) -> str:
+    lines = [f"# {name}", "", "| key | value |", "|---|---|"]
+    for key, value in summary.items():
+        text = json.dumps(value, default=str)
+        lines.append(f"| {key} | {text if len(text) < 300 else text[:297] + '...'} |")
+    return "\n".join(lines)
+
+
+def build_stage_flow(name: str):
+    """The Prefect flow for stage `name`: load params, run the stage task, attach a summary artifact."""
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    module = importlib.import_module(f"mmfusion.stages.{name}")
+    stage_task = task(module.run, name=name, cache_policy=NO_CACHE, persist_result=False)
+
+    @flow(name=name, description=(module.__doc__ or "").strip(), log_prints=True, persist_result=False)
+    def stage_flow(params_path: str = "params.yaml", root: str = ".") -> dict:
+        params = load_params(params_path)
+        summary = stage_task(params, Path(root))
+        create_markdown_artifact(key=f"{name}-summary", markdown=_summary_markdown(name, summary))
+        return summary
+
+    return stage_flow
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.stages", description="Run one pipeline stage as a Prefect flow.")
+    parser.add_argument("stage", choices=STAGES)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--root", default=".")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("great_expectations", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    start = time.perf_counter()
+    try:
+        build_stage_flow(args.stage)(params_path=args.params, root=args.root)
+    except USER_ERRORS as exc:
+        print(f"{args.stage}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # the stage's own failure (e.g. validation): one readable line, non-zero exit
+        print(f"{args.stage}: failed: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.stage}: done in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Manifest schema, image/text I/O, cleaning, validation, splitting and augmentation."""

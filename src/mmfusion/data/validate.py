@@ -1,0 +1,186 @@
+"""Validation of the clean manifest with a Great Expectations suite.
+
+Two batches are checked: the samples themselves and a per-class count table (GX
+has no expectation over group counts, so the counts are a small table of their own).
+Expectations carry a GX severity: a failed `critical` one fails the stage, a
+`warning` one is reported and the pipeline goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from mmfusion.config import ValidateParams
+from mmfusion.data.manifest import CLEAN_COLUMNS
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+log = logging.getLogger(__name__)
+
+
+class ValidationFailed(RuntimeError):
+    """A critical expectation failed; the message names it and the offending values."""
+
+
+def _samples_suite(gxe: Any, labels: list[str], params: ValidateParams) -> list:
+    lo, hi = params.text_length
+    img_lo, img_hi = params.image_size
+    return [
+        gxe.ExpectTableColumnsToMatchSet(column_set=list(CLEAN_COLUMNS) + ["image_exists", "text_length"], exact_match=True),
+        gxe.ExpectTableRowCountToBeBetween(min_value=1),
+        gxe.ExpectColumnValuesToBeUnique(column="id"),
+        *[gxe.ExpectColumnValuesToNotBeNull(column=c) for c in ("id", "image", "text", "label", "group")],
+        *[gxe.ExpectColumnValuesToBeOfType(column=c, type_="str") for c in ("id", "image", "text", "label", "group")],
+        gxe.ExpectColumnValuesToBeInSet(column="label", value_set=labels),
+        gxe.ExpectColumnValueLengthsToBeBetween(column="text", min_value=lo, max_value=hi),
+        gxe.ExpectColumnValuesToBeBetween(column="width", min_value=img_lo, max_value=img_hi),
+        gxe.ExpectColumnValuesToBeBetween(column="height", min_value=img_lo, max_value=img_hi),
+        gxe.ExpectColumnValuesToBeInSet(column="image_exists", value_set=[True]),
+        gxe.ExpectColumnValuesToMatchRegex(column="image_sha256", regex=r"^[0-9a-f]{64}$"),
+    ]
+
+
+def _counts_suite(gxe: Any, params: ValidateParams) -> list:
+    # COMPLETE with the label as index column, so a failure names the offending classes.
+    fmt = {"result_format": "COMPLETE", "unexpected_index_column_names": ["label"]}
+    return [
+        gxe.ExpectColumnValuesToBeBetween(column="count", min_value=params.min_per_class, result_format=fmt),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="ratio_to_smallest", max_value=params.max_imbalance, result_format=fmt
+        ),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="ratio_to_smallest", max_value=params.warn_imbalance, severity="warning", result_format=fmt
+        ),
+    ]
+
+
+def class_counts(df: pd.DataFrame) -> pd.DataFrame:
+    """Samples per label and each label's size relative to the smallest class."""
+    counts = df["label"].value_counts().rename_axis("label").reset_index(name="count")
+    smallest = max(int(counts["count"].min()), 1) if len(counts) else 1
+    counts["ratio_to_smallest"] = counts["count"] / smallest
+    return counts
+
+
+def _summarise(result: Any, batch: str) -> list[dict]:
+    rows = []
+    for r in result.results:
+        cfg = r.expectation_config
+        kwargs = {k: v for k, v in cfg.kwargs.items() if k not in ("batch_id",)}
+        res = r.result or {}
+        rows.append(
+            {
+                "batch": batch,
+                "expectation": cfg.type,
+                "kwargs": kwargs,
+                "severity": str(getattr(cfg, "severity", "critical")).split(".")[-1].lower(),
+                "success": bool(r.success),
+                "unexpected_count": res.get("unexpected_count"),
+                "unexpected_values": [str(v) for v in (res.get("partial_unexpected_list") or [])[:10]],
+                "unexpected_labels": [str(i.get("label")) for i in (res.get("unexpected_index_list") or [])[:20]
+                                      if isinstance(i, dict)],
+                "observed_value": _jsonable(res.get("observed_value")),
+                "error": (r.exception_info or {}).get("exception_message") if not r.success else None,
+            }
+        )
+    return rows
+
+
+def _jsonable(v: Any) -> Any:
+    try:
+        json.dumps(v)
+        return v
+    except TypeError:
+        return str(v)
+
+
+def validate_manifest(df: pd.DataFrame, root: Path, out_dir: Path, params: ValidateParams) -> dict:
+    """Run the suite over a clean manifest (images relative to `root`); write result.json and Data Docs.
+
+    Raises ValidationFailed, after writing the reports, when a critical expectation fails.
+    """
+    import great_expectations as gx
+    import great_expectations.expectations as gxe
+    from great_expectations.checkpoint import UpdateDataDocsAction
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    df = df.copy()
+    df["image_exists"] = [(root / p).is_file() for p in df["image"]]
+    df["text_length"] = df["text"].str.len()
+    labels = sorted(df["label"].unique().tolist())
+    counts = class_counts(df)
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+    docs_dir = (out_dir / "data_docs").resolve()
+    context.add_data_docs_site(
+        site_name="mmfusion",
+        site_config={
+            "class_name": "SiteBuilder",
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        },
+    )
+    source = context.data_sources.add_pandas("mmfusion")
+    rows: list[dict] = []
+    for name, frame, expectations in (
+        ("samples", df, _samples_suite(gxe, labels, params)),
+        ("class_counts", counts, _counts_suite(gxe, params)),
+    ):
+        asset = source.add_dataframe_asset(name=name)
+        batch_def = asset.add_batch_definition_whole_dataframe(f"{name}_all")
+        suite = context.suites.add(gx.ExpectationSuite(name=f"clean_{name}"))
+        for exp in expectations:
+            suite.add_expectation(exp)
+        vd = context.validation_definitions.add(gx.ValidationDefinition(name=f"validate_{name}", data=batch_def, suite=suite))
+        checkpoint = context.checkpoints.add(
+            gx.Checkpoint(
+                name=f"checkpoint_{name}",
+                validation_definitions=[vd],
+                actions=[UpdateDataDocsAction(name="docs", site_names=["mmfusion"])],
+            )
+        )
+        cp_result = checkpoint.run(batch_parameters={"dataframe": frame})
+        for vr in cp_result.run_results.values():
+            rows.extend(_summarise(vr, name))
+
+    failed_critical = [r for r in rows if not r["success"] and r["severity"] == "critical"]
+    warnings = [r for r in rows if not r["success"] and r["severity"] != "critical"]
+    result = {
+        "success": not failed_critical,
+        "evaluated": len(rows),
+        "failed_critical": len(failed_critical),
+        "warnings": len(warnings),
+        "rows": int(len(df)),
+        "labels": len(labels),
+        "class_counts": {r["label"]: int(r["count"]) for _, r in counts.iterrows()},
+        "data_docs": str((docs_dir / "index.html").relative_to(out_dir.resolve())),
+        "expectations": rows,
+    }
+    (out_dir / "result.json").write_text(json.dumps(result, indent=2, default=str))
+    for w in warnings:
+        log.warning("validation warning: %s", describe_failure(w))
+    if failed_critical:
+        lines = "; ".join(describe_failure(r) for r in failed_critical)
+        raise ValidationFailed(f"{len(failed_critical)} critical expectation(s) failed: {lines}")
+    return result
+
+
+def describe_failure(row: dict) -> str:
+    """One readable line for a failed expectation: which, on what, and the offending values."""
+    kw = {k: v for k, v in row["kwargs"].items() if k not in ("column",)}
+    col = row["kwargs"].get("column")
+    what = f"{row['expectation']}({col + ', ' if col else ''}{', '.join(f'{k}={v}' for k, v in kw.items())}) on {row['batch']}"
+    if row.get("unexpected_labels"):
+        return f"{what}: classes {row['unexpected_labels'][:10]} (values {row['unexpected_values'][:10]})"
+    if row["unexpected_values"]:
+        return f"{what}: {row['unexpected_count']} unexpected, e.g. {row['unexpected_values'][:5]}"
+    if row["observed_value"] is not None:
+        return f"{what}: observed {row['observed_value']}"
+    return f"{what}: {row['error'] or 'failed'}"

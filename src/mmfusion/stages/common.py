@@ -1,0 +1,50 @@
+"""What every stage module shares: JSON reports, fresh output folders, and the tiny CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mmfusion.config import Params, ParamsError, load_params
+
+log = logging.getLogger("mmfusion")
+
+# Errors that mean "your input or params are wrong": one line, no traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ParamsError, ValueError, FileNotFoundError, PermissionError)
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    """Write `obj` as indented JSON, creating parent folders."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    return path
+
+
+def fresh_dir(path: Path) -> Path:
+    """An empty folder at `path` (a stage owns its outputs and rewrites them whole)."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def stage_main(name: str, run: Callable[[Params, Path], dict], argv: list[str] | None = None) -> int:
+    """`python -m mmfusion.stages.<name>`: run one stage without Prefect (for debugging)."""
+    parser = argparse.ArgumentParser(prog=f"python -m mmfusion.stages.{name}", description=(run.__doc__ or "").strip())
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--root", default=".", help="project root holding data/ and reports/ (default: .)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        summary = run(load_params(args.params), Path(args.root))
+    except USER_ERRORS as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2, default=str))
+    return 0

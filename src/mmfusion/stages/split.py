@@ -1,0 +1,44 @@
+"""split: stratified, grouped train/val/test manifests from data/clean into data/split."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from mmfusion import paths
+from mmfusion.config import Params
+from mmfusion.data.manifest import CLEAN_COLUMNS, read_manifest, write_manifest
+from mmfusion.data.split import split_counts, split_dataset
+from mmfusion.stages.common import fresh_dir, stage_main, write_json
+
+log = logging.getLogger(__name__)
+
+
+def run(params: Params, root: Path = Path(".")) -> dict:
+    """Write data/split/{train,val,test}.csv and a per-class count table (images stay in data/clean)."""
+    df = read_manifest(root / paths.CLEAN / paths.MANIFEST, required=CLEAN_COLUMNS)
+    splits = split_dataset(df, params.split)
+    out = fresh_dir(root / paths.SPLIT)
+    # From here on image paths are relative to the project root (data/clean/images/...).
+    for name, part in splits.items():
+        part = part.assign(image=[(paths.CLEAN / p).as_posix() for p in part["image"]])
+        write_manifest(part, out / f"{name}.csv")
+    table = split_counts(splits)
+    table.to_csv(out / "class_counts.csv")
+    summary = {
+        "sizes": {name: int(len(part)) for name, part in splits.items()},
+        "fractions": {name: round(len(part) / len(df), 4) for name, part in splits.items()},
+        "class_counts": {label: row.to_dict() for label, row in table.iterrows()},
+    }
+    write_json(root / paths.SPLIT_REPORT, summary)
+    log.info("split: %s", summary["sizes"])
+    return summary
+
+
+def main() -> int:
+    return stage_main("split", run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

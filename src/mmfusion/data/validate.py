@@ -46,16 +46,10 @@ def _samples_suite(gxe: Any, labels: list[str], params: ValidateParams) -> list:
 
 
 def _counts_suite(gxe: Any, params: ValidateParams) -> list:
-    # COMPLETE with the label as index column, so a failure names the offending classes.
-    fmt = {"result_format": "COMPLETE", "unexpected_index_column_names": ["label"]}
     return [
-        gxe.ExpectColumnValuesToBeBetween(column="count", min_value=params.min_per_class, result_format=fmt),
-        gxe.ExpectColumnValuesToBeBetween(
-            column="ratio_to_smallest", max_value=params.max_imbalance, result_format=fmt
-        ),
-        gxe.ExpectColumnValuesToBeBetween(
-            column="ratio_to_smallest", max_value=params.warn_imbalance, severity="warning", result_format=fmt
-        ),
+        gxe.ExpectColumnValuesToBeBetween(column="count", min_value=params.min_per_class),
+        gxe.ExpectColumnValuesToBeBetween(column="ratio_to_smallest", max_value=params.max_imbalance),
+        gxe.ExpectColumnValuesToBeBetween(column="ratio_to_smallest", max_value=params.warn_imbalance, severity="warning"),
     ]
 
 
@@ -67,11 +61,11 @@ def class_counts(df: pd.DataFrame) -> pd.DataFrame:
     return counts
 
 
-def _summarise(result: Any, batch: str) -> list[dict]:
+def _summarise(result: Any, batch: str, key: str) -> list[dict]:
     rows = []
     for r in result.results:
         cfg = r.expectation_config
-        kwargs = {k: v for k, v in cfg.kwargs.items() if k not in ("batch_id",)}
+        kwargs = {k: v for k, v in cfg.kwargs.items() if k not in ("batch_id", "result_format")}
         res = r.result or {}
         rows.append(
             {
@@ -82,8 +76,8 @@ def _summarise(result: Any, batch: str) -> list[dict]:
                 "success": bool(r.success),
                 "unexpected_count": res.get("unexpected_count"),
                 "unexpected_values": [str(v) for v in (res.get("partial_unexpected_list") or [])[:10]],
-                "unexpected_labels": [str(i.get("label")) for i in (res.get("unexpected_index_list") or [])[:20]
-                                      if isinstance(i, dict)],
+                f"unexpected_{key}s": [str(i.get(key)) for i in (res.get("unexpected_index_list") or [])[:20]
+                                       if isinstance(i, dict)],
                 "observed_value": _jsonable(res.get("observed_value")),
                 "error": (r.exception_info or {}).get("exception_message") if not r.success else None,
             }
@@ -129,9 +123,10 @@ def validate_manifest(df: pd.DataFrame, root: Path, out_dir: Path, params: Valid
     )
     source = context.data_sources.add_pandas("mmfusion")
     rows: list[dict] = []
-    for name, frame, expectations in (
-        ("samples", df, _samples_suite(gxe, labels, params)),
-        ("class_counts", counts, _counts_suite(gxe, params)),
+    # COMPLETE results with an index column, so a failure names the offending ids or classes.
+    for name, frame, expectations, key in (
+        ("samples", df, _samples_suite(gxe, labels, params), "id"),
+        ("class_counts", counts, _counts_suite(gxe, params), "label"),
     ):
         asset = source.add_dataframe_asset(name=name)
         batch_def = asset.add_batch_definition_whole_dataframe(f"{name}_all")
@@ -144,11 +139,12 @@ def validate_manifest(df: pd.DataFrame, root: Path, out_dir: Path, params: Valid
                 name=f"checkpoint_{name}",
                 validation_definitions=[vd],
                 actions=[UpdateDataDocsAction(name="docs", site_names=["mmfusion"])],
+                result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [key]},
             )
         )
         cp_result = checkpoint.run(batch_parameters={"dataframe": frame})
         for vr in cp_result.run_results.values():
-            rows.extend(_summarise(vr, name))
+            rows.extend(_summarise(vr, name, key))
 
     failed_critical = [r for r in rows if not r["success"] and r["severity"] == "critical"]
     warnings = [r for r in rows if not r["success"] and r["severity"] != "critical"]
@@ -179,6 +175,8 @@ def describe_failure(row: dict) -> str:
     what = f"{row['expectation']}({col + ', ' if col else ''}{', '.join(f'{k}={v}' for k, v in kw.items())}) on {row['batch']}"
     if row.get("unexpected_labels"):
         return f"{what}: classes {row['unexpected_labels'][:10]} (values {row['unexpected_values'][:10]})"
+    if row.get("unexpected_ids"):
+        return f"{what}: {row['unexpected_count']} unexpected, e.g. ids {row['unexpected_ids'][:5]} values {row['unexpected_values'][:5]}"
     if row["unexpected_values"]:
         return f"{what}: {row['unexpected_count']} unexpected, e.g. {row['unexpected_values'][:5]}"
     if row["observed_value"] is not None:

@@ -1,0 +1,44 @@
+"""`make ui`: a Prefect server on 127.0.0.1 plus a process serving the `pipeline` deployment.
+
+Open the printed URL, go to Deployments -> pipeline/pipeline -> Run, optionally with
+parameters such as overrides=["train.lr=0.0003"]. Ctrl-C stops both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.ui", description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=4200, help="Prefect server port on 127.0.0.1 (default 4200)")
+    parser.add_argument("--no-server", action="store_true", help="use the server at PREFECT_API_URL instead of starting one")
+    args = parser.parse_args(argv)
+
+    from flows.server import start_server, stop_server
+
+    server = None
+    if not args.no_server:
+        home = os.environ.setdefault("PREFECT_HOME", ".prefect")
+        os.makedirs(home, exist_ok=True)
+        server, api_url = start_server(args.port, log_path=os.path.join(home, "server.log"))
+        os.environ["PREFECT_API_URL"] = api_url
+        print(f"Prefect UI: http://127.0.0.1:{args.port}  (deployment: pipeline/pipeline)", flush=True)
+    elif not os.environ.get("PREFECT_API_URL"):
+        parser.error("--no-server needs PREFECT_API_URL")
+    try:
+        from flows.pipeline import pipeline  # imported after PREFECT_API_URL is set
+
+        pipeline.serve(name="pipeline", description="dvc repro (or dvc exp run -S ...) of the whole mmfusion pipeline")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if server is not None:
+            stop_server(server)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+import pandas as pd
+import pytest
+
+from mmfusion.config import parse_params
+from mmfusion.data.manifest import ManifestError
+from mmfusion.sources import get_source
+from mmfusion.stages import ingest
+from tests.conftest import tiny_params
+
+
+def test_unknown_source_lists_known():
+    with pytest.raises(ValueError, match="available: emoji, manifest"):
+        get_source("flickr")
+
+
+def test_unknown_label_field_for_emoji(tmp_path):
+    params = parse_params({"ingest": {"label_field": "colour"}})
+    with pytest.raises(ValueError, match="label_field 'colour'"):
+        ingest.run(params, tmp_path)
+    assert not (tmp_path / "data" / "raw").exists()
+
+
+def test_manifest_missing_columns(tmp_path):
+    path = tmp_path / "m.csv"
+    pd.DataFrame({"id": ["a"], "picture": ["a.png"], "text": ["t"], "label": ["x"]}).to_csv(path, index=False)
+    params = parse_params({"ingest": {"source": "manifest", "manifest": {"path": str(path)}}})
+    with pytest.raises(ManifestError, match=r"missing column\(s\) image"):
+        ingest.run(params, tmp_path)
+
+
+def test_manifest_configurable_columns(tiny_manifest, tmp_path):
+    df = pd.read_csv(tiny_manifest).rename(columns={"image": "file", "label": "category"})
+    path = tiny_manifest.parent / "renamed.csv"
+    df.to_csv(path, index=False)
+    params = parse_params({"ingest": {"source": "manifest", "min_class_count": 1,
+                                      "manifest": {"path": str(path), "image_column": "file", "label_column": "category"}}})
+    summary = ingest.run(params, tmp_path)
+    assert summary["samples"] == len(df)
+    raw = pd.read_csv(tmp_path / "data" / "raw" / "manifest.csv")
+    assert set(raw["label"]) == {"fruit", "plant", "water"}
+
+
+def test_path_escaping_image_root_fails_before_any_copy(tiny_manifest, tmp_path):
+    df = pd.read_csv(tiny_manifest)
+    df.loc[3, "image"] = "../../etc/passwd"
+    df.to_csv(tiny_manifest, index=False)
+    with pytest.raises(ManifestError, match="escapes the image root"):
+        ingest.run(tiny_params(tiny_manifest), tmp_path)
+    assert not (tmp_path / "data" / "raw").exists()
+
+
+def test_duplicate_ids_rejected(tiny_manifest, tmp_path):
+    df = pd.read_csv(tiny_manifest)
+    df.loc[1, "id"] = df.loc[0, "id"]
+    df.to_csv(tiny_manifest, index=False)
+    with pytest.raises(ManifestError, match="duplicate id"):
+        ingest.run(tiny_params(tiny_manifest), tmp_path)
+
+
+def test_limit_is_stratified(tiny_manifest, tmp_path):
+    summary = ingest.run(tiny_params(tiny_manifest, ingest={"limit": 15}), tmp_path)
+    assert summary["samples"] == 15
+    assert set(summary["labels"]) == {"fruit", "plant", "water"}

@@ -1,0 +1,56 @@
+import json
+
+import pandas as pd
+import pytest
+
+from mmfusion.config import CleanParams, ValidateParams
+from mmfusion.data.clean import clean_dataset
+from mmfusion.data.validate import ValidationFailed, validate_manifest
+from mmfusion.sources.manifest import build as build_manifest_source
+from tests.conftest import tiny_params
+
+
+@pytest.fixture
+def clean(tiny_manifest, tmp_path):
+    params = tiny_params(tiny_manifest)
+    raw_dir = tmp_path / "raw"
+    df = build_manifest_source(params.ingest, raw_dir)
+    clean_df, _ = clean_dataset(df, raw_dir, tmp_path / "clean", CleanParams())
+    return clean_df, tmp_path / "clean"
+
+
+def test_valid_data_passes_and_writes_reports(clean, tmp_path):
+    df, root = clean
+    result = validate_manifest(df, root, tmp_path / "val", ValidateParams(min_per_class=3))
+    assert result["success"] and result["failed_critical"] == 0
+    saved = json.loads((tmp_path / "val" / "result.json").read_text())
+    assert saved["evaluated"] == len(saved["expectations"]) >= 15
+    assert (tmp_path / "val" / "data_docs" / "index.html").exists()
+
+
+def test_critical_failure_names_expectation_and_values(clean, tmp_path):
+    df, root = clean
+    df = df.copy()
+    df.loc[0, "id"] = df.loc[1, "id"]  # duplicate id
+    (root / df.loc[2, "image"]).unlink()  # a missing image file
+    with pytest.raises(ValidationFailed) as exc:
+        validate_manifest(df, root, tmp_path / "val", ValidateParams(min_per_class=3))
+    msg = str(exc.value)
+    assert "expect_column_values_to_be_unique" in msg and df.loc[1, "id"] in msg
+    assert "image_exists" in msg
+    saved = json.loads((tmp_path / "val" / "result.json").read_text())
+    assert saved["success"] is False and saved["failed_critical"] == 2
+
+
+def test_class_count_failure_names_the_class(clean, tmp_path):
+    df, root = clean
+    df = pd.concat([df[df["label"] != "water"], df[df["label"] == "water"].head(2)])
+    with pytest.raises(ValidationFailed, match="water"):
+        validate_manifest(df, root, tmp_path / "val", ValidateParams(min_per_class=3))
+
+
+def test_warnings_do_not_fail(clean, tmp_path):
+    df, root = clean
+    df = pd.concat([df[df["label"] != "water"], df[df["label"] == "water"].head(4)])  # imbalance 10/4 = 2.5
+    result = validate_manifest(df, root, tmp_path / "val", ValidateParams(min_per_class=3, warn_imbalance=2.0, max_imbalance=5.0))
+    assert result["success"] and result["warnings"] == 1

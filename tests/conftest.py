@@ -1,0 +1,109 @@
+"""Shared fixtures: a tiny synthetic image+text dataset written as a user manifest."""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image, ImageDraw
+
+for key, value in {
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "BENTOML_DO_NOT_TRACK": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "GX_ANALYTICS_ENABLED": "false",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(key, value)
+
+REPO = Path(__file__).resolve().parents[1]
+# dvc.yaml's commands say `python`: the one of this environment.
+os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+
+# Three visually and textually distinct classes; each sample is a shape of the class colour.
+CLASSES = {
+    "fruit": ((220, 40, 40), ["red apple", "ripe cherry", "sweet strawberry", "fresh tomato", "juicy raspberry"]),
+    "plant": ((40, 170, 60), ["green leaf", "tall fern", "spiky cactus", "young sprout", "oak tree"]),
+    "water": ((40, 90, 220), ["blue wave", "ocean drop", "cold river", "rain cloud", "deep lake"]),
+}
+
+
+def draw_sample(color: tuple[int, int, int], seed: int, size: int = 48, alpha: bool = True) -> Image.Image:
+    """A small RGBA picture: a coloured ellipse or box at a seeded position on a transparent canvas."""
+    rng = random.Random(seed)
+    img = Image.new("RGBA" if alpha else "RGB", (size, size), (0, 0, 0, 0) if alpha else (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    x0, y0 = rng.randint(0, size // 5), rng.randint(0, size // 5)
+    x1, y1 = rng.randint(size * 3 // 5, size - 1), rng.randint(size * 3 // 5, size - 1)
+    jitter = tuple(max(0, min(255, c + rng.randint(-25, 25))) for c in color)
+    (d.ellipse if seed % 2 else d.rectangle)([x0, y0, x1, y1], fill=jitter + ((255,) if alpha else ()))
+    return img
+
+
+def write_tiny_dataset(root: Path, per_class: int = 10, extras: bool = True) -> Path:
+    """Write `root/images/*.png` and `root/manifest.csv`; returns the manifest path.
+
+    With `extras`, adds one sample of each kind `clean` must drop: a corrupt image, a missing file,
+    an empty text, an exact duplicate, and a tiny image.
+    """
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for label, (color, words) in CLASSES.items():
+        for i in range(per_class):
+            sid = f"{label}-{i:02d}"
+            draw_sample(color, seed=100 * list(CLASSES).index(label) + i).save(images / f"{sid}.png")
+            text = f"{words[i % len(words)]} number {i} of the {label} family"
+            rows.append({"id": sid, "image": f"images/{sid}.png", "text": text, "label": label, "group": f"{label}-g{i // 2}"})
+    if extras:
+        (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+        rows.append({"id": "corrupt", "image": "images/corrupt.png", "text": "broken picture", "label": "fruit", "group": ""})
+        rows.append({"id": "missing", "image": "images/nope.png", "text": "no such file", "label": "plant", "group": ""})
+        draw_sample(CLASSES["water"][0], seed=1).save(images / "empty-text.png")
+        rows.append({"id": "empty-text", "image": "images/empty-text.png", "text": " \t\u200b ", "label": "water", "group": ""})
+        first = rows[0]
+        (images / "dup.png").write_bytes((images / "fruit-00.png").read_bytes())
+        rows.append({**first, "id": "dup", "image": "images/dup.png", "group": ""})
+        draw_sample(CLASSES["plant"][0], seed=2, size=8).save(images / "tiny.png")
+        rows.append({"id": "tiny", "image": "images/tiny.png", "text": "a very small picture", "label": "plant", "group": ""})
+    path = root / "manifest.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture
+def tiny_manifest(tmp_path: Path) -> Path:
+    """A tiny user dataset (3 classes x 10 + 5 bad rows) as a manifest source."""
+    return write_tiny_dataset(tmp_path / "userdata")
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One Prefect test server for the session (flows then record real runs)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def tiny_params(manifest: Path, **sections):
+    """Params for the tiny manifest dataset; `sections` override whole param sections as dicts."""
+    from mmfusion.config import parse_params
+
+    data = {
+        "ingest": {"source": "manifest", "min_class_count": 1, "manifest": {"path": str(manifest), "group_column": "group"}},
+        "validate": {"min_per_class": 3},
+        "split": {"val_fraction": 0.2, "test_fraction": 0.2, "seed": 0},
+        "augment": {"views": 1},
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return parse_params(data)

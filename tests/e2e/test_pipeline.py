@@ -1,0 +1,149 @@
+"""End to end: the real DVC pipeline in a temp copy of the repo on a tiny manifest source,
+triggered through the Prefect API on a real server (as the UI's Run button does)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, write_tiny_dataset
+
+pytestmark = pytest.mark.slow
+DVC = str(Path(sys.executable).with_name("dvc"))
+DATA_STAGES = ["ingest", "clean", "validate", "split", "augment"]
+
+
+def copy_project(dest: Path) -> Path:
+    """The repo's tracked and untracked-not-ignored files, as a fresh git + DVC project."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file() and not rel.startswith(("data/", "reports/", "features/", "models/")) and rel != "dvc.lock":
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    subprocess.run(["git", "commit", "-qm", "copy"], cwd=dest, check=True, env=env)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    proj = copy_project(root / "proj")
+    manifest = write_tiny_dataset(root / "userdata")
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["ingest"].update({"source": "manifest", "min_class_count": 1})
+    params["ingest"]["manifest"].update({"path": str(manifest), "group_column": "group"})
+    params["validate"]["min_per_class"] = 3
+    params["split"].update({"val_fraction": 0.2, "test_fraction": 0.2})
+    params["augment"]["views"] = 1
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return proj
+
+
+@pytest.fixture(scope="module")
+def server():
+    from flows.server import free_port, start_server, stop_server
+
+    proc, api_url = start_server(free_port(), timeout=120)
+    yield api_url
+    stop_server(proc)
+
+
+def _wait_for_deployment(api_url: str, name: str, timeout: float = 90) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = httpx.get(f"{api_url}/deployments/name/{name}", timeout=5)
+        if r.status_code == 200:
+            return
+        time.sleep(1)
+    raise TimeoutError(f"deployment {name} did not appear")
+
+
+def test_pipeline_deployment_runs_dvc_repro_and_records_stage_flows(project, server):
+    import httpx
+
+    env = {**os.environ, "PREFECT_API_URL": server, "PYTHONPATH": str(project)}
+    serve = subprocess.Popen([sys.executable, "-m", "flows.ui", "--no-server"], cwd=project, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for_deployment(server, "pipeline/pipeline")
+        dep = httpx.get(f"{server}/deployments/name/pipeline/pipeline", timeout=5).json()
+        # What the UI's Run button does: create a flow run from the deployment.
+        run = httpx.post(f"{server}/deployments/{dep['id']}/create_flow_run",
+                         json={"parameters": {"targets": ["augment"]}}, timeout=10).json()
+        deadline = time.monotonic() + 420
+        while time.monotonic() < deadline:
+            state = httpx.get(f"{server}/flow_runs/{run['id']}", timeout=5).json()["state"]
+            if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                break
+            time.sleep(2)
+    finally:
+        os.killpg(serve.pid, 15)
+        output = serve.communicate(timeout=30)[0].decode(errors="replace")
+    assert state["type"] == "COMPLETED", f"{state.get('message')}\n{output[-3000:]}"
+
+    flows = {f["id"]: f["name"] for f in httpx.post(f"{server}/flows/filter", json={}, timeout=5).json()}
+    runs = httpx.post(f"{server}/flow_runs/filter", json={"limit": 50}, timeout=5).json()
+    completed = {flows[r["flow_id"]] for r in runs if r["state_type"] == "COMPLETED"}
+    assert set(DATA_STAGES) | {"pipeline"} <= completed
+
+    import json
+
+    clean = json.loads((project / "reports" / "clean.json").read_text())
+    assert clean["dropped_by_reason"] == {"duplicate": 1, "empty_text": 1, "image_too_small": 1,
+                                          "missing_image": 1, "undecodable_image": 1}
+    assert (project / "reports" / "validation" / "data_docs" / "index.html").exists()
+    for split in ("train", "val", "test"):
+        assert (project / "data" / "split" / f"{split}.csv").exists()
+    assert (project / "data" / "augmented" / "manifest.csv").exists()
+    assert (project / "dvc.lock").exists()
+
+
+def test_second_repro_skips_every_stage(project, server):
+    start = time.monotonic()
+    out = subprocess.run([DVC, "repro", "augment"], cwd=project, capture_output=True, text=True,
+                         env={**os.environ, "PREFECT_API_URL": server})
+    assert out.returncode == 0, out.stderr
+    for stage in DATA_STAGES:
+        assert f"Stage '{stage}' didn't change, skipping" in out.stdout
+    assert time.monotonic() - start < 30
+
+
+def test_param_change_reruns_only_downstream(project, server):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["augment"]["views"] = 2
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = subprocess.run([DVC, "repro", "augment"], cwd=project, capture_output=True, text=True,
+                         env={**os.environ, "PREFECT_API_URL": server})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Running stage 'augment'" in out.stdout
+    assert "Running stage 'clean'" not in out.stdout
+    import pandas as pd
+
+    aug = pd.read_csv(project / "data" / "augmented" / "manifest.csv")
+    train = pd.read_csv(project / "data" / "split" / "train.csv")
+    assert len(aug) == 2 * len(train)
+
+
+def test_failed_validation_stops_the_pipeline(project, server):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["validate"]["min_per_class"] = 500
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = subprocess.run([DVC, "repro", "split"], cwd=project, capture_output=True, text=True,
+                         env={**os.environ, "PREFECT_API_URL": server})
+    assert out.returncode != 0
+    assert "critical expectation(s) failed" in out.stderr + out.stdout
+    assert "Running stage 'split'" not in out.stdout

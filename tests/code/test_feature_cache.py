@@ -1,0 +1,200 @@
+"""The content-addressed feature cache and the batched extraction over it (a tiny fake encoder: fast)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mmfusion.encoders.base import Encoder
+from mmfusion.features import cache as cache_module
+from mmfusion.features.cache import CacheNotWritableError, FeatureCache
+from mmfusion.features.extract import ImageInput, TextInput, extract_features
+from tests.conftest import draw_sample
+
+
+class CountingTextEncoder(Encoder):
+    """4-d embedding from character statistics; counts how many items it really encoded."""
+
+    name = "counting"
+    modality = "text"
+    dim = 4
+    batch_by_length = True
+
+    def __init__(self, scale: float = 1.0, batch_size: int = 3):
+        self.scale = scale
+        self.calls = 0
+        super().__init__(device="cpu", batch_size=batch_size)
+
+    @property
+    def preprocessing(self):
+        return {"scale": self.scale}
+
+    def weights_files(self):
+        return [Path(__file__)]
+
+    def load_model(self):
+        return torch.nn.Identity()
+
+    def prepare(self, item):
+        return item
+
+    def collate(self, prepared):
+        return prepared
+
+    def _forward(self, batch):
+        self.calls += len(batch)
+        rows = [[len(t), sum(map(ord, t)) % 97, t.count(" "), self.scale] for t in batch]
+        return torch.tensor(rows, dtype=torch.float32)
+
+
+class MeanColourEncoder(CountingTextEncoder):
+    name = "mean_colour"
+    modality = "image"
+    dim = 3
+    batch_by_length = False
+    may_truncate = False
+
+    def prepare(self, item):
+        return torch.from_numpy(np.asarray(item, dtype=np.float32).mean(axis=(0, 1)))
+
+    def collate(self, prepared):
+        return torch.stack(prepared)
+
+    def _forward(self, batch):
+        self.calls += len(batch)
+        return batch
+
+
+TEXTS = [f"sample text number {i}" for i in range(10)]
+
+
+def make_cache(root: Path, enc: Encoder) -> FeatureCache:
+    return FeatureCache(root, f"{enc.fingerprint}-{enc.precision}", enc.dim, enc.describe())
+
+
+def test_second_run_is_all_hits_and_new_samples_are_the_only_misses(tmp_path):
+    enc = CountingTextEncoder()
+    first = extract_features(enc, TextInput(), TEXTS, make_cache(tmp_path, enc), progress=False)
+    assert first.stats["cache_hits"] == 0 and first.stats["encoded"] == 10 and enc.calls == 10
+
+    enc.calls = 0
+    again = extract_features(enc, TextInput(), TEXTS, make_cache(tmp_path, enc), progress=False)
+    assert again.stats["cache_hits"] == 10 and again.stats["encoded"] == 0 and enc.calls == 0
+    np.testing.assert_array_equal(again.features, first.features)
+
+    more = TEXTS + [f"a brand new sample {i}" for i in range(3)]
+    grown = extract_features(enc, TextInput(), more, make_cache(tmp_path, enc), progress=False)
+    assert grown.stats["cache_hits"] == 10 and grown.stats["encoded"] == 3 and enc.calls == 3
+
+
+def test_rows_align_with_inputs_and_duplicates_encode_once(tmp_path):
+    enc = CountingTextEncoder()
+    values = ["bb b", "a", "ccc cc c", "a", "A  "]  # "A  " normalises (lowercase, strip) to "a"
+    res = extract_features(enc, TextInput(lowercase=True), values, make_cache(tmp_path, enc), progress=False)
+    assert res.stats["unique"] == 3 and enc.calls == 3
+    np.testing.assert_array_equal(res.features[1], res.features[3])
+    np.testing.assert_array_equal(res.features[1], res.features[4])
+    expected = enc.encode(["bb b", "a", "ccc cc c"]).numpy()
+    np.testing.assert_array_equal(res.features[[0, 1, 2]], expected)
+
+
+def test_changed_fingerprint_re_encodes_and_keeps_the_old_entries(tmp_path):
+    old = CountingTextEncoder(scale=1.0)
+    extract_features(old, TextInput(), TEXTS, make_cache(tmp_path, old), progress=False)
+    new = CountingTextEncoder(scale=2.0)  # "preprocessing" changed -> another fingerprint
+    assert new.fingerprint != old.fingerprint
+    res = extract_features(new, TextInput(), TEXTS, make_cache(tmp_path, new), progress=False)
+    assert res.stats["cache_hits"] == 0 and new.calls == 10
+    assert (res.features[:, 3] == 2.0).all()
+    assert len(make_cache(tmp_path, old)) == 10  # the old encoder's entries are intact
+
+
+def test_crash_mid_write_leaves_a_readable_cache_and_the_rerun_completes(tmp_path, monkeypatch):
+    enc = CountingTextEncoder(batch_size=3)
+    real_replace = os.replace
+    done = {"n": 0}
+
+    def dying_replace(src, dst):
+        if str(dst).endswith(".f32"):
+            if done["n"] == 4:  # the 5th entry: its temporary file is written, the process "dies" before the rename
+                raise KeyboardInterrupt("killed")
+            done["n"] += 1
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(cache_module.os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(enc, TextInput(), TEXTS, make_cache(tmp_path, enc), progress=False)
+    monkeypatch.setattr(cache_module.os, "replace", real_replace)
+
+    cache = make_cache(tmp_path, enc)
+    assert len(cache) == 4  # complete entries only
+    assert not list(cache.dir.glob("*/.*.tmp"))  # the interrupted write cleaned up after itself
+    for path in cache.dir.glob("*/*.f32"):
+        assert path.stat().st_size == enc.dim * 4
+
+    enc.calls = 0
+    res = extract_features(enc, TextInput(), TEXTS, cache, progress=False)
+    assert res.stats["cache_hits"] == 4 and res.stats["encoded"] == 6 and enc.calls == 6
+    np.testing.assert_array_equal(res.features, enc.encode(TEXTS).numpy())
+
+
+def test_a_damaged_entry_is_a_miss_and_is_replaced(tmp_path):
+    enc = CountingTextEncoder()
+    cache = make_cache(tmp_path, enc)
+    extract_features(enc, TextInput(), TEXTS[:3], cache, progress=False)
+    victim = next(cache.dir.glob("*/*.f32"))
+    victim.write_bytes(victim.read_bytes()[:5])  # e.g. a full disk
+    res = extract_features(enc, TextInput(), TEXTS[:3], make_cache(tmp_path, enc), progress=False)
+    assert res.stats["cache_hits"] == 2 and res.stats["encoded"] == 1
+    assert res.stats["corrupt_entries_replaced"] == 1
+    assert victim.stat().st_size == enc.dim * 4
+
+
+def test_stale_temporary_files_from_a_dead_run_are_removed(tmp_path):
+    enc = CountingTextEncoder()
+    cache = make_cache(tmp_path, enc)
+    stale = cache.dir / "ab" / ".abc.f32.123.dead.tmp"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half")
+    os.utime(stale, (0, 0))
+    make_cache(tmp_path, enc)
+    assert not stale.exists()
+
+
+def test_unwritable_cache_dir_is_a_clear_error_and_loses_nothing(tmp_path):
+    enc = CountingTextEncoder()
+    cache = make_cache(tmp_path / "good", enc)
+    extract_features(enc, TextInput(), TEXTS, cache, progress=False)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")  # chmod is no barrier to root; a file in the path is
+    with pytest.raises(CacheNotWritableError, match="not writable.*featurize.cache_dir"):
+        make_cache(blocker / "cache", enc)
+    assert isinstance(CacheNotWritableError("x"), PermissionError)  # the stage CLI prints it as one line
+    assert len(make_cache(tmp_path / "good", enc)) == 10
+
+
+def test_images_that_fail_to_load_are_reported_not_fatal(tmp_path):
+    for i in range(4):
+        draw_sample((200, 30, 30), seed=i).save(tmp_path / f"ok{i}.png")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    values = ["ok0.png", "bad.png", "ok1.png", "missing.png", "ok2.png", "ok3.png"]
+    enc = MeanColourEncoder()
+    src = ImageInput(root=tmp_path)
+    for workers in (0, 1):
+        res = extract_features(enc, src, values, make_cache(tmp_path / f"c{workers}", enc), num_workers=workers, progress=False)
+        assert set(res.failed) == {1, 3}
+        assert res.failed[1].startswith("undecodable_image") and res.failed[3].startswith("missing_image")
+        assert res.stats["encoded"] == 4 and res.stats["failed"] == 2
+        assert (res.features[[0, 2, 4, 5]] > 0).all()
+
+
+def test_auto_workers_decode_in_process_on_cpu_and_in_workers_on_cuda():
+    from mmfusion.features.extract import resolve_workers
+
+    assert resolve_workers(-1, torch.device("cpu")) == 0
+    assert resolve_workers(-1, torch.device("cuda")) >= 1
+    assert resolve_workers(3, torch.device("cpu")) == 3

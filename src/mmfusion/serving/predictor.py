@@ -1,0 +1,204 @@
+"""Predictor: a model directory (models/best) rebuilt into encoders + fusion head, for evaluation, batch and serving.
+
+    p = Predictor.from_dir("models/best", device="auto")
+    p.predict([{"image": pil_rgb, "text": "grinning face"}, {"image": None, "text": "red apple"}])
+
+Inputs are what the service has after decoding: images are PIL RGB (from
+`mmfusion.data.images.decode_image`), text is raw (the predictor normalises it with the
+same `normalize_text` setting cleaning used). Either may be missing (None, or text that is
+empty after normalisation), not both.
+
+Missing modalities, in `embed` and `predict_embeddings`: an embedding row of a missing
+modality is all zeros and is ignored; what says it is missing is the `present` mask
+({modality: bool array [N]}), never the values. `Predictor.presence(items)` builds that mask.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmfusion.data.text import normalize_text
+from mmfusion.training.checkpoint import CALIBRATION, METRICS, load_checkpoint, weights_hash
+from mmfusion.training.loop import resolve_device
+
+
+class Predictor:
+    """Encoders + fusion head + label map + calibration from one self-describing model directory."""
+
+    def __init__(
+        self,
+        head: torch.nn.Module,
+        config: dict[str, Any],
+        encoders: dict[str, Any],
+        temperature: float = 1.0,
+        metrics: dict | None = None,
+        version: str = "",
+        device: torch.device | str = "cpu",
+    ):
+        self.head = head.eval()
+        self.config = config
+        self._encoders = encoders
+        self.temperature = float(temperature)
+        self.metrics: dict = metrics or {}
+        self.device = torch.device(device)
+        self.labels: list[str] = list(config["labels"])
+        self.strategy: str = config["strategy"]
+        self.modalities: tuple[str, ...] = tuple(head.modalities)
+        self.encoders: dict[str, str] = {m: config["encoders"][m]["encoder"] for m in self.modalities}
+        self.lowercase: bool = bool(config.get("text", {}).get("lowercase", True))
+        self.version = version
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, device: str = "auto", encoders: dict[str, Any] | None = None) -> Predictor:
+        """Rebuild a predictor from `model_dir`; `encoders` ({modality: encoder}) overrides creation by name (tests).
+
+        Each encoder's fingerprint must match the one the head was trained on: a different
+        encoder (or preprocessing) would feed the head embeddings it has never seen.
+        """
+        model_dir = Path(model_dir)
+        dev = resolve_device(device)
+        head, config = load_checkpoint(model_dir, dev)
+        if encoders is None:
+            from mmfusion.encoders import create_encoder
+
+            encoders = {m: create_encoder(config["encoders"][m]["encoder"], device=str(dev)) for m in head.modalities}
+        for m in head.modalities:
+            if m not in encoders:
+                raise ValueError(f"model needs an encoder for modality {m!r}")
+            want = config["encoders"][m].get("fingerprint")
+            got = getattr(encoders[m], "fingerprint", None)
+            if want and got != want:
+                raise ValueError(
+                    f"encoder for {m!r} has fingerprint {got!r} but the model was trained on {want!r}: "
+                    "re-run featurize and train with this encoder"
+                )
+        temperature = 1.0
+        if (model_dir / CALIBRATION).exists():
+            temperature = float(json.loads((model_dir / CALIBRATION).read_text())["temperature"])
+        metrics = json.loads((model_dir / METRICS).read_text()) if (model_dir / METRICS).exists() else {}
+        version = f"{config['strategy']}-{weights_hash(model_dir)[:12]}"
+        return cls(head, config, encoders, temperature, metrics, version, dev)
+
+    # -- inputs ---------------------------------------------------------------------------------
+
+    def _value(self, item: dict, modality: str) -> Any:
+        value = item.get(modality)
+        if isinstance(value, str):
+            value = normalize_text(value, lowercase=self.lowercase)
+            return value or None
+        return value
+
+    def presence(self, items: Sequence[dict]) -> dict[str, np.ndarray]:
+        """{modality: bool [N]}: which items carry each modality. An item with none is an error."""
+        present = {m: np.array([self._value(it, m) is not None for it in items], dtype=bool) for m in self.modalities}
+        empty = [i for i in range(len(items)) if not any(present[m][i] for m in self.modalities)]
+        if empty:
+            raise ValueError(f"item {empty[0]} has none of the modalities {list(self.modalities)}")
+        return present
+
+    @torch.no_grad()
+    def embed(self, items: Sequence[dict]) -> dict[str, np.ndarray]:
+        """{modality: float32 [N, dim]} through the model's encoders; rows of a missing modality are zeros."""
+        present = self.presence(items)
+        out = {}
+        for m in self.modalities:
+            dim = int(self.head.dims[m])
+            arr = np.zeros((len(items), dim), dtype=np.float32)
+            rows = np.flatnonzero(present[m])
+            if len(rows):
+                values = [self._value(items[i], m) for i in rows]
+                arr[rows] = self._encoders[m].encode(values).detach().float().cpu().numpy()
+            out[m] = arr
+        return out
+
+    # -- prediction -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _probs(self, x: dict[str, torch.Tensor], mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        out = self.head(x, mask)
+        probs = torch.softmax(out.logits.float() / self.temperature, dim=-1).cpu().numpy()
+        weights = out.weights.float().cpu().numpy() if out.weights is not None else None
+        return probs, weights
+
+    def predict_embeddings(
+        self, embeddings: dict[str, np.ndarray], present: dict[str, Sequence[bool]] | None = None
+    ) -> list[dict]:
+        """Predict from embeddings (as from `embed`); `present` defaults to every modality given in `embeddings`.
+
+        Contributions: the head's own per-sample modality weights (attention, gates, late-fusion
+        weights) where it has them; otherwise ablation deltas: how much the predicted class's
+        probability drops when each modality is hidden, normalised to sum to 1.
+        """
+        n = len(next(iter(embeddings.values())))
+        x = {}
+        cols = []
+        for m in self.modalities:
+            if m in embeddings:
+                x[m] = torch.as_tensor(np.asarray(embeddings[m], dtype=np.float32), device=self.device)
+                given = np.ones(n, dtype=bool) if present is None or m not in present else np.asarray(present[m], bool)
+            else:
+                x[m] = torch.zeros(n, int(self.head.dims[m]), device=self.device)
+                given = np.zeros(n, dtype=bool)
+            cols.append(given)
+        mask_np = np.stack(cols, axis=1)
+        if not mask_np.any(axis=1).all():
+            raise ValueError("every item needs at least one modality present")
+        mask = torch.as_tensor(mask_np, device=self.device)
+        probs, weights = self._probs(x, mask)
+        pred = probs.argmax(axis=1)
+        if weights is None:
+            weights = self._ablation_contributions(x, mask_np, probs, pred)
+        results = []
+        for i in range(n):
+            results.append(
+                {
+                    "label": self.labels[pred[i]],
+                    "probabilities": {label: float(probs[i, c]) for c, label in enumerate(self.labels)},
+                    "contributions": {m: float(weights[i, j]) if mask_np[i, j] else 0.0 for j, m in enumerate(self.modalities)},
+                    "embeddings": {
+                        m: x[m][i].cpu().tolist() for j, m in enumerate(self.modalities) if mask_np[i, j]
+                    },
+                }
+            )
+        return results
+
+    def _ablation_contributions(self, x, mask_np: np.ndarray, probs: np.ndarray, pred: np.ndarray) -> np.ndarray:
+        rows = np.arange(len(pred))
+        deltas = np.zeros(mask_np.shape, dtype=np.float64)
+        for j in range(len(self.modalities)):
+            hidden = mask_np.copy()
+            hidden[:, j] = False
+            ok = mask_np[:, j] & hidden.any(axis=1)  # only where hiding it leaves something
+            if not ok.any():
+                continue
+            hidden = np.where(hidden.any(axis=1, keepdims=True), hidden, mask_np)
+            p_without, _ = self._probs(x, torch.as_tensor(hidden, device=self.device))
+            deltas[ok, j] = np.clip(probs[rows, pred] - p_without[rows, pred], 0, None)[ok]
+        totals = deltas.sum(axis=1, keepdims=True)
+        uniform = mask_np / mask_np.sum(axis=1, keepdims=True)
+        return np.where(totals > 0, deltas / np.where(totals > 0, totals, 1), uniform)
+
+    def predict(self, items: Sequence[dict]) -> list[dict]:
+        """Label, calibrated probabilities, per-modality contributions and embeddings for each item."""
+        if not items:
+            return []
+        present = self.presence(items)
+        return self.predict_embeddings(self.embed(items), present)
+
+    def describe(self) -> dict:
+        """What the service reports about the model it serves."""
+        return {
+            "version": self.version,
+            "strategy": self.strategy,
+            "labels": self.labels,
+            "modalities": list(self.modalities),
+            "encoders": self.encoders,
+            "temperature": self.temperature,
+            "metrics": self.metrics,
+        }

@@ -1,0 +1,85 @@
+"""One strategy, end to end: build its head from params, train it, write its self-describing model folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmfusion.config import Params, TrainParams, params_to_dict
+from mmfusion.fusion import create_head, list_heads
+from mmfusion.training.checkpoint import save_checkpoint
+from mmfusion.training.data import FeatureSet
+from mmfusion.training.loop import seed_everything, train_head
+from mmfusion.training.plots import plot_curves
+
+log = logging.getLogger(__name__)
+
+
+def head_options(name: str, p: TrainParams) -> dict[str, Any]:
+    """create_head kwargs for strategy `name` from the train params (only the options that head takes)."""
+    options: dict[str, Any] = {"hidden_dim": p.hidden_dim, "dropout": p.dropout}
+    f = p.fusion
+    if name == "weighted_sum" and f.weighted_sum_weights:
+        options["weights"] = {m: float(v) for m, v in f.weighted_sum_weights.items()}
+    elif name == "late":
+        options["combine"] = f.late_combine
+    elif name == "cross_attention":
+        options.update(layers=f.cross_attention_layers, heads=f.cross_attention_heads)
+    return options
+
+
+def check_strategies(names: tuple[str, ...]) -> None:
+    """Fail before any training on an unknown or repeated strategy name."""
+    if not names:
+        raise ValueError("train.strategies is empty")
+    unknown = [n for n in names if n not in list_heads()]
+    if unknown:
+        raise ValueError(f"unknown strategy {unknown[0]!r} in train.strategies; registered: {', '.join(list_heads())}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"train.strategies repeats a name: {list(names)}")
+
+
+def fit_strategy(
+    name: str,
+    train: FeatureSet,
+    val: FeatureSet,
+    labels: list[str],
+    encoders: dict[str, dict],
+    params: Params,
+    out_dir: Path,
+    device: torch.device,
+) -> dict:
+    """Train strategy `name` and write `out_dir` (weights, config, history.json, curves.png); returns its summary."""
+    p = params.train
+    seed_everything(p.seed)
+    dims = {m: encoders[m]["dim"] if m in encoders else d for m, d in train.dims.items()}
+    head = create_head(name, dims=dims, num_classes=len(labels), **head_options(name, p))
+    result = train_head(head, train, val, p, device)
+    config = {
+        "labels": labels,
+        "encoders": {m: encoders.get(m, {}) for m in head.modalities},
+        # Serving must normalise raw text exactly as cleaning did before featurizing.
+        "text": {"lowercase": params.clean.lowercase},
+        "train": params_to_dict(p),
+        "best_epoch": result.best_epoch,
+        "best_val_macro_f1": result.best_val_macro_f1,
+        "parameters": sum(t.numel() for t in head.parameters()),
+    }
+    save_checkpoint(out_dir, head, config)
+    (out_dir / "history.json").write_text(json.dumps(result.history, indent=1) + "\n")
+    plot_curves(result.history, out_dir / "curves.png", title=name)
+    log.info(
+        "train %-16s best epoch %2d/%2d  val macro-F1 %.4f  %.1fs",
+        name, result.best_epoch, result.epochs_run, result.best_val_macro_f1, result.seconds,
+    )
+    return {
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "val_macro_f1": round(result.best_val_macro_f1, 4),
+        "seconds": round(result.seconds, 2),
+        "parameters": config["parameters"],
+    }

@@ -1,0 +1,125 @@
+"""Predictor.from_dir on a model trained on synthetic features, with stand-in encoders (no model hub, no weights)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmfusion.config import parse_params
+from mmfusion.features.store import load_features
+from mmfusion.serving.predictor import Predictor
+from mmfusion.stages import evaluate as evaluate_stage
+from mmfusion.stages import train as train_stage
+from mmfusion.training.synthetic import write_synthetic_features
+
+
+class LookupEncoder:
+    """Returns the cached synthetic embedding of a sample: the text is its id, the image carries it in .info."""
+
+    def __init__(self, modality, table, fingerprint):
+        self.modality, self.table, self.fingerprint = modality, table, fingerprint
+        self.dim = next(iter(table.values())).shape[0]
+        self.calls = 0
+
+    def encode(self, values):
+        self.calls += 1
+        keys = [v.info["id"] if isinstance(v, Image.Image) else v for v in values]
+        return torch.from_numpy(np.stack([self.table[k] for k in keys]))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("project")
+    write_synthetic_features(root / "features", per_class={"train": 25, "val": 10, "test": 10, "augmented": 0})
+    params = parse_params(
+        {
+            "train": {"strategies": ["text_only", "concat", "attention"], "hidden_dim": 16, "epochs": 10, "batch_size": 16, "lr": 3e-3},
+            "evaluate": {"raw_check": 0, "bootstrap": 100},
+        }
+    )
+    train_stage.run(params, root)
+    evaluate_stage.run(params, root)
+    arrays, index = load_features(root / "features", "test")
+    ids = list(index["id"])
+    encoders = {
+        "image": LookupEncoder("image", dict(zip(ids, arrays["image"])), "synthetic-image-0"),
+        "text": LookupEncoder("text", dict(zip(ids, arrays["text"])), "synthetic-text-0"),
+    }
+    return root, encoders, index
+
+
+def _image(sample_id):
+    img = Image.new("RGB", (4, 4))
+    img.info["id"] = sample_id
+    return img
+
+
+def test_from_dir_rebuilds_the_winner(trained):
+    root, encoders, _ = trained
+    p = Predictor.from_dir(root / "models/best", device="cpu", encoders=encoders)
+    assert p.labels == [f"class_{i}" for i in range(4)]
+    assert p.modalities == ("image", "text")
+    assert p.encoders == {"image": "synthetic_image", "text": "synthetic_text"}
+    assert p.version.startswith(p.strategy + "-") and len(p.version) > len(p.strategy) + 8
+    assert p.metrics["test"]["accuracy"] > 0.5
+    assert p.temperature > 0
+
+
+def test_predict_with_both_and_with_one_modality(trained):
+    root, encoders, index = trained
+    p = Predictor.from_dir(root / "models/best", device="cpu", encoders=encoders)
+    rows = index.iloc[::7]
+    items = [{"image": _image(i), "text": i} for i in rows["id"]]
+    items += [{"image": None, "text": i} for i in rows["id"]] + [{"image": _image(i), "text": "  "} for i in rows["id"]]
+    results = p.predict(items)
+    n = len(rows)
+    both, text_only, image_only = results[:n], results[n : 2 * n], results[2 * n :]
+    acc = np.mean([r["label"] == y for r, y in zip(both, rows["label"])])
+    assert acc >= 0.8
+    for r in results:
+        assert set(r["probabilities"]) == set(p.labels)
+        assert abs(sum(r["probabilities"].values()) - 1) < 1e-5
+        assert r["label"] == max(r["probabilities"], key=r["probabilities"].get)
+        assert abs(sum(r["contributions"].values()) - 1) < 1e-5
+    assert all(set(r["embeddings"]) == {"image", "text"} for r in both)
+    assert all(set(r["embeddings"]) == {"text"} and r["contributions"]["image"] == 0 for r in text_only)
+    assert all(set(r["embeddings"]) == {"image"} and r["contributions"]["text"] == 0 for r in image_only)
+    assert len(both[0]["embeddings"]["image"]) == 24
+
+
+def test_predict_embeddings_matches_predict(trained):
+    root, encoders, index = trained
+    p = Predictor.from_dir(root / "models/best", device="cpu", encoders=encoders)
+    items = [{"image": _image(i), "text": i} for i in index["id"][:5]] + [{"image": None, "text": index["id"][5]}]
+    embs = p.embed(items)
+    present = p.presence(items)
+    assert embs["image"].shape == (6, 24) and not embs["image"][5].any()  # missing: zeros, flagged by `present`
+    assert present["image"].tolist() == [True] * 5 + [False]
+    assert p.predict_embeddings(embs, present) == p.predict(items)
+
+
+def test_ablation_contributions_for_a_head_without_weights(trained):
+    root, encoders, index = trained
+    p = Predictor.from_dir(root / "models/strategies/concat", device="cpu", encoders=encoders)
+    results = p.predict([{"image": _image(i), "text": i} for i in index["id"][:8]])
+    for r in results:
+        assert set(r["contributions"]) == {"image", "text"}
+        assert all(v >= 0 for v in r["contributions"].values())
+        assert abs(sum(r["contributions"].values()) - 1) < 1e-5
+
+
+def test_an_item_with_nothing_is_an_error(trained):
+    root, encoders, _ = trained
+    p = Predictor.from_dir(root / "models/best", device="cpu", encoders=encoders)
+    with pytest.raises(ValueError, match="none of the modalities"):
+        p.predict([{"image": None, "text": " "}])
+
+
+def test_an_encoder_with_another_fingerprint_is_refused(trained):
+    root, encoders, _ = trained
+    wrong = dict(encoders, text=LookupEncoder("text", encoders["text"].table, "another-model"))
+    with pytest.raises(ValueError, match="fingerprint"):
+        Predictor.from_dir(root / "models/best", device="cpu", encoders=wrong)

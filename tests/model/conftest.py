@@ -1,0 +1,43 @@
+"""A trained default-data model for the behavioural tests.
+
+Uses the project's models/best when `make run` has produced it; otherwise (CI, a fresh
+clone) runs the real stages on a stratified subset of the emoji data in a temp project:
+real encoders, real training, a few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+SUBSET = 700  # emoji: enough for clear everyday names, small enough for CI
+
+
+def _build_default_model(root: Path) -> Path:
+    from mmfusion.config import parse_params
+    from mmfusion.stages import augment, clean, evaluate, featurize, ingest, split, train, validate
+
+    params = parse_params(
+        {
+            "ingest": {"limit": SUBSET},
+            "augment": {"views": 0},
+            "train": {"strategies": ["image_only", "text_only", "concat", "late"]},
+            "evaluate": {"raw_check": 8, "bootstrap": 200},
+        }
+    )
+    for stage in (ingest, clean, validate, split, augment, featurize, train, evaluate):
+        stage.run(params, root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def model_root(tmp_path_factory) -> Path:
+    """A project root holding models/best, reports/evaluate/metrics.json and data/split/test.csv."""
+    # MMFUSION_TEST_FRESH_MODEL=1 takes the CI path even where `make run` has produced a model.
+    if not os.environ.get("MMFUSION_TEST_FRESH_MODEL") and (REPO / "models" / "best" / "config.json").exists() and (REPO / "reports" / "evaluate" / "metrics.json").exists():
+        return REPO
+    return _build_default_model(tmp_path_factory.mktemp("default-model"))

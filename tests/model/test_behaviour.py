@@ -1,0 +1,68 @@
+"""Behavioural checks of a trained default-data model (see conftest.py): real encoders, raw inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+# (text, a rewording of it, the category both must get): everyday, unambiguous names.
+PARAPHRASES = [
+    ("red apple", "a shiny red apple", "Food & Drink"),
+    ("flag: Germany", "the German national flag", "Flags"),
+    ("soccer ball", "ball for playing soccer", "Activities"),
+    ("grinning face", "a face that is grinning", "Smileys & Emotion"),
+    ("dog face", "the face of a dog", "Animals & Nature"),
+    ("airplane", "an airplane", "Travel & Places"),
+]
+
+
+@pytest.fixture(scope="module")
+def predictor(model_root):
+    from mmfusion.serving.predictor import Predictor
+
+    p = Predictor.from_dir(model_root / "models" / "best", device="auto")
+    if set(label for *_, label in PARAPHRASES) - set(p.labels):
+        pytest.skip(f"the default model is not the 9-category task (labels: {p.labels[:5]}...)")
+    return p
+
+
+def test_reworded_text_keeps_its_label(predictor):
+    items = [{"image": None, "text": t} for pair in PARAPHRASES for t in pair[:2]]
+    labels = [r["label"] for r in predictor.predict(items)]
+    for i, (text, reworded, expected) in enumerate(PARAPHRASES):
+        assert labels[2 * i] == expected, f"{text!r} -> {labels[2 * i]}"
+        assert labels[2 * i + 1] == labels[2 * i], f"{text!r} -> {labels[2 * i]} but {reworded!r} -> {labels[2 * i + 1]}"
+
+
+def test_case_and_spacing_do_not_matter(predictor):
+    a, b = predictor.predict([{"image": None, "text": "Red   APPLE"}, {"image": None, "text": "red apple"}])
+    assert a["probabilities"] == pytest.approx(b["probabilities"])
+
+
+def test_text_only_and_image_only_still_predict(predictor, model_root):
+    from mmfusion.data.images import decode_image
+    from mmfusion.data.manifest import read_manifest
+
+    test = read_manifest(model_root / "data" / "split" / "test.csv", required=("id", "image", "text", "label"))
+    test = test.iloc[:: max(1, len(test) // 45)]
+    texts = predictor.predict([{"image": None, "text": t} for t in test["text"]])
+    images = predictor.predict([{"image": decode_image(model_root / f), "text": None} for f in test["image"]])
+    text_acc = sum(r["label"] == y for r, y in zip(texts, test["label"])) / len(test)
+    image_acc = sum(r["label"] == y for r, y in zip(images, test["label"])) / len(test)
+    chance = 1 / len(predictor.labels)
+    assert text_acc > 0.6, text_acc
+    assert image_acc > 3 * chance, image_acc
+    assert all(set(r["embeddings"]) == {"text"} and r["contributions"]["image"] == 0 for r in texts)
+
+
+def test_fusion_beats_the_unimodal_baselines_on_test(model_root):
+    metrics = json.loads((model_root / "reports" / "evaluate" / "metrics.json").read_text())
+    winner = metrics["strategies"][metrics["winner"]]
+    baselines = [s for s in metrics["strategies"].values() if s["unimodal"]]
+    if not baselines:
+        pytest.skip("no unimodal baseline trained")
+    assert winner["test"]["accuracy"] >= max(b["test"]["accuracy"] for b in baselines)

@@ -53,3 +53,8 @@ ui: setup ## Prefect server + the `pipeline` deployment on 127.0.0.1: trigger ru
 
 lock: ## re-freeze requirements.lock from the current .venv
 	$(VENV)/bin/uv pip freeze --python $(PY) --exclude-editable > requirements.lock
+
+.PHONY: serve
+serve: setup ## serve the last built Bento (tag in reports/package.json) on 127.0.0.1:3000
+	@test -f reports/package.json || { echo "no Bento built yet: run 'make run' (or 'dvc repro package')" >&2; exit 1; }
+	$(PY) -m bentoml serve "$$($(PY) -c 'import json; print(json.load(open("reports/package.json"))["bento_tag"])')" --host 127.0.0.1 --port 3000

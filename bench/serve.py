@@ -1,0 +1,267 @@
+"""Serving benchmark: latency and throughput of the BentoML service vs the bare Predictor, same inputs, one run.
+
+    .venv/bin/python bench/serve.py                       # models/best, 10 s per point
+    .venv/bin/python bench/serve.py --seconds 5 --concurrency 1 8 32
+
+For each batching mode (off, on) it starts `bentoml serve mmfusion.serving.service:MMFusion`
+on a free 127.0.0.1 port (its own BENTOML_HOME under a temp dir, the inference log on, as in
+production), and sends single image+text /classify requests from N concurrent clients for a
+fixed time. Then it measures the in-process Predictor on the same decoded inputs at several
+batch sizes: the best items/s there is the limit a server can approach. The load generator
+shares the CPU with the server; the load average before and after is recorded.
+Writes bench/results/serve-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # for the tiny-model fallback in tests/
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def percentiles(values: list[float]) -> dict:
+    import numpy as np
+
+    arr = np.asarray(values) * 1000
+    return {f"p{q}_ms": round(float(np.percentile(arr, q)), 2) for q in (50, 95, 99)} | {
+        "mean_ms": round(float(arr.mean()), 2)
+    }
+
+
+def load_inputs(n: int) -> list[tuple[bytes, str]]:
+    """n (png bytes, text) pairs: real emoji from data/split/test.csv when present, else synthetic drawings."""
+    import pandas as pd
+
+    test = REPO / "data" / "split" / "test.csv"
+    if test.exists():
+        df = pd.read_csv(test).head(n)
+        return [((REPO / row.image).read_bytes(), str(row.text)) for row in df.itertuples()]
+    from tests.service.conftest import CLASSES, png_bytes
+
+    labels = sorted(CLASSES)
+    return [(png_bytes(labels[i % 3], i, size=72), CLASSES[labels[i % 3]][1][i % 5]) for i in range(n)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(env: dict, log_file: Path, timeout: float = 300) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "bentoml", "serve", "mmfusion.serving.service:MMFusion", "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log_file.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited {proc.returncode}: {log_file.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop_server(proc)
+    raise RuntimeError(f"server not ready in {timeout}s: {log_file.read_text()[-2000:]}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+async def load_point(url: str, inputs: list[tuple[bytes, str]], concurrency: int, seconds: float, warmup: float) -> dict:
+    """N clients in closed loop for `warmup` + `seconds`; only requests started after warm-up count."""
+    import httpx
+
+    latencies: list[float] = []
+    server_ms: list[float] = []
+    errors: dict[str, int] = {}
+    error_sample: list[str] = []
+    t_start = time.perf_counter()
+    t_measure, t_end = t_start + warmup, t_start + warmup + seconds
+
+    async def client(k: int, http: httpx.AsyncClient) -> None:
+        i = k
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= t_end:
+                return
+            png, text = inputs[i % len(inputs)]
+            i += concurrency
+            resp = await http.post(f"{url}/classify", files={"image": ("x.png", png, "image/png")}, data={"text": text})
+            t1 = time.perf_counter()
+            if t0 >= t_measure and t1 <= t_end:
+                if resp.status_code == 200:
+                    latencies.append(t1 - t0)
+                    server_ms.append(resp.json()["latency_ms"])
+                else:
+                    errors[str(resp.status_code)] = errors.get(str(resp.status_code), 0) + 1
+                    if len(error_sample) < 3:
+                        error_sample.append(resp.text[:300])
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+        await asyncio.gather(*(client(k, http) for k in range(concurrency)))
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "errors": errors,
+        "error_sample": error_sample,
+        "requests_per_s": round(len(latencies) / seconds, 2),
+        **percentiles(latencies),
+        "server_p50_ms": round(sorted(server_ms)[len(server_ms) // 2], 2) if server_ms else None,
+    }
+
+
+def bench_predictor(model_dir: Path, inputs: list[tuple[bytes, str]], device: str, seconds: float) -> dict:
+    """The bare Predictor on the same (decoded) inputs: items/s per torch thread count and batch size.
+
+    The best of all is the limit a server can approach (the server's own thread setting is a param)."""
+    import torch
+
+    from mmfusion.data.images import decode_image
+    from mmfusion.serving.predictor import Predictor
+
+    predictor = Predictor.from_dir(model_dir, device=device)
+    items = [{"image": decode_image(png), "text": text} for png, text in inputs]
+    predictor.predict(items[:4])  # load weights
+    grid = {}
+    for threads in sorted({1, os.cpu_count() or 1}):
+        torch.set_num_threads(threads)
+        for bs in (1, 4, 8, 16, 32):
+            n = 0
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                start = (n * bs) % len(items)
+                predictor.predict((items + items)[start : start + bs])
+                n += 1
+            elapsed = time.perf_counter() - t0
+            grid[f"threads{threads}_batch{bs}"] = {
+                "items_per_s": round(n * bs / elapsed, 2),
+                "ms_per_batch": round(elapsed / n * 1000, 2),
+            }
+    best = max(grid, key=lambda k: grid[k]["items_per_s"])
+    return {"grid": grid, "best": best, "best_items_per_s": grid[best]["items_per_s"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", default="models/best")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per point")
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--inputs", type=int, default=64)
+    parser.add_argument("--modes", nargs="+", default=["off", "on"], choices=["off", "on"], help="adaptive batching")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="mmfusion-bench-"))
+    os.environ["BENTOML_HOME"] = str(work / "bentoml")  # before bentoml is imported: a private store
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    import torch
+    import yaml
+
+    from mmfusion.config import PackageParams
+    from mmfusion.stages.package import describe_model, save_bento_model
+
+    model_dir = Path(args.model_dir)
+    model_kind = str(model_dir)
+    if not (model_dir / "config.json").exists():
+        from tests.service.conftest import build_tiny_model
+
+        print(f"{model_dir} not found: training the tiny test model (same encoders, a small head)", file=sys.stderr)
+        model_dir = build_tiny_model(work / "tiny")
+        model_kind = "tiny test model (no models/best yet)"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    info = describe_model(model_dir, PackageParams(smoke_test=False))
+    model_tag, _ = save_bento_model(model_dir, "mmfusion", info)
+    inputs = load_inputs(args.inputs)
+
+    result = {
+        "benchmark": "serve",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "device": device,
+        "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "model": model_kind,
+        "model_version": info["version"],
+        "inputs": len(inputs),
+        "seconds_per_point": args.seconds,
+        "load_average_start": load_average(),
+        "note": "load generator runs on the same machine; other work on the machine disturbs the numbers",
+        "served": {},
+    }
+    for mode in args.modes:
+        params_file = work / f"params-{mode}.yaml"
+        params_file.write_text(yaml.safe_dump({"package": {"batching": {"enabled": "true" if mode == "on" else "false"}}}))
+        env = {
+            **os.environ,
+            "MMFUSION_PARAMS": str(params_file),
+            "MMFUSION_MODEL": model_tag,
+            "MMFUSION_INFERENCE_LOG": str(work / f"inference-{mode}.sqlite"),
+        }
+        proc, url = start_server(env, work / f"serve-{mode}.log")
+        try:
+            points = []
+            for c in args.concurrency:
+                point = asyncio.run(load_point(url, inputs, c, args.seconds, args.warmup))
+                point["load_average"] = load_average()
+                print(f"batching {mode:3s} c={c:3d}: {point}", file=sys.stderr)
+                points.append(point)
+            result["served"][f"batching_{mode}"] = points
+        finally:
+            stop_server(proc)
+    result["in_process"] = bench_predictor(model_dir, inputs, device, max(3.0, args.seconds / 2))
+    limit = result["in_process"]["best_items_per_s"]
+    result["summary"] = {
+        mode: {
+            f"c{p['concurrency']}": {
+                "requests_per_s": p["requests_per_s"],
+                "p50_ms": p["p50_ms"],
+                "fraction_of_in_process_limit": round(p["requests_per_s"] / limit, 3),
+            }
+            for p in points
+        }
+        for mode, points in result["served"].items()
+    }
+    result["load_average_end"] = load_average()
+    out = Path(args.out) if args.out else REPO / "bench" / "results" / f"serve-{device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["summary"], indent=2))
+    print(f"in-process limit: {limit} items/s ({result['in_process']['best']}); wrote {out}")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

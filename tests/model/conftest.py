@@ -1,8 +1,9 @@
 """A trained default-data model for the behavioural tests.
 
 Uses the project's models/best when `make run` has produced it; otherwise (CI, a fresh
-clone) runs the real stages on a stratified subset of the emoji data in a temp project:
-real encoders, real training, a few minutes on 2 cores.
+clone) runs the real stages on the emoji data in a temp project, without augmentation and with
+three strategies: real encoders, real training, about two minutes on 2 cores. (A 700-sample
+subset was tried: its model confused "the face of a dog" with a smiley, so the full data it is.)
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ import pytest
 
 from tests.conftest import REPO
 
-SUBSET = 700  # emoji: enough for clear everyday names, small enough for CI
-
 
 def _build_default_model(root: Path) -> Path:
     from mmfusion.config import parse_params
@@ -23,9 +22,8 @@ def _build_default_model(root: Path) -> Path:
 
     params = parse_params(
         {
-            "ingest": {"limit": SUBSET},
             "augment": {"views": 0},
-            "train": {"strategies": ["image_only", "text_only", "concat", "late"]},
+            "train": {"strategies": ["image_only", "text_only", "concat"]},
             "evaluate": {"raw_check": 8, "bootstrap": 200},
         }
     )

@@ -9,57 +9,30 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
+from pathlib import Path
+
+from mmfusion.procs import free_port, http_ok, start_until_ready, stop_process_group
+
+__all__ = ["api_healthy", "free_port", "start_server", "stop_server"]
 
 
 def api_healthy(api_url: str, timeout: float = 2.0) -> bool:
     """True when a Prefect API answers /health at `api_url`."""
-    try:
-        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return http_ok(f"{api_url.rstrip('/')}/health", timeout=timeout)
 
 
 def start_server(port: int, timeout: float = 90.0, log_path: str | None = None) -> tuple[subprocess.Popen, str]:
     """Start `prefect server start` on 127.0.0.1:`port`; return (process, api_url) once healthy."""
     api_url = f"http://127.0.0.1:{port}/api"
-    log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - lives as long as the server
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"prefect server exited with code {proc.returncode}; see {log_path or 'its output'}")
-        if api_healthy(api_url, timeout=1.0):
-            return proc, api_url
-        time.sleep(0.5)
-    stop_server(proc)
-    raise TimeoutError(f"prefect server did not answer on {api_url} within {timeout:.0f}s")
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    proc = start_until_ready(cmd, f"{api_url}/health", Path(log_path) if log_path else None, timeout)
+    return proc, api_url
 
 
-def stop_server(proc: subprocess.Popen) -> None:
-    """Stop the server and its workers (it runs in its own process group)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+stop_server = stop_process_group
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,18 +11,15 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 
+from mmfusion.procs import free_port, start_until_ready, stop_process_group
 from tests.conftest import CLASSES, REPO, draw_sample
 
 START_TIMEOUT_S = 180
@@ -81,12 +78,6 @@ def build_tiny_model(out_dir: Path, per_class: int = 8) -> Path:
     return out_dir
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def service_env(bentoml_home: Path) -> dict[str, str]:
     env = {**os.environ, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "true"}
     env.pop("MMFUSION_MODEL", None)
@@ -106,39 +97,12 @@ class Server:
         stop_process_group(self.proc)
 
 
-def stop_process_group(proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    """SIGTERM to the server's process group (it was started as its leader), SIGKILL after `timeout`."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    except ProcessLookupError:
-        pass
-
-
 def start_server(target: str, env: dict, cwd: Path, output: Path, timeout: float = START_TIMEOUT_S, args=()) -> tuple:
     """`bentoml serve target` on a free port; returns (proc, url) once /readyz answers 200."""
     port = free_port()
-    out = output.open("ab")
     cmd = [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(port), *args]
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"bentoml serve exited with {proc.returncode}:\n{output.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    stop_process_group(proc)
-    raise RuntimeError(f"bentoml serve not ready after {timeout}s:\n{output.read_text()[-3000:]}")
+    return start_until_ready(cmd, f"{url}/readyz", output, timeout, cwd=cwd, env=env), url
 
 
 @pytest.fixture(scope="session")

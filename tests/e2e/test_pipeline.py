@@ -31,6 +31,8 @@ def copy_project(dest: Path) -> Path:
             shutil.copy2(src, dest / rel)
     env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    for key, value in (("user.name", "t"), ("user.email", "t@t")):  # dvc exp commits need an identity
+        subprocess.run(["git", "config", key, value], cwd=dest, check=True)
     subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
     subprocess.run(["git", "commit", "-qm", "copy"], cwd=dest, check=True, env=env)
     return dest
@@ -136,6 +138,20 @@ def test_param_change_reruns_only_downstream(project, server):
     aug = pd.read_csv(project / "data" / "augmented" / "manifest.csv")
     train = pd.read_csv(project / "data" / "split" / "train.csv")
     assert len(aug) == 2 * len(train)
+
+
+def test_dvc_exp_run_with_a_param_override(project, server):
+    out = subprocess.run([DVC, "exp", "run", "-S", "clean.min_text_chars=39", "augment"], cwd=project,
+                         capture_output=True, text=True, env={**os.environ, "PREFECT_API_URL": server})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Running stage 'clean'" in out.stdout
+    assert yaml.safe_load((project / "params.yaml").read_text())["clean"]["min_text_chars"] == 39
+    import json
+
+    report = json.loads((project / "reports" / "clean.json").read_text())
+    assert report["dropped_by_reason"].get("text_too_short", 0) > 0
+    shown = subprocess.run([DVC, "exp", "show", "--json"], cwd=project, capture_output=True, text=True)
+    assert shown.returncode == 0 and "min_text_chars" in shown.stdout
 
 
 def test_failed_validation_stops_the_pipeline(project, server):

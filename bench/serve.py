@@ -152,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--inputs", type=int, default=64)
     parser.add_argument("--modes", nargs="+", default=["off", "on"], choices=["off", "on"], help="adaptive batching")
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE",
+        help="package params for the served runs, dotted (torch_threads=2 batching.max_batch_size=16); YAML values",
+    )
+    parser.add_argument("--no-in-process", action="store_true", help="skip the in-process limit (quick A/B of server settings)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
@@ -189,13 +194,22 @@ def main(argv: list[str] | None = None) -> int:
         "model_version": info["version"],
         "inputs": len(inputs),
         "seconds_per_point": args.seconds,
+        "package_overrides": args.set,
         "load_average_start": load_average(),
         "note": "load generator runs on the same machine; other work on the machine disturbs the numbers",
         "served": {},
     }
     for mode in args.modes:
         params_file = work / f"params-{mode}.yaml"
-        params_file.write_text(yaml.safe_dump({"package": {"batching": {"enabled": "true" if mode == "on" else "false"}}}))
+        package: dict = {"batching": {"enabled": "true" if mode == "on" else "false"}}
+        for assignment in args.set:
+            key, _, value = assignment.partition("=")
+            *parents, leaf = key.split(".")
+            node = package
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = yaml.safe_load(value)
+        params_file.write_text(yaml.safe_dump({"package": package}))
         env = {
             **os.environ,
             "MMFUSION_PARAMS": str(params_file),
@@ -213,14 +227,17 @@ def main(argv: list[str] | None = None) -> int:
             result["served"][f"batching_{mode}"] = points
         finally:
             stop_server(proc)
-    result["in_process"] = bench_predictor(model_dir, inputs, device, max(3.0, args.seconds / 2))
+    if args.no_in_process:
+        result["in_process"] = {"skipped": True, "best": None, "best_items_per_s": None}
+    else:
+        result["in_process"] = bench_predictor(model_dir, inputs, device, max(3.0, args.seconds / 2))
     limit = result["in_process"]["best_items_per_s"]
     result["summary"] = {
         mode: {
             f"c{p['concurrency']}": {
                 "requests_per_s": p["requests_per_s"],
                 "p50_ms": p["p50_ms"],
-                "fraction_of_in_process_limit": round(p["requests_per_s"] / limit, 3),
+                "fraction_of_in_process_limit": round(p["requests_per_s"] / limit, 3) if limit else None,
             }
             for p in points
         }

@@ -169,11 +169,12 @@ class ServeLimits:
 
 @dataclass(frozen=True)
 class ServeBatching:
-    """Adaptive batching of the model call (BentoML `batchable=True`)."""
+    """Adaptive batching of the model call, in each service process (`mmfusion.serving.batcher.MicroBatcher`):
+    requests that arrive while the model is busy share its next call, up to `max_batch_size` items."""
 
     enabled: str = "true"  # true | false | auto (on with CUDA, off on CPU); bench/serve.py: on wins on CPU too
     max_batch_size: int = 32
-    max_latency_ms: int = 10_000  # BentoML's latency SLA: a queued request that would wait longer gets a 503
+    max_latency_ms: int = 10_000  # an item that has queued longer than this before its model call gets a 503
 
 
 @dataclass(frozen=True)
@@ -193,9 +194,10 @@ class PackageParams:
     model_name: str = "mmfusion"  # BentoML model name; its version is the Predictor's version
     smoke_test: bool = True  # load models/best and classify one item before packaging
     device: str = "auto"  # serving device: auto | cpu | cuda
-    workers: int = 1  # model-service processes (each holds the encoders)
-    torch_threads: int = 1  # CPU intra-op threads per model process; 0 = torch's default (all cores).
-    # 1: the API process needs a core too, and 2 threads on a busy 2-core CPU ran 5x slower (bench/serve.py)
+    workers: int = 2  # service processes, each with its own Predictor (encoders) and in-process batcher
+    torch_threads: int = 1  # CPU intra-op threads per process; 0 = torch's default (all cores).
+    # 2 workers x 1 thread beat 1 worker x 2 threads on a 2-core CPU (53 vs 40 req/s at concurrency 32,
+    # bench/serve.py): no OpenMP barrier stalls when the HTTP side preempts a model thread
     timeout_s: int = 30  # per request
     limits: ServeLimits = field(default_factory=ServeLimits)
     batching: ServeBatching = field(default_factory=ServeBatching)

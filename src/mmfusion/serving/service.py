@@ -1,13 +1,17 @@
 """The BentoML service: thin HTTP over `Predictor`, with input safety and the inference log.
 
-Two services, one process each under `bentoml serve`:
-- `MMFusion` (the API): validates and decodes inputs, answers, logs what it saw. No tensor code.
-- `FusionModel`: holds the Predictor; its `predict` is the one model call, with BentoML adaptive
-  batching when `package.batching` says so (on with CUDA, off on CPU by default).
+One service, `MMFusion`, in one process: it validates and decodes inputs, sends them through
+the Predictor, answers and logs what it saw. No tensor code here. The model call goes through
+`MicroBatcher` (serving/batcher.py): the Predictor runs on one model thread with
+`package.torch_threads` threads, and requests that arrive while it is busy share its next call
+(up to `package.batching.max_batch_size` items; batching off means one item per call).
+An earlier layout with the model in a second BentoML service (BentoML adaptive batching over
+HTTP between two processes) reached a third of the in-process throughput on a 2-core CPU: see
+the README's Serving section.
 
 APIs (POST, JSON answers): /classify (multipart: image file and/or text), /classify_batch
 (JSON: items with base64 image and/or text), /metadata, /health. BentoML adds /livez and /readyz
-(ready once the model is loaded), /metrics and the OpenAPI UI at /.
+(ready once the model is loaded and warmed up), /metrics and the OpenAPI UI at /.
 """
 
 from __future__ import annotations
@@ -18,13 +22,13 @@ import typing as t
 import uuid
 from pathlib import Path
 
-import aiohttp
 import anyio
 import bentoml
 from pydantic import BaseModel, BeforeValidator, Field
 from typing_extensions import Annotated
 
 from mmfusion.monitoring.inference_log import InferenceLogWriter, InferenceRecord
+from mmfusion.serving.batcher import MicroBatcher, Overloaded
 from mmfusion.serving.guard import RequestGuard, _install_safe_multipart
 from mmfusion.serving.inputs import CheckedItem, RequestError, check_item, decode_base64
 from mmfusion.serving.settings import load_settings
@@ -34,7 +38,6 @@ log = logging.getLogger("mmfusion.serving")
 SETTINGS = load_settings()
 PARAMS = SETTINGS.params
 LIMITS = PARAMS.limits
-MODEL_CALL_ATTEMPTS = 3
 
 
 def _as_text(value: t.Any) -> t.Any:
@@ -53,44 +56,38 @@ class BatchItem(BaseModel):
 
 
 @bentoml.service(
-    name="mmfusion_model",
+    name="mmfusion",
     workers=PARAMS.workers,
-    traffic={"timeout": PARAMS.timeout_s},
+    traffic={"timeout": PARAMS.timeout_s, "max_concurrency": 256},
+    http={"host": "127.0.0.1"},
     resources={"gpu": 1} if PARAMS.device == "cuda" else {},
 )
-class FusionModel:
-    """The Predictor behind one batchable model call."""
+class MMFusion:
+    """Image + text classification with the packaged fusion model."""
 
     bento_model = bentoml.models.BentoModel(SETTINGS.model_tag)
 
     def __init__(self) -> None:
-        from mmfusion.serving.predictor import Predictor
-
-        import torch
         from PIL import Image
 
+        from mmfusion.serving.predictor import Predictor
+
+        self.started = time.time()
         if PARAMS.torch_threads > 0:
+            import torch
+
             torch.set_num_threads(PARAMS.torch_threads)
         self.predictor = Predictor.from_dir(self.bento_model.path, device=PARAMS.device)
-        # Encoder weights load lazily: pay that here, so /readyz means "answers at full speed".
-        self.predictor.predict([{"image": Image.new("RGB", (64, 64), "white"), "text": "warm up"}])
-        log.info("model %s loaded (version %s)", SETTINGS.model_tag, self.predictor.version)
-
-    async def __is_ready__(self) -> bool:
-        return self.predictor is not None
-
-    @bentoml.api(
-        batchable=SETTINGS.batching,
-        max_batch_size=PARAMS.batching.max_batch_size,
-        max_latency_ms=PARAMS.batching.max_latency_ms,
-    )
-    def predict(self, items: list[dict]) -> list[dict]:
-        return self.predictor.predict(items)
-
-    @bentoml.api
-    def info(self) -> dict:
+        self.batcher = MicroBatcher(
+            self.predictor.predict,
+            max_batch_size=PARAMS.batching.max_batch_size if SETTINGS.batching else 1,
+            max_latency_ms=PARAMS.batching.max_latency_ms,
+        )
+        # Encoder weights load lazily: pay that here (on the model thread), so /readyz means
+        # "answers at full speed".
+        self.batcher.run_sync([{"image": Image.new("RGB", (64, 64), "white"), "text": "warm up"}])
         p = self.predictor
-        return {
+        self._info = {
             "model_version": p.version,
             "labels": list(p.labels),
             "modalities": list(p.modalities),
@@ -98,45 +95,25 @@ class FusionModel:
             "encoders": dict(p.encoders),
             "metrics": p.metrics,
         }
-
-
-@bentoml.service(
-    name="mmfusion",
-    traffic={"timeout": PARAMS.timeout_s, "max_concurrency": 256},
-    http={"host": "127.0.0.1"},
-)
-class MMFusion:
-    """Image + text classification with the packaged fusion model."""
-
-    model = bentoml.depends(FusionModel)
-
-    def __init__(self) -> None:
-        self.started = time.time()
         self.log = InferenceLogWriter(
             SETTINGS.log_path,
             log_text=PARAMS.log.log_text,
             log_images=PARAMS.log.log_images,
             queue_size=PARAMS.log.queue_size,
         )
-        self._info: dict | None = None
+        log.info("model %s loaded (version %s)", SETTINGS.model_tag, p.version)
+
+    async def __is_ready__(self) -> bool:
+        return self.predictor is not None
 
     async def _model_info(self) -> dict:
-        if self._info is None:
-            self._info = await self.model.to_async.info()
         return self._info
 
     async def _classify(self, items: list[CheckedItem]) -> list[dict]:
-        payload = [item.to_predictor() for item in items]
-        for attempt in range(MODEL_CALL_ATTEMPTS):
-            try:
-                return await self.model.to_async.predict(payload)
-            except (aiohttp.ClientConnectionError, ConnectionError) as exc:
-                # A pooled keep-alive connection to the model process that the other side has just
-                # closed fails at once; the call is idempotent, so try again on a fresh connection.
-                if attempt == MODEL_CALL_ATTEMPTS - 1:
-                    raise
-                log.warning("model call failed (%s: %s); retrying", type(exc).__name__, exc)
-        raise AssertionError("unreachable")
+        try:
+            return await self.batcher.submit([item.to_predictor() for item in items])
+        except Overloaded as exc:
+            raise RequestError(503, "overloaded", f"the server is overloaded, try again later: {exc}") from exc
 
     def _record(self, ctx: bentoml.Context, request_id: str, endpoint: str, items, results, latency_ms: float) -> None:
         """Queue one log record per item; never raises (a log failure must not fail the answer)."""
@@ -197,7 +174,10 @@ class MMFusion:
         except RequestError as exc:
             return self._error(ctx, exc)
         info = await self._model_info()
-        (result,) = await self._classify([item])
+        try:
+            (result,) = await self._classify([item])
+        except RequestError as exc:
+            return self._error(ctx, exc)
         latency_ms = round((time.perf_counter() - t0) * 1000, 2)
         self._record(ctx, request_id, "classify", [item], [result], latency_ms)
         return {
@@ -223,7 +203,10 @@ class MMFusion:
         except RequestError as exc:
             return self._error(ctx, exc)
         info = await self._model_info()
-        results = await self._classify(checked)
+        try:
+            results = await self._classify(checked)
+        except RequestError as exc:
+            return self._error(ctx, exc)
         latency_ms = round((time.perf_counter() - t0) * 1000, 2)
         self._record(ctx, request_id, "classify_batch", checked, results, latency_ms)
         return {
@@ -278,10 +261,12 @@ class MMFusion:
                 "written": self.log.written,
                 "failures": self.log.failures,
             },
+            "model_calls": self.batcher.stats(),
         }
 
     @bentoml.on_shutdown
-    def _close_log(self) -> None:
+    def _close(self) -> None:
+        self.batcher.close()
         self.log.close()
 
 

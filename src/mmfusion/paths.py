@@ -18,15 +18,15 @@ INGEST_REPORT = REPORTS / "ingest.json"
 MANIFEST = "manifest.csv"
 SPLITS = ("train", "val", "test")
 
-# train / evaluate (issue 4)
-FEATURES = Path("features")
+FEATURES = Path("features")  # featurize: embeddings per split + meta.json
+FEATURIZE_REPORT = REPORTS / "featurize.json"  # timings and cache hits of the last run (a DVC metric)
+
 MODELS = Path("models")
 STRATEGIES = MODELS / "strategies"  # one self-describing folder per trained strategy
 BEST = MODELS / "best"  # the winner on val, with its calibration
 EVALUATION = REPORTS / "evaluate"
 TRAIN_REPORT = REPORTS / "train.json"
 
-# package (issue 5)
 PACKAGE_REPORT = REPORTS / "package.json"
 BENTOFILE = Path("bentofile.yaml")
 BENTO_BUILD_CTX = Path("src")  # the Bento carries its own copy of the mmfusion package

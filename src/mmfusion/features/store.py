@@ -20,8 +20,6 @@ from safetensors.numpy import load_file, save_file
 from mmfusion.data.manifest import read_manifest, write_manifest
 
 FEATURE_SPLITS = ("train", "val", "test", "augmented")
-FEATURES = Path("features")  # relative to the project root
-FEATURIZE_REPORT = Path("reports/featurize.json")  # timings and cache hits of the last run (a DVC metric)
 
 
 def save_features(out_dir: Path, split: str, arrays: dict[str, np.ndarray], index: pd.DataFrame) -> None:

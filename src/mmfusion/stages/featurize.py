@@ -21,7 +21,7 @@ from mmfusion.data.manifest import read_manifest
 from mmfusion.encoders import create_encoder, encoder_modality
 from mmfusion.features.cache import FeatureCache
 from mmfusion.features.extract import build_input, extract_features
-from mmfusion.features.store import FEATURES, FEATURIZE_REPORT, save_features
+from mmfusion.features.store import save_features
 from mmfusion.stages.common import fresh_dir, stage_main, write_json
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,8 @@ def read_splits(root: Path) -> dict[str, pd.DataFrame]:
 
 def run(params: Params, root: Path = Path(".")) -> dict:
     """Encode every split with each configured encoder (cached by content) and write features/."""
-    summary = build_features(params, root, root / FEATURES)
-    write_json(root / FEATURIZE_REPORT, summary)
+    summary = build_features(params, root, root / paths.FEATURES)
+    write_json(root / paths.FEATURIZE_REPORT, summary)
     return summary
 
 

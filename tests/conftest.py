@@ -108,3 +108,14 @@ def tiny_params(manifest: Path, **sections):
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
     return parse_params(data)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """As train.threads does: tiny matmuls on a shared CPU are far faster on one thread."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -9,13 +9,8 @@ from torch import nn
 from mmfusion.fusion import create_head, list_heads
 from mmfusion.training.loop import compute_loss
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared CPU are far faster on one thread (see train.threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 DIMS = {"image": 12, "text": 8}

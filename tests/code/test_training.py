@@ -16,13 +16,8 @@ from mmfusion.training.data import load_training_data
 from mmfusion.training.loop import drop_modalities, seed_everything, train_head
 from mmfusion.training.synthetic import write_synthetic_features
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """As train.threads does: tiny matmuls on a shared CPU are far faster on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 FAST = {"hidden_dim": 16, "epochs": 6, "batch_size": 32, "patience": 6, "warmup_epochs": 1, "lr": 3e-3}

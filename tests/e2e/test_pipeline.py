@@ -62,6 +62,18 @@ def server():
     stop_server(proc)
 
 
+def set_param(project: Path, section: str, key: str, value) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params[section][key] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def dvc(project: Path, server: str, *args: str) -> subprocess.CompletedProcess:
+    """A dvc command in the project, its stage flows reporting to `server`."""
+    return subprocess.run([DVC, *args], cwd=project, capture_output=True, text=True,
+                          env={**os.environ, "PREFECT_API_URL": server})
+
+
 def _wait_for_deployment(api_url: str, name: str, timeout: float = 90) -> None:
     import httpx
 
@@ -116,8 +128,7 @@ def test_pipeline_deployment_runs_dvc_repro_and_records_stage_flows(project, ser
 
 def test_second_repro_skips_every_stage(project, server):
     start = time.monotonic()
-    out = subprocess.run([DVC, "repro", "augment"], cwd=project, capture_output=True, text=True,
-                         env={**os.environ, "PREFECT_API_URL": server})
+    out = dvc(project, server, "repro", "augment")
     assert out.returncode == 0, out.stderr
     for stage in DATA_STAGES:
         assert f"Stage '{stage}' didn't change, skipping" in out.stdout
@@ -125,11 +136,8 @@ def test_second_repro_skips_every_stage(project, server):
 
 
 def test_param_change_reruns_only_downstream(project, server):
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["augment"]["views"] = 2
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = subprocess.run([DVC, "repro", "augment"], cwd=project, capture_output=True, text=True,
-                         env={**os.environ, "PREFECT_API_URL": server})
+    set_param(project, "augment", "views", 2)
+    out = dvc(project, server, "repro", "augment")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Running stage 'augment'" in out.stdout
     assert "Running stage 'clean'" not in out.stdout
@@ -141,8 +149,7 @@ def test_param_change_reruns_only_downstream(project, server):
 
 
 def test_dvc_exp_run_with_a_param_override(project, server):
-    out = subprocess.run([DVC, "exp", "run", "-S", "clean.min_text_chars=39", "augment"], cwd=project,
-                         capture_output=True, text=True, env={**os.environ, "PREFECT_API_URL": server})
+    out = dvc(project, server, "exp", "run", "-S", "clean.min_text_chars=39", "augment")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Running stage 'clean'" in out.stdout
     assert yaml.safe_load((project / "params.yaml").read_text())["clean"]["min_text_chars"] == 39
@@ -150,16 +157,13 @@ def test_dvc_exp_run_with_a_param_override(project, server):
 
     report = json.loads((project / "reports" / "clean.json").read_text())
     assert report["dropped_by_reason"].get("text_too_short", 0) > 0
-    shown = subprocess.run([DVC, "exp", "show", "--json"], cwd=project, capture_output=True, text=True)
+    shown = dvc(project, server, "exp", "show", "--json")
     assert shown.returncode == 0 and "min_text_chars" in shown.stdout
 
 
 def test_failed_validation_stops_the_pipeline(project, server):
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["validate"]["min_per_class"] = 500
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = subprocess.run([DVC, "repro", "split"], cwd=project, capture_output=True, text=True,
-                         env={**os.environ, "PREFECT_API_URL": server})
+    set_param(project, "validate", "min_per_class", 500)
+    out = dvc(project, server, "repro", "split")
     assert out.returncode != 0
     assert "critical expectation(s) failed" in out.stderr + out.stdout
     assert "Running stage 'split'" not in out.stdout

@@ -24,7 +24,7 @@ export PREFECT_HOME := $(CURDIR)/.prefect
 export BENTOML_HOME := $(CURDIR)/.bentoml
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help setup run test test-fast ui lock
+.PHONY: help setup run test test-fast ui lock drift monitor-ui
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -60,3 +60,9 @@ lock: ## re-freeze requirements.lock from the current .venv
 serve: setup ## serve the last built Bento (tag in reports/package.json) on 127.0.0.1:3000
 	@test -f reports/package.json || { echo "no Bento built yet: run 'make run' (or 'dvc repro package')" >&2; exit 1; }
 	$(PY) -m bentoml serve "$$($(PY) -c 'import json; print(json.load(open("reports/package.json"))["bento_tag"])')" --host 127.0.0.1 --port 3000
+
+drift: setup ## drift check of what the service has logged vs the served model's reference (ARGS="--rescan" ...)
+	$(PY) -m flows.monitor $(ARGS)
+
+monitor-ui: setup ## the Evidently UI over the monitoring workspace on http://127.0.0.1:8000
+	$(PY) -m mmfusion.monitoring.ui $(ARGS)

@@ -205,6 +205,71 @@ class PackageParams:
 
 
 @dataclass(frozen=True)
+class MonitorWindow:
+    """How the inference log is cut into windows."""
+
+    by: str = "count"  # count (every `size` rows) | time (every `period_minutes`)
+    size: int = 200  # rows per window (by: count)
+    period_minutes: float = 60.0  # window length (by: time); only closed periods are checked
+
+
+@dataclass(frozen=True)
+class MonitorEmbeddings:
+    """Embedding drift per modality of the served model (Evidently's embedding drift methods)."""
+
+    method: str = "model"  # model (domain classifier ROC AUC) | mmd | ratio | distance
+    threshold: float = 0.55  # the method's threshold (model: AUC); used when not bootstrapped
+    # true: the threshold is this quantile of the AUCs a random classifier gets on the same split sizes
+    # (adapts to the window size); false: the fixed `threshold`; auto: true when the reference has < 1,000 rows
+    bootstrap: str = "true"
+    quantile: float = 0.99  # with bootstrap: 0.99 keeps false alarms near 1% per modality and window
+    second_method: str = "mmd"  # a second signal, reported beside the first ("" = none); the verdict uses `method`
+    second_threshold: float = 0.015
+    max_rows: int = 2000  # reference and window are each sampled down to this many rows (seeded)
+    severity: str = "critical"
+
+
+@dataclass(frozen=True)
+class MonitorColumnCheck:
+    """A drift check of one scalar column (an Evidently stattest: a method and its threshold)."""
+
+    method: str = "jensenshannon"
+    threshold: float = 0.1
+    severity: str = "warning"
+
+
+@dataclass(frozen=True)
+class MonitorParams:
+    """The `monitor` flow: windows of the inference log against the served model's reference (Evidently)."""
+
+    log_path: str = ""  # the inference log; empty: package.log.path
+    model_dir: str = ""  # the served model's folder (with reference/); empty: the live Bento's model, else models/best
+    model_version: str = "served"  # served (only rows of the served model) | any | an explicit version
+    reference_splits: tuple[str, ...] = ("val", "test")  # what `evaluate` writes into models/best/reference/
+    window: MonitorWindow = field(default_factory=MonitorWindow)
+    min_rows: int = 50  # a window with fewer rows gets `insufficient_data`, never a pass
+    seed: int = 0
+    embeddings: MonitorEmbeddings = field(default_factory=MonitorEmbeddings)
+    prediction: MonitorColumnCheck = field(
+        default_factory=lambda: MonitorColumnCheck(method="jensenshannon", threshold=0.2, severity="critical")
+    )
+    confidence: MonitorColumnCheck = field(
+        default_factory=lambda: MonitorColumnCheck(method="wasserstein", threshold=0.2, severity="warning")
+    )
+    inputs: MonitorColumnCheck = field(
+        default_factory=lambda: MonitorColumnCheck(method="wasserstein", threshold=0.2, severity="warning")
+    )
+    missing_share_delta: float = 0.1  # |missing share of a modality - the reference's| above this is flagged
+    missing_severity: str = "critical"
+    plot_rows: int = 300  # rows per side Evidently's t-SNE embedding picture draws (its cost grows with rows)
+    out_dir: str = "reports/monitor"  # one HTML report + one JSON verdict per window, and latest.json
+    history_path: str = "logs/monitor.sqlite"  # verdict history (the monitor never writes the service's log)
+    workspace: str = "logs/evidently"  # local Evidently workspace: `make monitor-ui`
+    project: str = "mmfusion"  # Evidently project name
+    schedule_minutes: int = 60  # `make ui` runs the monitor deployment this often
+
+
+@dataclass(frozen=True)
 class Params:
     ingest: IngestParams = field(default_factory=IngestParams)
     clean: CleanParams = field(default_factory=CleanParams)
@@ -215,6 +280,7 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     package: PackageParams = field(default_factory=PackageParams)
+    monitor: MonitorParams = field(default_factory=MonitorParams)
 
 
 def _build(cls: type, data: Any, where: str) -> Any:

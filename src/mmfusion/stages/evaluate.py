@@ -14,6 +14,7 @@ from mmfusion import paths
 from mmfusion.config import Params
 from mmfusion.data.images import decode_image
 from mmfusion.data.manifest import read_manifest
+from mmfusion.monitoring.reference import build_reference
 from mmfusion.stages.common import fresh_dir, stage_main, write_json
 from mmfusion.training.checkpoint import CALIBRATION, METRICS, load_checkpoint, read_config
 from mmfusion.training.data import load_split
@@ -144,6 +145,8 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     shutil.copytree(root / paths.STRATEGIES / winner.name, best)
     write_json(best / CALIBRATION, {"temperature": winner.temperature, "fitted_on": "val"})
     write_json(best / METRICS, {"strategy": winner.name, **strategies[winner.name], "vs_best_unimodal": comparison})
+    # The drift reference travels with the model (and so inside the BentoML model): monitoring/reference.py
+    reference = build_reference(best, root / paths.FEATURES, root / paths.SPLIT, params.monitor.reference_splits, root)
 
     metrics = {
         "winner": winner.name,
@@ -152,6 +155,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         "winner_vs_best_unimodal": comparison,
         "strategies": strategies,
     }
+    metrics["reference"] = reference
     if p.raw_check > 0:
         metrics["raw_check"] = raw_check(params, root, winner, labels)
     write_json(out / "metrics.json", metrics)

@@ -1,0 +1,52 @@
+"""The `monitor` flow: one drift-monitoring run over the inference log, recorded by Prefect.
+
+    python -m flows.monitor          # what `make drift` runs; `make ui` also serves it on a schedule
+
+The work is `mmfusion.monitoring.monitor.run_monitor`; this flow runs it as a task and attaches
+the verdict table (windows, verdicts, flagged checks, report paths) as a markdown artifact.
+Inputs are checked before Prefect starts: a missing log or reference is one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mmfusion")
+
+from prefect import flow, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+from mmfusion.config import ParamsError, load_params  # noqa: E402
+from mmfusion.monitoring.monitor import build_parser, exit_code, prepare, run_monitor, verdict_table  # noqa: E402
+from mmfusion.monitoring.reference import MonitorError  # noqa: E402
+
+monitor_task = task(run_monitor, name="check-windows", cache_policy=NO_CACHE, persist_result=False)
+
+
+@flow(name="monitor", log_prints=True, persist_result=False)
+def monitor(params_path: str = "params.yaml", root: str = ".", rescan: bool = False) -> dict:
+    """Check the new windows of the inference log against the served model's reference (Evidently)."""
+    summary = monitor_task(load_params(params_path), Path(root), rescan)
+    create_markdown_artifact(key="monitor-verdicts", markdown=verdict_table(summary), description="drift verdicts")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser("python -m flows.monitor").parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        prepare(load_params(args.params), Path(args.root))  # fail fast, before a Prefect server starts
+        summary = monitor(params_path=args.params, root=args.root, rescan=args.rescan)
+    except (MonitorError, ParamsError) as exc:
+        print(f"monitor: error: {exc}", file=sys.stderr)
+        return 2
+    print(verdict_table(summary))
+    return exit_code(summary, args.fail_on_drift)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""One monitoring run: new windows of the inference log against the served model's reference.
+
+    python -m mmfusion.monitoring.monitor            # plain (no Prefect); `make drift` runs flows/monitor.py
+
+For each window: the checks (`checks.py`) give a JSON verdict of our own schema, an Evidently
+report is saved as self-contained HTML next to it, the snapshot goes to the local Evidently
+workspace, and the verdict is appended to the history (a SQLite file of the monitor's own: the
+service's log is only ever read). A window that is not complete yet (fewer than `window.size` rows,
+or a time period still open) is checked now and again on the next run with more rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sqlite3
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from mmfusion.config import MonitorParams, Params, load_params
+from mmfusion.monitoring.checks import check_window
+from mmfusion.monitoring.reference import MonitorError, load_reference
+from mmfusion.monitoring.windows import Window, cut_windows, load_log, select_version
+
+log = logging.getLogger(__name__)
+
+HISTORY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS verdicts (
+    model_version TEXT NOT NULL,
+    window_key    TEXT NOT NULL,   -- how windows were cut, e.g. count:200 or time:60
+    idx           INTEGER NOT NULL,
+    window_id     TEXT NOT NULL,
+    start_ts      REAL NOT NULL,
+    end_ts        REAL NOT NULL,
+    rows          INTEGER NOT NULL,
+    complete      INTEGER NOT NULL,
+    verdict       TEXT NOT NULL,
+    severity      TEXT NOT NULL,
+    flagged       TEXT NOT NULL,   -- JSON list of flagged check names
+    report_html   TEXT,
+    verdict_json  TEXT,
+    checked_at    REAL NOT NULL,
+    PRIMARY KEY (model_version, window_key, idx)
+);
+"""
+
+
+def resolve_path(root: Path, path: str | Path) -> Path:
+    path = Path(path)
+    return path if path.is_absolute() else Path(root) / path
+
+
+def log_path(params: Params, root: Path) -> Path:
+    """The inference log the monitor reads: monitor.log_path, else the service's package.log.path."""
+    return resolve_path(root, params.monitor.log_path or params.package.log.path)
+
+
+def served_model_dir(params: Params, root: Path) -> Path:
+    """The served model's folder: monitor.model_dir, else the live Bento's model, else models/best."""
+    from mmfusion import paths
+
+    if params.monitor.model_dir:
+        return resolve_path(root, params.monitor.model_dir)
+    report = Path(root) / paths.PACKAGE_REPORT
+    if report.exists():
+        tag = json.loads(report.read_text()).get("model_tag")
+        if tag:
+            try:
+                import bentoml
+
+                return Path(bentoml.models.get(tag).path)
+            except Exception as exc:  # not in this BENTOML_HOME: fall back to the folder it was built from
+                log.info("monitor: model %s not in the BentoML store (%s); using %s", tag, exc, paths.BEST)
+    return Path(root) / paths.BEST
+
+
+class History:
+    """The verdict history: one row per (model version, window cut, window index); re-checks replace."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(str(self.path), timeout=10.0)
+        self.conn.executescript(HISTORY_SCHEMA)
+
+    def resume_point(self, version: str, key: str) -> tuple[int, int, float]:
+        """(next window index, rows covered by complete windows, end ts of the last complete window)."""
+        row = self.conn.execute(
+            "SELECT COALESCE(MAX(idx) + 1, 0), COALESCE(SUM(rows), 0), COALESCE(MAX(end_ts), 0) "
+            "FROM verdicts WHERE model_version = ? AND window_key = ? AND complete = 1",
+            (version, key),
+        ).fetchone()
+        return int(row[0]), int(row[1]), float(row[2])
+
+    def record(self, version: str, key: str, window: Window, verdict: dict) -> None:
+        with self.conn:
+            self.conn.execute(
+                "INSERT OR REPLACE INTO verdicts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    version, key, window.index, window.id, window.start_ts, window.end_ts, len(window.data),
+                    int(window.complete), verdict["verdict"], verdict["severity"], json.dumps(verdict["flagged"]),
+                    verdict.get("report_html"), verdict.get("verdict_json"), time.time(),
+                ),
+            )  # fmt: skip
+
+    def recent(self, version: str | None = None, limit: int = 50) -> list[dict]:
+        """The newest verdicts first (all versions unless `version`)."""
+        query = "SELECT * FROM verdicts" + (" WHERE model_version = ?" if version else "") + " ORDER BY checked_at DESC, idx DESC LIMIT ?"
+        cur = self.conn.execute(query, (version, limit) if version else (limit,))
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r)) for r in cur.fetchall()]
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def window_key(p: MonitorParams) -> str:
+    return f"count:{p.window.size}" if p.window.by == "count" else f"time:{p.window.period_minutes:g}"
+
+
+def prepare(params: Params, root: Path) -> dict[str, Any]:
+    """Everything a run needs, checked before any work: model folder, reference, log. MonitorError otherwise."""
+    model_dir = served_model_dir(params, root)
+    if not (model_dir / "config.json").exists():
+        raise MonitorError(f"no served model at {model_dir}: run `make run` (or set monitor.model_dir)")
+    reference, meta = load_reference(model_dir)
+    path = log_path(params, root)
+    if not path.exists():
+        raise MonitorError(f"no inference log at {path}: serve the model (`make serve`) and send it requests first")
+    return {"model_dir": model_dir, "reference": reference, "reference_meta": meta, "log_path": path}
+
+
+def write_window_outputs(out_dir: Path, window: Window, verdict: dict, snapshot) -> dict:
+    """The window's HTML report (when there is a snapshot) and its JSON verdict; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    if snapshot is not None:
+        html = out_dir / f"{window.id}.html"
+        snapshot.save_html(str(html))
+        paths["report_html"] = str(html)
+    verdict_path = out_dir / f"{window.id}.json"
+    paths["verdict_json"] = str(verdict_path)
+    verdict.update(paths)
+    verdict_path.write_text(json.dumps(verdict, indent=2, default=str) + "\n")
+    return paths
+
+
+def run_monitor(params: Params, root: Path = Path("."), rescan: bool = False, now: float | None = None) -> dict:
+    """Check every new window of the log; write reports, verdicts, history and workspace snapshots."""
+    from mmfusion.monitoring.report import build_snapshot, workspace_project
+
+    start = time.perf_counter()
+    p = params.monitor
+    root = Path(root)
+    ctx = prepare(params, root)
+    reference, meta = ctx["reference"], ctx["reference_meta"]
+    version = meta["model_version"] if p.model_version == "served" else p.model_version
+    data = load_log(ctx["log_path"], reference.modalities)
+    data, seen = select_version(data, version)
+    history = History(resolve_path(root, p.history_path))
+    key = window_key(p)
+    first, covered, last_end = (0, 0, 0.0) if rescan else history.resume_point(version, key)
+    if p.window.by == "count":
+        data = data.take(list(range(covered, len(data))))
+    else:
+        data = data.take([i for i, ts in enumerate(data.rows["ts"]) if ts >= last_end])
+    now = time.time() if now is None else now
+    windows = cut_windows(data, p.window.by, p.window.size, p.window.period_minutes, now, first_index=first)
+    out_dir = resolve_path(root, p.out_dir) / version
+    ws = project = None
+    results = []
+    for window in windows:
+        verdict = check_window(window.data, reference, p)
+        verdict.update({"model_version": version, "window": window.describe(), "reference": meta, "log": str(ctx["log_path"])})
+        snapshot = None
+        if verdict["verdict"] != "insufficient_data":
+            t0 = time.perf_counter()
+            snapshot = build_snapshot(window.data, reference, p, name=f"{version} {window.id}", timestamp=window.end_ts)
+            verdict["report_seconds"] = round(time.perf_counter() - t0, 2)
+        write_window_outputs(out_dir, window, verdict, snapshot)
+        if snapshot is not None and window.complete:
+            if ws is None:
+                ws, project = workspace_project(resolve_path(root, p.workspace), p.project, reference.modalities)
+            ws.add_run(project.id, snapshot)
+            verdict["workspace_project"] = str(project.id)
+        history.record(version, key, window, verdict)
+        log.info("monitor: window %s (%d rows): %s %s", window.id, len(window.data), verdict["verdict"], verdict["flagged"])
+        results.append(verdict)
+    history.close()
+    counts = {v: sum(r["verdict"] == v for r in results) for v in ("ok", "warning", "drift", "insufficient_data")}
+    summary = {
+        "model_version": version,
+        "model_dir": str(ctx["model_dir"]),
+        "log": str(ctx["log_path"]),
+        "versions_seen": seen,
+        "window": key,
+        "windows": [
+            {
+                "id": r["window"]["id"],
+                "rows": r["rows"],
+                "complete": r["window"]["complete"],
+                "verdict": r["verdict"],
+                "severity": r["severity"],
+                "flagged": r["flagged"],
+                "report_html": r.get("report_html"),
+                "verdict_json": r.get("verdict_json"),
+            }
+            for r in results
+        ],
+        "counts": counts,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    latest = resolve_path(root, p.out_dir) / "latest.json"
+    latest.parent.mkdir(parents=True, exist_ok=True)
+    latest.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
+def verdict_table(summary: dict) -> str:
+    """The run as a markdown table (the Prefect artifact and the CLI print it)."""
+    lines = [
+        f"# Drift monitoring: model {summary['model_version']}",
+        "",
+        f"log `{summary['log']}`, windows {summary['window']}, versions in the log: "
+        + ", ".join(f"{v} ({n})" for v, n in summary["versions_seen"].items()),
+        "",
+        "| window | rows | verdict | flagged | report |",
+        "|---|---|---|---|---|",
+    ]
+    for w in summary["windows"]:
+        done = "" if w["complete"] else " (open)"
+        lines.append(
+            f"| {w['id']}{done} | {w['rows']} | **{w['verdict']}** | {', '.join(w['flagged']) or '-'} | "
+            f"{w.get('report_html') or w.get('verdict_json')} |"
+        )
+    if not summary["windows"]:
+        lines.append("| (no new rows since the last run) | 0 | - | - | - |")
+    return "\n".join(lines) + "\n"
+
+
+def build_parser(prog: str = "python -m mmfusion.monitoring.monitor") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Drift check of what the service has logged against the served model's reference (Evidently).",
+    )
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--root", default=".", help="project root (default: .)")
+    parser.add_argument("--rescan", action="store_true", help="check every window again, not only new rows")
+    parser.add_argument("--fail-on-drift", action="store_true", help="exit 3 when a window's verdict is drift")
+    return parser
+
+
+def exit_code(summary: dict, fail_on_drift: bool) -> int:
+    return 3 if fail_on_drift and summary["counts"].get("drift") else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        summary = run_monitor(load_params(args.params), Path(args.root), rescan=args.rescan)
+    except MonitorError as exc:
+        print(f"monitor: error: {exc}", file=sys.stderr)
+        return 2
+    print(verdict_table(summary))
+    return exit_code(summary, args.fail_on_drift)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

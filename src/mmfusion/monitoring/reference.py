@@ -1,0 +1,170 @@
+"""The model's reference: what it was validated on, in the shape drift monitoring compares windows with.
+
+`models/best/reference/` is written by `evaluate` next to the winner's weights, so the BentoML model
+carries it and a served model and its reference can never disagree:
+
+    rows.parquet            one row per reference sample: id, split, label (truth), prediction,
+                            confidence, present_<modality>, and the input statistics the service logs
+                            (text_chars, image_width, image_height)
+    embeddings.safetensors  {modality: float32 [N, dim]}: the cached features (the same encoders and
+                            preprocessing the service runs), zero rows where a modality is missing
+    reference.json          model version, splits, row count
+
+The predictions come from `Predictor.predict_embeddings`, the service's own code path after encoding.
+The same frame layout (`MonitorData`) holds a window of the inference log (`monitoring/windows.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from safetensors.numpy import load_file, save_file
+
+from mmfusion.data.manifest import read_manifest
+from mmfusion.features.store import load_features
+
+log = logging.getLogger(__name__)
+
+REFERENCE_DIR = "reference"
+ROWS = "rows.parquet"
+EMBEDDINGS = "embeddings.safetensors"
+META = "reference.json"
+
+# Input statistics per modality: columns of the inference log (and of the reference rows).
+# A new modality adds its own here (audio: duration); modalities without any get only embedding checks.
+INPUT_STATS: dict[str, tuple[str, ...]] = {
+    "image": ("image_width", "image_height"),
+    "text": ("text_chars",),
+}
+
+
+class MonitorError(Exception):
+    """Monitoring cannot run on what it was given (no log, no reference, unknown version): one clear line."""
+
+
+@dataclass
+class MonitorData:
+    """Rows (prediction, confidence, presence, input stats) and aligned per-modality embeddings."""
+
+    rows: pd.DataFrame
+    embeddings: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.embeddings)
+
+    def present(self, modality: str) -> np.ndarray:
+        col = f"present_{modality}"
+        if col in self.rows:
+            return self.rows[col].to_numpy(dtype=bool)
+        return np.zeros(len(self.rows), dtype=bool)
+
+    def take(self, idx: np.ndarray) -> MonitorData:
+        idx = np.asarray(idx, dtype=np.int64)
+        return MonitorData(self.rows.iloc[idx].reset_index(drop=True), {m: a[idx] for m, a in self.embeddings.items()})
+
+
+def _image_size(path: Path) -> tuple[float, float]:
+    try:
+        with Image.open(path) as img:
+            return float(img.width), float(img.height)
+    except (OSError, ValueError):
+        return float("nan"), float("nan")
+
+
+def _input_stats(manifest: pd.DataFrame, root: Path, present: dict[str, np.ndarray]) -> pd.DataFrame:
+    """The input statistics the service logs, measured on the raw reference inputs."""
+    stats = pd.DataFrame(index=manifest.index)
+    if "text" in present:
+        texts = manifest["text"].fillna("").astype(str) if "text" in manifest else pd.Series("", index=manifest.index)
+        stats["text_chars"] = np.where(present["text"], texts.str.len(), np.nan)
+    if "image" in present:
+        sizes = [
+            _image_size(root / p) if ok and isinstance(p, str) and p else (np.nan, np.nan)
+            for p, ok in zip(manifest.get("image", pd.Series([""] * len(manifest))), present["image"])
+        ]
+        stats["image_width"] = [w for w, _ in sizes]
+        stats["image_height"] = [h for _, h in sizes]
+    return stats
+
+
+def build_reference(model_dir: Path, features_dir: Path, split_dir: Path, splits: tuple[str, ...], root: Path) -> dict:
+    """Write `model_dir/reference/` from the cached features of `splits`; returns its summary.
+
+    Presence per modality: an all-zero embedding row means "missing" (the featurize/Predictor
+    convention); a `present_<modality>` column in the features index wins where there is one.
+    """
+    from mmfusion.serving.predictor import Predictor
+    from mmfusion.training.checkpoint import CALIBRATION, load_checkpoint, weights_hash
+
+    model_dir = Path(model_dir)
+    head, config = load_checkpoint(model_dir)
+    temperature = 1.0
+    if (model_dir / CALIBRATION).exists():
+        temperature = float(json.loads((model_dir / CALIBRATION).read_text())["temperature"])
+    version = f"{config['strategy']}-{weights_hash(model_dir)[:12]}"
+    predictor = Predictor(head, config, encoders={}, temperature=temperature, version=version)
+    modalities = list(predictor.modalities)
+    frames, embs = [], {m: [] for m in modalities}
+    for split in splits:
+        arrays, index = load_features(features_dir, split)
+        missing = [m for m in modalities if m not in arrays]
+        if missing:
+            raise MonitorError(f"features/{split} has no {missing} embeddings, which the model needs")
+        present = {
+            m: index[f"present_{m}"].astype(bool).to_numpy()
+            if f"present_{m}" in index
+            else np.any(arrays[m] != 0, axis=1)
+            for m in modalities
+        }
+        results = predictor.predict_embeddings({m: arrays[m] for m in modalities}, present)
+        manifest_path = Path(split_dir) / f"{split}.csv"
+        manifest = read_manifest(manifest_path) if manifest_path.exists() else pd.DataFrame(index=range(len(index)))
+        manifest = manifest.set_index("id").reindex(index["id"]).reset_index() if "id" in manifest else manifest
+        frame = pd.DataFrame(
+            {
+                "id": index["id"].astype(str),
+                "split": split,
+                "label": index["label"].astype(str),
+                "prediction": [r["label"] for r in results],
+                "confidence": [max(r["probabilities"].values()) for r in results],
+            }
+        )
+        for m in modalities:
+            frame[f"present_{m}"] = present[m]
+        frame = pd.concat([frame, _input_stats(manifest, root, present).reset_index(drop=True)], axis=1)
+        frames.append(frame)
+        for m in modalities:
+            embs[m].append(np.where(present[m][:, None], arrays[m], 0).astype(np.float32))
+    rows = pd.concat(frames, ignore_index=True)
+    out = model_dir / REFERENCE_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    rows.to_parquet(out / ROWS, index=False)
+    save_file({m: np.ascontiguousarray(np.concatenate(a)) for m, a in embs.items()}, str(out / EMBEDDINGS))
+    meta = {"model_version": version, "splits": list(splits), "rows": int(len(rows)), "modalities": modalities}
+    (out / META).write_text(json.dumps(meta, indent=2) + "\n")
+    log.info("reference: %d rows of %s for %s", len(rows), list(splits), version)
+    return meta
+
+
+def load_reference(model_dir: Path) -> tuple[MonitorData, dict]:
+    """(reference data, reference.json) of a model folder; a clear MonitorError when it has none."""
+    ref = Path(model_dir) / REFERENCE_DIR
+    if not (ref / META).exists():
+        raise MonitorError(
+            f"model folder {model_dir} has no drift reference ({REFERENCE_DIR}/{META}): "
+            "re-run `dvc repro evaluate` (and package) to write one"
+        )
+    meta = json.loads((ref / META).read_text())
+    rows = pd.read_parquet(ref / ROWS)
+    embeddings = {m: a.astype(np.float32, copy=False) for m, a in load_file(str(ref / EMBEDDINGS)).items()}
+    return MonitorData(rows, embeddings), meta

@@ -1,0 +1,142 @@
+"""Windows of the inference log: what the served model saw, in the `MonitorData` layout of the reference.
+
+The log is opened read-only (SQLite `mode=ro`; in WAL mode a reader never blocks the service's
+writer). Rows can be restricted to one model version; every version seen is reported.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mmfusion.monitoring.inference_log import read_embeddings, read_inference_log
+from mmfusion.monitoring.reference import INPUT_STATS, MonitorData, MonitorError
+
+LOG_COLUMNS = ("request_id", "item", "ts", "model_version", "label", "confidence", "modalities")
+
+
+def load_log(path: Path, modalities: list[str], since: float | None = None) -> MonitorData:
+    """Every logged item (oldest first) with its embeddings; MonitorError with one clear line if unreadable."""
+    path = Path(path)
+    if not path.exists():
+        raise MonitorError(f"no inference log at {path}: serve the model (`make serve`) and send it requests first")
+    try:
+        df = read_inference_log(path, since=since)
+        embeddings = {}
+        for m in modalities:
+            keys, arr = read_embeddings(path, m, since=since)
+            embeddings[m] = (keys, arr)
+    except sqlite3.OperationalError as exc:
+        raise MonitorError(f"cannot read the inference log {path}: {exc}") from exc
+    except (sqlite3.DatabaseError, pd.errors.DatabaseError) as exc:
+        raise MonitorError(f"{path} is not a readable inference log: {exc}") from exc
+    rows = pd.DataFrame(
+        {
+            "request_id": df["request_id"].astype(str),
+            "item": df["item"].astype(int),
+            "ts": df["ts"].astype(float),
+            "model_version": df["model_version"].astype(str),
+            "prediction": df["label"].astype(str),
+            "confidence": df["confidence"].astype(float),
+        }
+    )
+    present_sets = df["modalities"].fillna("").str.split(",")
+    for m in modalities:
+        rows[f"present_{m}"] = present_sets.map(lambda ms, m=m: m in ms).astype(bool)
+    for m in modalities:
+        for col in INPUT_STATS.get(m, ()):
+            rows[col] = pd.to_numeric(df[col], errors="coerce") if col in df else np.nan
+            rows.loc[~rows[f"present_{m}"], col] = np.nan
+    position = {(r, i): n for n, (r, i) in enumerate(zip(rows["request_id"], rows["item"]))}
+    arrays = {}
+    for m, (keys, arr) in embeddings.items():
+        dim = arr.shape[1] if arr.size else 0
+        out = np.zeros((len(rows), dim), dtype=np.float32)
+        for k, (r, i) in enumerate(zip(keys["request_id"].astype(str), keys["item"].astype(int))):
+            n = position.get((r, i))
+            if n is not None:
+                out[n] = arr[k]
+        arrays[m] = out
+    return MonitorData(rows, arrays)
+
+
+def select_version(data: MonitorData, version: str) -> tuple[MonitorData, dict[str, int]]:
+    """Rows of model `version` ("any" keeps all); also {version: rows} of everything in the log."""
+    seen = {str(k): int(v) for k, v in data.rows["model_version"].value_counts().items()}
+    if version == "any":
+        return data, seen
+    keep = np.flatnonzero(data.rows["model_version"].to_numpy() == version)
+    if len(data.rows) and not len(keep):
+        listed = ", ".join(f"{v} ({n} rows)" for v, n in seen.items())
+        raise MonitorError(
+            f"the inference log has no rows of the served model version {version}; it has: {listed}. "
+            "Serve the current model, or set monitor.model_version to one of these (or `any`)"
+        )
+    return data.take(keep), seen
+
+
+@dataclass
+class Window:
+    """One window of the log: its position, time range and data."""
+
+    index: int
+    data: MonitorData
+    start_ts: float
+    end_ts: float
+    complete: bool  # a full count window or a closed time period; an open one is checked again next run
+
+    @property
+    def id(self) -> str:
+        stamp = datetime.fromtimestamp(self.start_ts, timezone.utc).strftime("%Y%m%dT%H%M%S")
+        return f"w{self.index:05d}-{stamp}"
+
+    def describe(self) -> dict:
+        iso = lambda ts: datetime.fromtimestamp(ts, timezone.utc).isoformat()  # noqa: E731
+        return {
+            "id": self.id,
+            "index": self.index,
+            "rows": len(self.data),
+            "start": iso(self.start_ts),
+            "end": iso(self.end_ts),
+            "start_ts": self.start_ts,
+            "end_ts": self.end_ts,
+            "complete": self.complete,
+        }
+
+
+def cut_windows(
+    data: MonitorData, by: str, size: int, period_minutes: float, now: float, first_index: int = 0
+) -> list[Window]:
+    """Consecutive windows: every `size` rows (by count), or every period (by time, aligned to the epoch).
+
+    The last, incomplete window (fewer than `size` rows, or a period not yet over) is included
+    with `complete=False`: it is checked, and checked again with more rows on the next run.
+    """
+    n = len(data)
+    if n == 0:
+        return []
+    ts = data.rows["ts"].to_numpy(dtype=float)
+    windows: list[Window] = []
+    if by == "count":
+        if size < 1:
+            raise MonitorError(f"monitor.window.size must be at least 1, got {size}")
+        for k, start in enumerate(range(0, n, size)):
+            idx = np.arange(start, min(start + size, n))
+            windows.append(Window(first_index + k, data.take(idx), ts[idx[0]], ts[idx[-1]], len(idx) == size))
+    elif by == "time":
+        period = period_minutes * 60.0
+        if period <= 0:
+            raise MonitorError(f"monitor.window.period_minutes must be positive, got {period_minutes}")
+        buckets = np.floor(ts / period).astype(np.int64)
+        for k, b in enumerate(np.unique(buckets)):
+            idx = np.flatnonzero(buckets == b)
+            start, end = float(b) * period, float(b + 1) * period
+            windows.append(Window(first_index + k, data.take(idx), start, min(end, ts[idx[-1]]), end <= now))
+    else:
+        raise MonitorError(f"monitor.window.by must be count or time, got {by!r}")
+    return windows

@@ -1,7 +1,8 @@
-"""`make ui`: a Prefect server on 127.0.0.1 plus a process serving the `pipeline` deployment.
+"""`make ui`: a Prefect server on 127.0.0.1 plus a process serving the `pipeline` and `monitor` deployments.
 
 Open the printed URL, go to Deployments -> pipeline/pipeline -> Run, optionally with
-parameters such as overrides=["train.lr=0.0003"]. Ctrl-C stops both.
+parameters such as overrides=["train.lr=0.0003"]. monitor/monitor runs every
+`monitor.schedule_minutes` (and on its Run button). Ctrl-C stops both.
 """
 
 from __future__ import annotations
@@ -25,13 +26,25 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(home, exist_ok=True)
         server, api_url = start_server(args.port, log_path=os.path.join(home, "server.log"))
         os.environ["PREFECT_API_URL"] = api_url
-        print(f"Prefect UI: http://127.0.0.1:{args.port}  (deployment: pipeline/pipeline)", flush=True)
+        print(f"Prefect UI: http://127.0.0.1:{args.port}  (deployments: pipeline/pipeline, monitor/monitor)", flush=True)
     elif not os.environ.get("PREFECT_API_URL"):
         parser.error("--no-server needs PREFECT_API_URL")
     try:
-        from flows.pipeline import pipeline  # imported after PREFECT_API_URL is set
+        from prefect import serve
 
-        pipeline.serve(name="pipeline", description="dvc repro (or dvc exp run -S ...) of the whole mmfusion pipeline")
+        from flows.monitor import monitor  # imported after PREFECT_API_URL is set
+        from flows.pipeline import pipeline
+        from mmfusion.config import load_params
+
+        minutes = load_params("params.yaml").monitor.schedule_minutes
+        serve(
+            pipeline.to_deployment(name="pipeline", description="dvc repro (or dvc exp run -S ...) of the whole mmfusion pipeline"),
+            monitor.to_deployment(
+                name="monitor",
+                description="drift check of the inference log vs the served model's reference (Evidently)",
+                interval=minutes * 60 if minutes > 0 else None,
+            ),
+        )
     except KeyboardInterrupt:
         pass
     finally:

@@ -8,42 +8,16 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import yaml
 
 from mmfusion.config import parse_params
 from mmfusion.monitoring.checks import bootstrap_on, check_window
-from mmfusion.monitoring.inference_log import InferenceLog, InferenceRecord
 from mmfusion.monitoring.monitor import History, run_monitor
-from mmfusion.monitoring.reference import EMBEDDINGS, META, REFERENCE_DIR, ROWS, MonitorData, MonitorError
+from mmfusion.monitoring.reference import MonitorError
 from mmfusion.monitoring.windows import cut_windows, load_log, select_version
 from tests.conftest import REPO
-
-LABELS = ("apple", "leaf", "wave")
-DIMS = {"image": 24, "text": 12}
-
-
-def synthetic(n: int, seed: int, shift: dict[str, float] | None = None, dims=DIMS, missing: dict | None = None) -> MonitorData:
-    """n rows of unit-Gaussian embeddings per modality (+ a mean shift), predictions and input stats."""
-    rng = np.random.default_rng(seed)
-    shift, missing = shift or {}, missing or {}
-    rows = pd.DataFrame(
-        {
-            "prediction": rng.choice(LABELS, n),
-            "confidence": rng.beta(6, 2, n),
-            "text_chars": rng.integers(8, 40, n).astype(float),
-            "image_width": 72.0,
-            "image_height": 72.0,
-            "ts": 1_000.0 + np.arange(n, dtype=float),
-        }
-    )
-    embeddings = {}
-    for m, d in dims.items():
-        rows[f"present_{m}"] = rng.random(n) >= missing.get(m, 0.0)
-        arr = rng.normal(size=(n, d)).astype(np.float32) + shift.get(m, 0.0)
-        embeddings[m] = np.where(rows[f"present_{m}"].to_numpy()[:, None], arr, 0).astype(np.float32)
-    return MonitorData(rows, embeddings)
+from tests.drift_fixtures import DIMS, monitor_params, synthetic, write_log, write_reference_dir
 
 
 @pytest.fixture
@@ -112,25 +86,6 @@ def test_cut_windows_by_count_and_time():
         cut_windows(data, "weekly", 1, 1, now=0)
 
 
-def write_log(path: Path, data: MonitorData, version: str, prefix: str = "r") -> None:
-    log = InferenceLog(path)
-    records = []
-    for i, row in data.rows.iterrows():
-        present = [m for m in data.modalities if row[f"present_{m}"]]
-        others = [lab for lab in LABELS if lab != row["prediction"]]
-        probs = {row["prediction"]: float(row["confidence"]), **{o: (1 - float(row["confidence"])) / 2 for o in others}}
-        records.append(
-            InferenceRecord(
-                request_id=f"{prefix}{i}", item=0, endpoint="classify", model_version=version, label=row["prediction"],
-                probabilities=probs, embeddings={m: data.embeddings[m][i].tolist() for m in present},
-                text="x" * int(row["text_chars"]) if "text" in present else None,
-                image_size=(72, 72) if "image" in present else None, ts=float(row["ts"]),
-            )
-        )  # fmt: skip
-    log.append(records)
-    log.close()
-
-
 def test_log_reader_restores_rows_presence_and_embeddings(tmp_path):
     data = synthetic(40, seed=8, missing={"text": 0.3})
     write_log(tmp_path / "log.sqlite", data, "v1")
@@ -149,32 +104,6 @@ def test_unreadable_logs_are_clear_errors(tmp_path):
     (tmp_path / "junk.sqlite").write_bytes(b"this is not a database" * 100)
     with pytest.raises(MonitorError, match="not a readable inference log|cannot read"):
         load_log(tmp_path / "junk.sqlite", ["image"])
-
-
-def write_reference_dir(model_dir: Path, ref: MonitorData, version: str) -> None:
-    from safetensors.numpy import save_file
-
-    out = model_dir / REFERENCE_DIR
-    out.mkdir(parents=True)
-    (model_dir / "config.json").write_text("{}")
-    ref.rows.drop(columns=["ts"]).assign(id="x", split="val", label=ref.rows["prediction"]).to_parquet(out / ROWS)
-    save_file({m: a for m, a in ref.embeddings.items()}, str(out / EMBEDDINGS))
-    (out / META).write_text(json.dumps({"model_version": version, "splits": ["val"], "rows": len(ref)}))
-
-
-def monitor_params(tmp_path: Path, **extra):
-    monitor = {
-        "model_dir": str(tmp_path / "model"),
-        "log_path": str(tmp_path / "log.sqlite"),
-        "window": {"by": "count", "size": 100},
-        "min_rows": 30,
-        "plot_rows": 40,
-        "out_dir": str(tmp_path / "monitor"),
-        "history_path": str(tmp_path / "monitor.sqlite"),
-        "workspace": str(tmp_path / "workspace"),
-        **extra,
-    }
-    return parse_params({"monitor": monitor})
 
 
 def test_run_monitor_writes_reports_verdicts_history_and_workspace(tmp_path):

@@ -97,11 +97,19 @@ def _input_stats(manifest: pd.DataFrame, root: Path, present: dict[str, np.ndarr
     return stats
 
 
+def _presence(index: pd.DataFrame, arr: np.ndarray, modality: str) -> np.ndarray:
+    """Which rows carry `modality`: the features index's has_<m> column where featurize wrote one, else non-zero rows."""
+    for col in (f"has_{modality}", f"present_{modality}"):
+        if col in index:
+            return index[col].astype(str).str.lower().isin(("1", "true", "1.0")).to_numpy()
+    return np.any(arr != 0, axis=1)
+
+
 def build_reference(model_dir: Path, features_dir: Path, split_dir: Path, splits: tuple[str, ...], root: Path) -> dict:
     """Write `model_dir/reference/` from the cached features of `splits`; returns its summary.
 
-    Presence per modality: an all-zero embedding row means "missing" (the featurize/Predictor
-    convention); a `present_<modality>` column in the features index wins where there is one.
+    Presence per modality: the features index's `has_<modality>` column, else an all-zero
+    embedding row means "missing" (the featurize/Predictor convention).
     """
     from mmfusion.serving.predictor import Predictor
     from mmfusion.training.checkpoint import CALIBRATION, load_checkpoint, weights_hash
@@ -120,12 +128,7 @@ def build_reference(model_dir: Path, features_dir: Path, split_dir: Path, splits
         missing = [m for m in modalities if m not in arrays]
         if missing:
             raise MonitorError(f"features/{split} has no {missing} embeddings, which the model needs")
-        present = {
-            m: index[f"present_{m}"].astype(bool).to_numpy()
-            if f"present_{m}" in index
-            else np.any(arrays[m] != 0, axis=1)
-            for m in modalities
-        }
+        present = {m: _presence(index, arrays[m], m) for m in modalities}
         results = predictor.predict_embeddings({m: arrays[m] for m in modalities}, present)
         manifest_path = Path(split_dir) / f"{split}.csv"
         manifest = read_manifest(manifest_path) if manifest_path.exists() else pd.DataFrame(index=range(len(index)))

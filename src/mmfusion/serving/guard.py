@@ -96,7 +96,7 @@ class _Drain:
             if not cls.stopping:
                 cls.stopping = True
                 cls.deadline = time.monotonic() + cls.grace_s
-                log.info("SIGTERM: draining in-flight requests for up to %.0f s, then exiting", cls.grace_s)
+                log.warning("SIGTERM: draining in-flight requests for up to %.0f s, then exiting", cls.grace_s)
             if callable(previous):
                 previous(signum, frame)
             elif previous == signal.SIG_DFL:

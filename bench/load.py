@@ -67,8 +67,18 @@ def worker_pids(proc) -> list[int]:
     import psutil
 
     return sorted(
-        p.pid for p in psutil.Process(proc.pid).children(recursive=True) if "_bentoml_impl.worker.service" in " ".join(p.cmdline())
+        p.pid for p in psutil.Process(proc.pid).children(recursive=True) if _is_worker(p)
     )
+
+
+def _is_worker(p) -> bool:
+    """A live BentoML service worker (a killed one is a zombie until reaped)."""
+    import psutil
+
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE and "_bentoml_impl.worker.service" in " ".join(p.cmdline())
+    except psutil.Error:
+        return False
 
 
 def start(env: dict, port: int, out: Path, timeout: float) -> object:

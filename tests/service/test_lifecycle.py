@@ -24,8 +24,18 @@ PNG = png_bytes("fruit", 1)
 
 def workers(proc) -> list[int]:
     return sorted(
-        p.pid for p in psutil.Process(proc.pid).children(recursive=True) if "_bentoml_impl.worker.service" in " ".join(p.cmdline())
+        p.pid for p in psutil.Process(proc.pid).children(recursive=True) if _is_worker(p)
     )
+
+
+def _is_worker(p) -> bool:
+    """A live BentoML service worker (a killed one is a zombie until reaped)."""
+    import psutil
+
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE and "_bentoml_impl.worker.service" in " ".join(p.cmdline())
+    except psutil.Error:
+        return False
 
 
 def classify(url: str, i: int) -> int | str:

@@ -109,13 +109,14 @@ class MMFusion:
         # "answers at full speed".
         self.batcher.run_sync([{"image": Image.new("RGB", (64, 64), "white"), "text": "warm up"}])
         self.info = self.predictor.describe()
+        self.version = self.info.get("version") or self.info.get("model_version") or self.predictor.version
         self.log = InferenceLogWriter(
             SETTINGS.log_path,
             log_text=PARAMS.log.log_text,
             log_images=PARAMS.log.log_images,
             queue_size=PARAMS.log.queue_size,
         )
-        log.info("model %s loaded (version %s)", SETTINGS.model_tag, self.info["version"])
+        log.info("model %s loaded (version %s)", SETTINGS.model_tag, self.version)
 
     async def __is_ready__(self) -> bool:
         return self.predictor is not None
@@ -137,7 +138,7 @@ class MMFusion:
                         client_request_id=client_id,
                         item=i,
                         endpoint=endpoint,
-                        model_version=self.info["version"],
+                        model_version=self.version,
                         label=res["label"],
                         probabilities=res["probabilities"],
                         contributions=res.get("contributions", {}),
@@ -176,7 +177,7 @@ class MMFusion:
         body = {"request_id": ids[0]}
         if ids[1] is not None:
             body["client_request_id"] = ids[1]
-        return {**body, "model_version": self.info["version"], "latency_ms": latency_ms}
+        return {**body, "model_version": self.version, "latency_ms": latency_ms}
 
     @staticmethod
     def _error(ctx: bentoml.Context, exc: RequestError) -> dict:
@@ -241,7 +242,7 @@ class MMFusion:
         """Model version, labels, modalities, encoders, the winner's metrics, and the input limits."""
         return {
             **self.info,
-            "model_version": self.info["version"],
+            "model_version": self.version,
             "model_tag": SETTINGS.model_tag,
             "batching": {
                 "enabled": SETTINGS.batching,

@@ -50,7 +50,7 @@ def classify(url: str, i: int) -> int | str:
 def test_kill_9_then_sigterm_drain(packaged, tmp_path):
     env = {**packaged["env"], "MMFUSION_INFERENCE_LOG": str(tmp_path / "log.sqlite")}
     output = tmp_path / "serve.log"
-    proc, url = start_server(packaged["report"]["bento_tag"], env, cwd=packaged["root"], output=output)
+    proc, url = start_server(packaged["report"]["bento_tag"], env, cwd=packaged["root"], output=output, timeout=420)
     try:
         before = workers(proc)
         assert len(before) == 2

@@ -198,7 +198,10 @@ class PackageParams:
     torch_threads: int = 1  # CPU intra-op threads per process; 0 = torch's default (all cores).
     # 2 workers x 1 thread beat 1 worker x 2 threads on a 2-core CPU (53 vs 40 req/s at concurrency 32,
     # bench/serve.py): no OpenMP barrier stalls when the HTTP side preempts a model thread
-    timeout_s: int = 30  # per request
+    timeout_s: int = 30  # per request, from its body's arrival to the answer (504 after it)
+    body_timeout_s: float = 10.0  # the whole request body must arrive within this (408 after it; slow clients)
+    max_concurrency: int = 128  # requests in progress per worker, counted once their body is in (429 beyond)
+    graceful_shutdown_s: float = 20.0  # on SIGTERM: in-flight requests may finish for this long (503 after it)
     limits: ServeLimits = field(default_factory=ServeLimits)
     batching: ServeBatching = field(default_factory=ServeBatching)
     log: InferenceLogParams = field(default_factory=InferenceLogParams)

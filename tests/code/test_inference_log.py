@@ -7,6 +7,7 @@ import sqlite3
 import numpy as np
 
 from mmfusion.monitoring.inference_log import (
+    SCHEMA,
     InferenceLog,
     InferenceLogWriter,
     InferenceRecord,
@@ -109,3 +110,36 @@ def test_full_queue_drops_and_counts(tmp_path):
     assert writer.flush(timeout=10)
     writer.close()
     assert writer.written + writer.failures == 200 and writer.written >= 1
+
+
+def test_a_duplicate_key_never_overwrites_and_the_rest_of_its_batch_is_written(tmp_path):
+    log = InferenceLog(tmp_path / "log.sqlite")
+    first = record(1)
+    assert log.append([first]) == 1
+    again = record(1)
+    again.label = "plant"
+    assert log.append([record(2), again, record(3)]) == 2  # the duplicate alone is refused
+    log.close()
+    df = read_inference_log(tmp_path / "log.sqlite")
+    assert list(df["request_id"]) == ["r1", "r2", "r3"] and df.loc[0, "label"] == "fruit"
+    writer = InferenceLogWriter(tmp_path / "log.sqlite")
+    writer.submit([record(1), record(4)])
+    assert writer.flush(timeout=10)
+    writer.close()
+    assert writer.written == 1 and writer.failures == 1
+
+
+def test_client_request_id_column_and_migration_of_an_old_log(tmp_path):
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as conn:  # a log written before client_request_id existed
+        conn.executescript(SCHEMA.replace("    client_request_id TEXT,\n", ""))
+        assert "client_request_id" not in {r[1] for r in conn.execute("PRAGMA table_info(predictions)")}
+    log = InferenceLog(path)
+    rec = record(1)
+    rec.client_request_id = "abc"
+    log.append([rec, record(2)])
+    log.close()
+    df = read_inference_log(path)
+    assert list(df["client_request_id"]) == ["abc", None]
+    keys, emb = read_embeddings(path, "image")
+    assert list(keys["request_id"]) == ["r1", "r2"] and emb.shape == (2, 6)

@@ -5,22 +5,38 @@ from __future__ import annotations
 import base64
 import io
 import json
+import zlib
 
 import pytest
 from PIL import Image
 
 from mmfusion.config import ServeLimits
 from mmfusion.serving.guard import _normalise_error
-from mmfusion.serving.inputs import RequestError, check_item, decode_base64, sniff_format
+from mmfusion.data.text import normalize_text, text_or_none
+from mmfusion.serving.inputs import CheckContext, RequestError, check_item, decode_base64, sniff_format, supported
 from mmfusion.serving.settings import build_bento_args, load_settings, resolve_batching
 
 LIMITS = ServeLimits(max_upload_bytes=50_000, max_pixels=10_000, max_text_chars=20)
+CTX = CheckContext(LIMITS)
+MODALITIES = ("image", "text")
+
+
+def item(data, text, ctx=CTX, modalities=MODALITIES):
+    return check_item({"image": data, "text": text}, modalities, ctx)
 
 
 def encode(img: Image.Image, fmt: str) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt)
     return buf.getvalue()
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A small PNG whose header declares width x height (a decompression bomb's header, CRC fixed)."""
+    data = bytearray(encode(Image.new("L", (8, 8)), "PNG"))
+    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    return bytes(data)
 
 
 def reason(fn, *args) -> tuple[int, str]:
@@ -31,13 +47,47 @@ def reason(fn, *args) -> tuple[int, str]:
 
 def test_valid_items():
     rgba = Image.new("RGBA", (40, 30), (255, 0, 0, 0))
-    item = check_item(encode(rgba, "PNG"), "  Red Apple ", LIMITS)
-    assert item.image.mode == "RGB" and item.image.size == (40, 30)
-    assert item.image.getpixel((0, 0)) == (255, 255, 255)  # alpha flattened by the shared decode path
-    assert item.text == "  Red Apple " and item.image_format == "PNG" and item.modalities == ["image", "text"]
-    assert item.image_bytes is None and item.image_nbytes > 0
-    assert check_item(None, "leaf", LIMITS).modalities == ["text"]
-    assert check_item(encode(Image.new("RGB", (8, 8)), "JPEG"), None, LIMITS, keep_bytes=True).image_bytes
+    checked = item(encode(rgba, "PNG"), "  Red Apple ")
+    image = checked.values["image"]
+    assert image.mode == "RGB" and image.size == (40, 30)
+    assert image.getpixel((0, 0)) == (255, 255, 255)  # alpha flattened by the shared decode path
+    assert checked.values["text"] == "  Red Apple " and checked.modalities == ["image", "text"]
+    assert checked.record["image_format"] == "PNG" and checked.record["image_size"] == (40, 30)
+    assert "image_data" not in checked.record and checked.record["image_bytes"] > 0
+    assert item(None, "leaf").modalities == ["text"]
+    keep = CheckContext(LIMITS, keep_bytes=True)
+    assert item(encode(Image.new("RGB", (8, 8)), "JPEG"), None, keep).record["image_data"]
+
+
+def test_text_empty_after_normalisation_counts_as_none():
+    """The check and the Predictor share text_or_none: what the check lets through, the model can take."""
+    for blank in ("\x01\x02", "\u200b", "\u200b\u200d\ufeff", " \t\n", "\x00"):
+        assert text_or_none(blank) is None
+        assert reason(item, None, blank) == (400, "no_input")
+        assert item(encode(Image.new("RGB", (8, 8)), "PNG"), blank).modalities == ["image"]  # the text is dropped
+    assert item(None, "a\u200bb").values["text"] == "a\u200bb" and text_or_none("A\u200bB") == "ab"
+    assert text_or_none("A\u200bB", lowercase=False) == normalize_text("A\u200bB", lowercase=False) == "AB"
+
+
+def test_invalid_text_and_modalities():
+    assert reason(item, None, "bad \ud800 surrogate") == (400, "invalid_text")
+    assert reason(item, None, 42) == (400, "invalid_text")
+    assert reason(item, encode(Image.new("RGB", (8, 8)), "PNG"), None, CTX, ("text",)) == (400, "unsupported_modality")
+    assert item(None, "leaf", CTX, ("text",)).modalities == ["text"]
+    supported(["image", "text"])
+    with pytest.raises(ValueError, match="audio"):
+        supported(["image", "audio"])
+
+
+def test_messages_speak_about_the_request():
+    huge = png_declaring(100_000, 100_000)
+    for data in (b"GIF89a" + b"\0" * 40, b"no image here", encode(Image.new("RGB", (8, 8)), "PNG")[:30], huge):
+        with pytest.raises(RequestError) as exc:
+            item(data, None)
+        assert "object at 0x" not in str(exc.value) and "BytesIO" not in str(exc.value), str(exc.value)
+    with pytest.raises(RequestError) as exc:
+        item(huge, None)
+    assert exc.value.reason == "image_too_large" and "10000" in str(exc.value)
 
 
 @pytest.mark.parametrize(
@@ -54,7 +104,7 @@ def test_valid_items():
     ],
 )
 def test_refused_items(data, text, expected):
-    assert reason(check_item, data, text, LIMITS) == expected
+    assert reason(item, data, text) == expected
 
 
 def test_sniff_reads_only_the_header():
@@ -72,10 +122,16 @@ def test_base64():
 
 def test_bentoml_error_bodies_are_normalised():
     start = {"type": "http.response.start", "status": 400, "headers": [(b"content-type", b"application/json")]}
-    new_start, body = _normalise_error(start, b'[{"error": "field must be a file"}]')
+    new_start, body, _ = _normalise_error(start, b'[{"error": "field must be a file"}]')
     data = json.loads(body["body"])
     assert data == {"error": "field must be a file", "reason": "invalid_request", "status": 400}
     assert (b"content-length", str(len(body["body"])).encode()) in new_start["headers"]
+    _, body, _ = _normalise_error(start, b'[{"error": "[invalid_text] field \'text\' is not valid UTF-8 text"}]')
+    assert json.loads(body["body"])["reason"] == "invalid_text"
+    plain = {"type": "http.response.start", "status": 405, "headers": [(b"content-type", b"text/plain")]}
+    new_start, body, _ = _normalise_error(plain, b"Method Not Allowed", "GET", "/classify")
+    assert json.loads(body["body"]) == {"error": "GET is not allowed on /classify: use POST", "reason": "method_not_allowed", "status": 405}
+    assert (b"content-type", b"application/json") in new_start["headers"]
 
 
 def test_batching_resolution():

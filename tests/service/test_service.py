@@ -165,7 +165,8 @@ def test_metadata_and_health(server):
     assert httpx.get(f"{server.url}/livez", timeout=TIMEOUT).status_code == 200
     assert httpx.get(f"{server.url}/readyz", timeout=TIMEOUT).status_code == 200
     health = post(server, "/health").json()
-    assert health["status"] == "ok" and health["inference_log"]["open"]
+    assert health["status"] == "ok" and health["worker"]["inference_log"]["open"]
+    assert health["service"]["workers"] == 2 and health["service"]["inference_log"]["rows"] >= 0
 
 
 def test_32_parallel_requests_with_bad_ones_mixed_in(server):

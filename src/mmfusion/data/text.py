@@ -1,4 +1,4 @@
-"""Text normalisation shared by cleaning and serving."""
+"""Text normalisation shared by cleaning, the Predictor and the service's request check."""
 
 from __future__ import annotations
 
@@ -16,3 +16,14 @@ def normalize_text(text: str, lowercase: bool = True) -> str:
     )
     text = _SPACE.sub(" ", text).strip()
     return text.lower() if lowercase else text
+
+
+def text_or_none(text: str | None, lowercase: bool = True) -> str | None:
+    """`normalize_text(text)`, or None when nothing is left: the one rule for "no text".
+
+    The Predictor and the service's request check both call this, so a text the check
+    accepts is one the model can take (control or zero-width characters only count as none).
+    """
+    if text is None:
+        return None
+    return normalize_text(text, lowercase=lowercase) or None

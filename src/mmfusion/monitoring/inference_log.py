@@ -6,12 +6,18 @@ and `read_embeddings`. Tables:
 
   predictions  request_id, item, ts, time, endpoint, model_version, label, confidence,
                probabilities (JSON), contributions (JSON), modalities, text_chars, text,
-               image_width, image_height, image_format, image_bytes, latency_ms
+               image_width, image_height, image_format, image_bytes, latency_ms,
+               client_request_id (the client's own x-request-id, not unique; added by issue 9)
   embeddings   request_id, item, modality, dim, vector (float32 little-endian BLOB)
   images       request_id, item, format, data (only when raw-image logging is on)
 
 The service never waits on the disk: `InferenceLogWriter` queues records for one writer
 thread, and a failure to log is counted and logged, never raised into a request.
+
+Rows are only ever inserted, never replaced: (request_id, item) is the key, and the service
+makes every request_id itself (uuid4), so each answered item keeps its own row. A record whose
+key is already there is refused and counted as a failure (the rows of its batch are still
+written); it never overwrites the earlier row.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ CREATE TABLE IF NOT EXISTS predictions (
     image_format  TEXT,
     image_bytes   INTEGER,
     latency_ms    REAL,
+    client_request_id TEXT,
     PRIMARY KEY (request_id, item)
 );
 CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts);
@@ -90,7 +97,16 @@ class InferenceRecord:
     image_bytes: int | None = None
     image_data: bytes | None = None
     latency_ms: float | None = None
+    client_request_id: str | None = None
     ts: float = field(default_factory=time.time)
+
+
+COLUMNS = (
+    "request_id", "item", "ts", "time", "endpoint", "model_version", "label", "confidence",
+    "probabilities", "contributions", "modalities", "text_chars", "text",
+    "image_width", "image_height", "image_format", "image_bytes", "latency_ms", "client_request_id",
+)  # fmt: skip
+_INSERT_PREDICTION = f"INSERT INTO predictions ({', '.join(COLUMNS)}) VALUES ({','.join('?' * len(COLUMNS))})"
 
 
 def connect(path: str | Path, timeout: float = 10.0) -> sqlite3.Connection:
@@ -101,7 +117,17 @@ def connect(path: str | Path, timeout: float = 10.0) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes; WAL keeps it consistent
     conn.executescript(SCHEMA)
+    _migrate(conn)
     return conn
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a log written by an older service up to the current schema (columns are only added)."""
+    have = {row[1] for row in conn.execute("PRAGMA table_info(predictions)")}
+    if "client_request_id" not in have:
+        with conn:
+            conn.execute("ALTER TABLE predictions ADD COLUMN client_request_id TEXT")
+    conn.execute("CREATE INDEX IF NOT EXISTS predictions_client_request_id ON predictions (client_request_id)")
 
 
 class InferenceLog:
@@ -114,7 +140,19 @@ class InferenceLog:
         self._conn = connect(self.path)
 
     def append(self, records: list[InferenceRecord]) -> int:
-        """Write `records` in one transaction; returns how many were written."""
+        """Write `records` in one transaction; returns how many were written.
+
+        A record whose (request_id, item) is already in the log is not written (and never
+        replaces the row there); the others are. So written < len(records) means duplicates."""
+        try:
+            return self._insert(records)
+        except sqlite3.IntegrityError:
+            if len(records) == 1:
+                log.warning("inference log: row %s/%s is already there; not overwritten", records[0].request_id, records[0].item)
+                return 0
+        return sum(self.append([r]) for r in records)  # find the duplicates one by one
+
+    def _insert(self, records: list[InferenceRecord]) -> int:
         rows, emb_rows, img_rows = [], [], []
         for r in records:
             conf = max(r.probabilities.values()) if r.probabilities else 0.0
@@ -127,7 +165,7 @@ class InferenceLog:
                     json.dumps(r.probabilities), json.dumps(r.contributions), ",".join(modalities),
                     len(r.text) if r.text is not None else None,
                     r.text if (self.log_text and r.text is not None) else None,
-                    w, h, r.image_format, r.image_bytes, r.latency_ms,
+                    w, h, r.image_format, r.image_bytes, r.latency_ms, r.client_request_id,
                 )
             )  # fmt: skip
             for modality, vec in r.embeddings.items():
@@ -136,10 +174,10 @@ class InferenceLog:
             if self.log_images and r.image_data is not None:
                 img_rows.append((r.request_id, r.item, r.image_format, r.image_data))
         with self._conn:  # one transaction
-            self._conn.executemany(f"INSERT OR REPLACE INTO predictions VALUES ({','.join('?' * 18)})", rows)
-            self._conn.executemany("INSERT OR REPLACE INTO embeddings VALUES (?,?,?,?,?)", emb_rows)
+            self._conn.executemany(_INSERT_PREDICTION, rows)
+            self._conn.executemany("INSERT INTO embeddings VALUES (?,?,?,?,?)", emb_rows)
             if img_rows:
-                self._conn.executemany("INSERT OR REPLACE INTO images VALUES (?,?,?,?)", img_rows)
+                self._conn.executemany("INSERT INTO images VALUES (?,?,?,?)", img_rows)
         return len(rows)
 
     def close(self) -> None:
@@ -178,6 +216,10 @@ class InferenceLogWriter:
     def healthy(self) -> bool:
         return self._log is not None
 
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
     def submit(self, records: list[InferenceRecord]) -> None:
         """Queue records for writing; never raises."""
         for record in records:
@@ -206,7 +248,10 @@ class InferenceLogWriter:
                     self._fail(len(records), "log not open")
                 else:
                     try:
-                        self.written += self._log.append(records)
+                        n = self._log.append(records)
+                        self.written += n
+                        if n < len(records):
+                            self._fail(len(records) - n, "request id already in the log (not overwritten)")
                     except Exception as exc:
                         self._fail(len(records), exc)
             for _ in batch:

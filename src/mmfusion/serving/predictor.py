@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmfusion.data.text import normalize_text
+from mmfusion.data.text import text_or_none
 from mmfusion.training.checkpoint import CALIBRATION, METRICS, load_checkpoint, weights_hash
 from mmfusion.training.loop import resolve_device
 
@@ -90,8 +90,7 @@ class Predictor:
     def _value(self, item: dict, modality: str) -> Any:
         value = item.get(modality)
         if isinstance(value, str):
-            value = normalize_text(value, lowercase=self.lowercase)
-            return value or None
+            return text_or_none(value, lowercase=self.lowercase)
         return value
 
     def presence(self, items: Sequence[dict]) -> dict[str, np.ndarray]:

@@ -1,22 +1,30 @@
 """The BentoML service: thin HTTP over `Predictor`, with input safety and the inference log.
 
-One service, `MMFusion`, in one process: it validates and decodes inputs, sends them through
-the Predictor, answers and logs what it saw. No tensor code here. The model call goes through
-`MicroBatcher` (serving/batcher.py): the Predictor runs on one model thread with
+One service, `MMFusion`, in one process per worker: it validates and decodes inputs, sends them
+through the Predictor, answers and logs what it saw. No tensor code here. The model call goes
+through `MicroBatcher` (serving/batcher.py): the Predictor runs on one model thread with
 `package.torch_threads` threads, and requests that arrive while it is busy share its next call
 (up to `package.batching.max_batch_size` items; batching off means one item per call).
 An earlier layout with the model in a second BentoML service (BentoML adaptive batching over
 HTTP between two processes) reached a third of the in-process throughput on a 2-core CPU: see
-the README's Serving section.
+the README's Serving section. Limits, timeouts, admission and shutdown: serving/guard.py and the
+README's "Operating the service".
 
 APIs (POST, JSON answers): /classify (multipart: image file and/or text), /classify_batch
 (JSON: items with base64 image and/or text), /metadata, /health. BentoML adds /livez and /readyz
 (ready once the model is loaded and warmed up), /metrics and the OpenAPI UI at /.
+
+Request ids: every answered request gets its own `request_id` (the answer, the `x-request-id`
+response header and the log's key). A client's `x-request-id` is kept as `client_request_id`
+(answer and log) and is never a key, so a reused one cannot touch another request's log row.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
+import sqlite3
 import time
 import typing as t
 import uuid
@@ -29,8 +37,14 @@ from typing_extensions import Annotated
 
 from mmfusion.monitoring.inference_log import InferenceLogWriter, InferenceRecord
 from mmfusion.serving.batcher import MicroBatcher, Overloaded
-from mmfusion.serving.guard import RequestGuard, _install_safe_multipart
-from mmfusion.serving.inputs import CheckedItem, RequestError, check_item, decode_base64
+from mmfusion.serving.guard import (
+    RequestGuard,
+    install_drain,
+    install_safe_multipart,
+    quiet_client_errors,
+    use_private_upload_dir,
+)
+from mmfusion.serving.inputs import CheckContext, CheckedItem, RequestError, check_item, decode_base64, supported
 from mmfusion.serving.settings import load_settings
 
 log = logging.getLogger("mmfusion.serving")
@@ -38,6 +52,7 @@ log = logging.getLogger("mmfusion.serving")
 SETTINGS = load_settings()
 PARAMS = SETTINGS.params
 LIMITS = PARAMS.limits
+_CLIENT_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
 
 
 def _as_text(value: t.Any) -> t.Any:
@@ -58,7 +73,9 @@ class BatchItem(BaseModel):
 @bentoml.service(
     name="mmfusion",
     workers=PARAMS.workers,
-    traffic={"timeout": PARAMS.timeout_s, "max_concurrency": 256},
+    # BentoML's own timeout is only a backstop behind RequestGuard's (body + request timeouts, JSON
+    # answers); its concurrency limit would count slow bodies, so admission is RequestGuard's too.
+    traffic={"timeout": PARAMS.timeout_s + PARAMS.body_timeout_s + 5, "max_concurrency": None},
     http={"host": "127.0.0.1"},
     resources={"gpu": 1} if PARAMS.device == "cuda" else {},
 )
@@ -73,11 +90,16 @@ class MMFusion:
         from mmfusion.serving.predictor import Predictor
 
         self.started = time.time()
+        install_drain(PARAMS.graceful_shutdown_s)  # after uvicorn's handler: chained to it
+        self.upload_dir = use_private_upload_dir()
         if PARAMS.torch_threads > 0:
             import torch
 
             torch.set_num_threads(PARAMS.torch_threads)
         self.predictor = Predictor.from_dir(self.bento_model.path, device=PARAMS.device)
+        self.modalities = list(self.predictor.modalities)
+        supported(self.modalities)
+        self.check_ctx = CheckContext(LIMITS, lowercase=self.predictor.lowercase, keep_bytes=PARAMS.log.log_images)
         self.batcher = MicroBatcher(
             self.predictor.predict,
             max_batch_size=PARAMS.batching.max_batch_size if SETTINGS.batching else 1,
@@ -86,28 +108,18 @@ class MMFusion:
         # Encoder weights load lazily: pay that here (on the model thread), so /readyz means
         # "answers at full speed".
         self.batcher.run_sync([{"image": Image.new("RGB", (64, 64), "white"), "text": "warm up"}])
-        p = self.predictor
-        self._info = {
-            "model_version": p.version,
-            "labels": list(p.labels),
-            "modalities": list(p.modalities),
-            "strategy": p.strategy,
-            "encoders": dict(p.encoders),
-            "metrics": p.metrics,
-        }
+        self.info = self.predictor.describe()
+        self.version = self.info.get("version") or self.info.get("model_version") or self.predictor.version
         self.log = InferenceLogWriter(
             SETTINGS.log_path,
             log_text=PARAMS.log.log_text,
             log_images=PARAMS.log.log_images,
             queue_size=PARAMS.log.queue_size,
         )
-        log.info("model %s loaded (version %s)", SETTINGS.model_tag, p.version)
+        log.info("model %s loaded (version %s)", SETTINGS.model_tag, self.version)
 
     async def __is_ready__(self) -> bool:
         return self.predictor is not None
-
-    async def _model_info(self) -> dict:
-        return self._info
 
     async def _classify(self, items: list[CheckedItem]) -> list[dict]:
         try:
@@ -115,27 +127,24 @@ class MMFusion:
         except Overloaded as exc:
             raise RequestError(503, "overloaded", f"the server is overloaded, try again later: {exc}") from exc
 
-    def _record(self, ctx: bentoml.Context, request_id: str, endpoint: str, items, results, latency_ms: float) -> None:
+    def _record(self, ids: tuple[str, str | None], endpoint: str, items, results, latency_ms: float) -> None:
         """Queue one log record per item; never raises (a log failure must not fail the answer)."""
+        request_id, client_id = ids
         try:
-            version = (self._info or {}).get("model_version", "unknown")
             self.log.submit(
                 [
                     InferenceRecord(
                         request_id=request_id,
+                        client_request_id=client_id,
                         item=i,
                         endpoint=endpoint,
-                        model_version=version,
+                        model_version=self.version,
                         label=res["label"],
                         probabilities=res["probabilities"],
                         contributions=res.get("contributions", {}),
                         embeddings=res.get("embeddings", {}),
-                        text=item.text,
-                        image_size=item.image.size if item.image is not None else None,
-                        image_format=item.image_format,
-                        image_bytes=item.image_nbytes,
-                        image_data=item.image_bytes,
                         latency_ms=latency_ms,
+                        **item.record,
                     )
                     for i, (item, res) in enumerate(zip(items, results))
                 ]
@@ -153,10 +162,22 @@ class MMFusion:
         }
 
     @staticmethod
-    def _start(ctx: bentoml.Context) -> str:
-        request_id = ctx.request.headers.get("x-request-id") or uuid.uuid4().hex
-        ctx.response.headers["x-request-id"] = request_id[:128]
-        return request_id[:128]
+    def _start(ctx: bentoml.Context) -> tuple[str, str | None]:
+        """(our unique request id, the client's x-request-id when it sent a usable one)."""
+        request_id = uuid.uuid4().hex
+        client_id = ctx.request.headers.get("x-request-id")
+        if client_id is not None and not _CLIENT_ID.match(client_id):
+            client_id = None  # not echoed: headers must stay printable ASCII
+        ctx.response.headers["x-request-id"] = request_id
+        return request_id, client_id
+
+    def _done(self, ids, endpoint: str, items: list[CheckedItem], results: list[dict], t0: float) -> dict:
+        latency_ms = round((time.perf_counter() - t0) * 1000, 2)
+        self._record(ids, endpoint, items, results, latency_ms)
+        body = {"request_id": ids[0]}
+        if ids[1] is not None:
+            body["client_request_id"] = ids[1]
+        return {**body, "model_version": self.version, "latency_ms": latency_ms}
 
     @staticmethod
     def _error(ctx: bentoml.Context, exc: RequestError) -> dict:
@@ -167,31 +188,25 @@ class MMFusion:
     async def classify(self, ctx: bentoml.Context, image: Path = None, text: Text = None) -> dict:  # type: ignore[assignment]
         """Classify one sample: a multipart image file and/or a text field (at least one)."""
         t0 = time.perf_counter()
-        request_id = self._start(ctx)
+        ids = self._start(ctx)
         try:
-            data = image.read_bytes() if image is not None else None
-            item = await anyio.to_thread.run_sync(check_item, data, text, LIMITS, PARAMS.log.log_images)
-        except RequestError as exc:
-            return self._error(ctx, exc)
-        info = await self._model_info()
-        try:
+            data = None
+            if image is not None:
+                data = image.read_bytes()
+                image.unlink(missing_ok=True)  # BentoML's temp copy: nothing of it outlives the request
+            item = await anyio.to_thread.run_sync(
+                check_item, {"image": data, "text": text}, self.modalities, self.check_ctx
+            )
             (result,) = await self._classify([item])
         except RequestError as exc:
             return self._error(ctx, exc)
-        latency_ms = round((time.perf_counter() - t0) * 1000, 2)
-        self._record(ctx, request_id, "classify", [item], [result], latency_ms)
-        return {
-            "request_id": request_id,
-            **self._answer(result, item),
-            "model_version": info["model_version"],
-            "latency_ms": latency_ms,
-        }
+        return {**self._answer(result, item), **self._done(ids, "classify", [item], [result], t0)}
 
     @bentoml.api
     async def classify_batch(self, ctx: bentoml.Context, items: list[BatchItem]) -> dict:
         """Classify a JSON list of items, each with a base64 `image` and/or a `text`; all or nothing."""
         t0 = time.perf_counter()
-        request_id = self._start(ctx)
+        ids = self._start(ctx)
         try:
             if not items:
                 raise RequestError(400, "no_items", "items is empty: send at least one item")
@@ -200,40 +215,34 @@ class MMFusion:
                     413, "too_many_items", f"{len(items)} items, over the limit of {LIMITS.max_batch_items}"
                 )
             checked = await anyio.to_thread.run_sync(self._check_batch, items)
-        except RequestError as exc:
-            return self._error(ctx, exc)
-        info = await self._model_info()
-        try:
             results = await self._classify(checked)
         except RequestError as exc:
             return self._error(ctx, exc)
-        latency_ms = round((time.perf_counter() - t0) * 1000, 2)
-        self._record(ctx, request_id, "classify_batch", checked, results, latency_ms)
         return {
-            "request_id": request_id,
             "results": [self._answer(r, it) for r, it in zip(results, checked)],
-            "model_version": info["model_version"],
-            "latency_ms": latency_ms,
+            **self._done(ids, "classify_batch", checked, results, t0),
         }
 
-    @staticmethod
-    def _check_batch(items: list[BatchItem]) -> list[CheckedItem]:
+    def _check_batch(self, items: list[BatchItem]) -> list[CheckedItem]:
         checked = []
         for i, it in enumerate(items):
             try:
-                data = decode_base64(it.image, LIMITS) if it.image is not None else None
-                checked.append(check_item(data, it.text, LIMITS, PARAMS.log.log_images))
+                raw = it.model_dump()
+                if raw.get("image") is not None:
+                    raw["image"] = decode_base64(raw["image"], LIMITS)
+                checked.append(check_item(raw, self.modalities, self.check_ctx))
             except RequestError as exc:
                 exc.item = i
+                exc.args = (f"item {i}: {exc}",)
                 raise
         return checked
 
     @bentoml.api
     async def metadata(self) -> dict:
         """Model version, labels, modalities, encoders, the winner's metrics, and the input limits."""
-        info = await self._model_info()
         return {
-            **info,
+            **self.info,
+            "model_version": self.version,
             "model_tag": SETTINGS.model_tag,
             "batching": {
                 "enabled": SETTINGS.batching,
@@ -246,22 +255,33 @@ class MMFusion:
                 "allowed_formats": list(LIMITS.allowed_formats),
                 "max_text_chars": LIMITS.max_text_chars,
                 "max_batch_items": LIMITS.max_batch_items,
+                "timeout_s": PARAMS.timeout_s,
+                "body_timeout_s": PARAMS.body_timeout_s,
+                "max_concurrency_per_worker": PARAMS.max_concurrency,
             },
         }
 
     @bentoml.api
     async def health(self) -> dict:
-        """Liveness with detail: uptime and the inference log's counters (see also /livez and /readyz)."""
+        """Service-wide counts read from the inference log, and this worker's own counters."""
+        from bentoml._internal.context import server_context
+
+        service = await anyio.to_thread.run_sync(_log_totals, self.log.path)
         return {
             "status": "ok",
-            "uptime_s": round(time.time() - self.started, 1),
-            "inference_log": {
-                "path": str(self.log.path),
-                "open": self.log.healthy,
-                "written": self.log.written,
-                "failures": self.log.failures,
+            "service": {"workers": PARAMS.workers, "inference_log": {"path": str(self.log.path), **service}},
+            "worker": {
+                "index": server_context.worker_index,
+                "pid": os.getpid(),
+                "uptime_s": round(time.time() - self.started, 1),
+                "inference_log": {
+                    "open": self.log.healthy,
+                    "written": self.log.written,
+                    "failures": self.log.failures,
+                    "queued": self.log.queued,
+                },
+                "model_calls": self.batcher.stats(),
             },
-            "model_calls": self.batcher.stats(),
         }
 
     @bentoml.on_shutdown
@@ -270,5 +290,25 @@ class MMFusion:
         self.log.close()
 
 
-_install_safe_multipart()
-MMFusion.add_asgi_middleware(RequestGuard, max_body_bytes=LIMITS.max_upload_bytes)
+def _log_totals(path: Path) -> dict:
+    """Rows in the whole log (every worker writes to it) and the time of the last one."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+        try:
+            rows, last = conn.execute("SELECT COUNT(*), MAX(ts) FROM predictions").fetchone()
+        finally:
+            conn.close()
+        return {"rows": rows, "last_ts": last}
+    except sqlite3.Error as exc:
+        return {"rows": None, "error": f"cannot read the log: {exc}"}
+
+
+install_safe_multipart()
+quiet_client_errors()
+MMFusion.add_asgi_middleware(
+    RequestGuard,
+    max_body_bytes=LIMITS.max_upload_bytes,
+    body_timeout_s=PARAMS.body_timeout_s,
+    timeout_s=PARAMS.timeout_s,
+    max_concurrency=PARAMS.max_concurrency,
+)

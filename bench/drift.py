@@ -113,7 +113,7 @@ def pools(data, modalities) -> dict:
     """Logged rows by (style, split) from their request ids."""
     import numpy as np
 
-    rid = data.rows["request_id"].astype(str)
+    rid = data.rows["client_request_id"].astype(str)  # the x-request-id we sent (the service names requests itself)
     out = {}
     for style in ("twemoji", "openmoji"):
         for split in ("test", "train"):

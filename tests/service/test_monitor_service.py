@@ -2,19 +2,19 @@
 
 The reference is built by `build_reference` from real encoder features of held-out samples drawn
 like the tiny model's training data; the windows are what the running service logged for requests
-sent here (copied out of the shared session server's log by request id, so other tests' traffic on
-the same server does not mix in).
+sent here (copied out of the shared session server's log by the x-request-id we sent, kept as
+`client_request_id`, so other tests' traffic on the same server does not mix in).
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 import shutil
 import sqlite3
 import time
 import urllib.request
-import json
 from pathlib import Path
 
 import numpy as np
@@ -101,7 +101,7 @@ def copy_rows(service_log: Path, out: Path, prefix: str, expected: int, timeout:
     deadline = time.monotonic() + timeout
     while True:
         ro = sqlite3.connect(f"file:{service_log}?mode=ro", uri=True)
-        n = ro.execute("SELECT COUNT(*) FROM predictions WHERE request_id LIKE ?", (prefix + "%",)).fetchone()[0]
+        n = ro.execute("SELECT COUNT(*) FROM predictions WHERE client_request_id LIKE ?", (prefix + "%",)).fetchone()[0]
         ro.close()
         if n >= expected or time.monotonic() > deadline:
             break
@@ -109,9 +109,10 @@ def copy_rows(service_log: Path, out: Path, prefix: str, expected: int, timeout:
     assert n == expected, f"{n} of {expected} rows logged"
     conn = connect(out)
     conn.execute("ATTACH DATABASE ? AS svc", (f"file:{service_log}?mode=ro",))
-    with conn:
+    ours = "SELECT request_id FROM svc.predictions WHERE client_request_id LIKE ?"
+    with conn:  # the service names each request itself; ours are found by the x-request-id we sent
         for table in ("predictions", "embeddings"):
-            conn.execute(f"INSERT INTO main.{table} SELECT * FROM svc.{table} WHERE request_id LIKE ?", (prefix + "%",))
+            conn.execute(f"INSERT INTO main.{table} SELECT * FROM svc.{table} WHERE request_id IN ({ours})", (prefix + "%",))
     conn.execute("DETACH DATABASE svc")
     conn.close()
 

@@ -43,6 +43,7 @@ def load_log(path: Path, modalities: list[str], since: float | None = None) -> M
             "model_version": df["model_version"].astype(str),
             "prediction": df["label"].astype(str),
             "confidence": df["confidence"].astype(float),
+            "client_request_id": df["client_request_id"] if "client_request_id" in df else None,
         }
     )
     present_sets = df["modalities"].fillna("").str.split(",")

@@ -10,13 +10,15 @@ HTTP between two processes) reached a third of the in-process throughput on a 2-
 the README's Serving section.
 
 APIs (POST, JSON answers): /classify (multipart: image file and/or text), /classify_batch
-(JSON: items with base64 image and/or text), /metadata, /health. BentoML adds /livez and /readyz
+(JSON: items with base64 image and/or text), /feedback (JSON: request_id, item, label), /metadata,
+/health. BentoML adds /livez and /readyz
 (ready once the model is loaded and warmed up), /metrics and the OpenAPI UI at /.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 import typing as t
 import uuid
@@ -170,7 +172,7 @@ class MMFusion:
         request_id = self._start(ctx)
         try:
             data = image.read_bytes() if image is not None else None
-            item = await anyio.to_thread.run_sync(check_item, data, text, LIMITS, PARAMS.log.log_images)
+            item = await anyio.to_thread.run_sync(check_item, data, text, LIMITS, _keep_image())
         except RequestError as exc:
             return self._error(ctx, exc)
         info = await self._model_info()
@@ -199,7 +201,7 @@ class MMFusion:
                 raise RequestError(
                     413, "too_many_items", f"{len(items)} items, over the limit of {LIMITS.max_batch_items}"
                 )
-            checked = await anyio.to_thread.run_sync(self._check_batch, items)
+            checked = await anyio.to_thread.run_sync(self._check_batch, items, _keep_image())
         except RequestError as exc:
             return self._error(ctx, exc)
         info = await self._model_info()
@@ -217,12 +219,12 @@ class MMFusion:
         }
 
     @staticmethod
-    def _check_batch(items: list[BatchItem]) -> list[CheckedItem]:
+    def _check_batch(items: list[BatchItem], keep_images: bool = False) -> list[CheckedItem]:
         checked = []
         for i, it in enumerate(items):
             try:
                 data = decode_base64(it.image, LIMITS) if it.image is not None else None
-                checked.append(check_item(data, it.text, LIMITS, PARAMS.log.log_images))
+                checked.append(check_item(data, it.text, LIMITS, keep_images))
             except RequestError as exc:
                 exc.item = i
                 raise
@@ -264,10 +266,33 @@ class MMFusion:
             "model_calls": self.batcher.stats(),
         }
 
+    @bentoml.api
+    async def feedback(self, ctx: bentoml.Context, request_id: str = "", label: str = "", item: int = 0) -> dict:
+        """The true label of an answered request (`item`: its index in a classify_batch request), stored next
+        to the logged rows it labels; says whether it is usable for retraining (the raw image was kept)."""
+        from mmfusion.monitoring.feedback import FeedbackError, add_feedback
+
+        await anyio.to_thread.run_sync(self.log.flush, 5.0)  # this process's rows are written
+        for attempt in range(6):  # another worker's writer may still hold the classify rows (ms)
+            try:
+                fb = await anyio.to_thread.run_sync(add_feedback, SETTINGS.log_path, request_id, item, label, self._info["labels"])
+                break
+            except FeedbackError as exc:
+                if exc.status == 404 and attempt < 5:
+                    await anyio.sleep(0.2)
+                    continue
+                return self._error(ctx, RequestError(exc.status, exc.reason, str(exc)))
+        return {"status": "stored", **fb.to_json()}
+
     @bentoml.on_shutdown
     def _close(self) -> None:
         self.batcher.close()
         self.log.close()
+
+
+def _keep_image() -> bool:
+    """Whether this request's raw image bytes go to the log: package.log.log_images x image_sample_rate."""
+    return PARAMS.log.log_images and random.random() < PARAMS.log.image_sample_rate
 
 
 _install_safe_multipart()

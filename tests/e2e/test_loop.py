@@ -52,7 +52,7 @@ def loop(tmp_path_factory):
     params["retrain"]["promotion"].update({"test_tolerance": 0.05, "holdout_tolerance": 0.05})
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     proc, api_url = start_server(free_port(), timeout=300, log_path=str(root / "prefect-server.log"))
-    env = {**os.environ, "PREFECT_API_URL": api_url, "BENTOML_HOME": str(root / "bentoml"), "PYTHONPATH": str(proj)}
+    env = {**os.environ, "PREFECT_API_URL": api_url, "BENTOML_HOME": str(root / "bentoml"), "PYTHONPATH": f"{proj / 'src'}{os.pathsep}{proj}"}
     for key in ("MMFUSION_MODEL", "MMFUSION_INFERENCE_LOG", "MMFUSION_PARAMS"):
         env.pop(key, None)
     yield {"proj": proj, "env": env}

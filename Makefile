@@ -56,10 +56,24 @@ ui: setup ## Prefect server + the `pipeline` deployment on 127.0.0.1: trigger ru
 lock: ## re-freeze requirements.lock from the current .venv
 	$(VENV)/bin/uv pip freeze --python $(PY) --exclude-editable > requirements.lock
 
-.PHONY: serve
-serve: setup ## serve the last built Bento (tag in reports/package.json) on 127.0.0.1:3000
-	@test -f reports/package.json || { echo "no Bento built yet: run 'make run' (or 'dvc repro package')" >&2; exit 1; }
-	$(PY) -m bentoml serve "$$($(PY) -c 'import json; print(json.load(open("reports/package.json"))["bento_tag"])')" --host 127.0.0.1 --port 3000
+.PHONY: serve live rollback promote retrain export-feedback
+serve: setup ## serve the live Bento (reports/live.json; before any promotion the last built one) on 127.0.0.1:3000
+	@tag="$$($(PY) -m mmfusion.serving.promotion live-tag)" && $(PY) -m bentoml serve "$$tag" --host 127.0.0.1 --port 3000
+
+live: setup ## which Bento is live, and the ones before it
+	@$(PY) -m mmfusion.serving.promotion show
+
+rollback: setup ## the previous Bento becomes live again (restart `make serve` to serve it)
+	@$(PY) -m mmfusion.serving.promotion rollback
+
+promote: setup ## compare the last built Bento with the live one; promote it only if not worse (retrain.promotion)
+	@$(PY) -m mmfusion.serving.promotion compare
+
+export-feedback: setup ## usable labelled feedback -> feedback/train (ingested) + feedback/holdout
+	$(PY) -m mmfusion.monitoring.export
+
+retrain: setup ## export feedback, dvc repro on the merged raw data, champion vs challenger
+	$(PY) -m flows.server -- $(PY) -m flows.retrain
 
 drift: setup ## drift check of what the service has logged vs the served model's reference (ARGS="--rescan" ...)
 	$(PY) -m flows.monitor $(ARGS)

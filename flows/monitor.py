@@ -30,9 +30,31 @@ monitor_task = task(run_monitor, name="check-windows", cache_policy=NO_CACHE, pe
 @flow(name="monitor", log_prints=True, persist_result=False)
 def monitor(params_path: str = "params.yaml", root: str = ".", rescan: bool = False) -> dict:
     """Check the new windows of the inference log against the served model's reference (Evidently)."""
-    summary = monitor_task(load_params(params_path), Path(root), rescan)
+    params = load_params(params_path)
+    summary = monitor_task(params, Path(root), rescan)
     create_markdown_artifact(key="monitor-verdicts", markdown=verdict_table(summary), description="drift verdicts")
+    summary["retrain"] = maybe_retrain(params, root, params_path, summary["model_version"])
     return summary
+
+
+def maybe_retrain(params, root: str, params_path: str, model_version: str) -> dict:
+    """Start the `retrain` flow when the `retrain:` policy says so; log and record every start and skip."""
+    from prefect import get_run_logger
+
+    from flows.retrain import retrain
+    from mmfusion.monitoring.policy import _resolve, append_event, evaluate_policy
+
+    log = get_run_logger()
+    decision = evaluate_policy(params, Path(root), model_version)
+    create_markdown_artifact(key="retrain-trigger", description="retrain policy decision",
+                             markdown=f"# Retrain: **{decision['event']}**\n\n{decision['reason']}\n")  # fmt: skip
+    if decision["event"] == "skip":
+        log.info("retrain skipped: %s", decision["reason"])
+        append_event(_resolve(Path(root), params.retrain.history_path), decision)
+        return decision
+    log.info("retrain starting: %s", decision["reason"])
+    result = retrain(params_path=str(Path(params_path).resolve()), root=root, trigger="monitor", reason=decision["reason"])
+    return {**decision, "promoted": result["promoted"], "decision": result["decision"]}
 
 
 def main(argv: list[str] | None = None) -> int:

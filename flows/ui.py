@@ -2,7 +2,8 @@
 
 Open the printed URL, go to Deployments -> pipeline/pipeline -> Run, optionally with
 parameters such as overrides=["train.lr=0.0003"]. monitor/monitor runs every
-`monitor.schedule_minutes` (and on its Run button). Ctrl-C stops both.
+`monitor.schedule_minutes` (and on its Run button) and may start retrain/retrain by the
+`retrain:` policy; retrain/retrain also runs on its Run button. Ctrl-C stops both.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(home, exist_ok=True)
         server, api_url = start_server(args.port, log_path=os.path.join(home, "server.log"))
         os.environ["PREFECT_API_URL"] = api_url
-        print(f"Prefect UI: http://127.0.0.1:{args.port}  (deployments: pipeline/pipeline, monitor/monitor)", flush=True)
+        print(f"Prefect UI: http://127.0.0.1:{args.port}  (deployments: pipeline/pipeline, monitor/monitor, retrain/retrain)", flush=True)
     elif not os.environ.get("PREFECT_API_URL"):
         parser.error("--no-server needs PREFECT_API_URL")
     try:
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from flows.monitor import monitor  # imported after PREFECT_API_URL is set
         from flows.pipeline import pipeline
+        from flows.retrain import retrain
         from mmfusion.config import load_params
 
         minutes = load_params("params.yaml").monitor.schedule_minutes
@@ -43,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
                 name="monitor",
                 description="drift check of the inference log vs the served model's reference (Evidently)",
                 interval=minutes * 60 if minutes > 0 else None,
+            ),
+            retrain.to_deployment(
+                name="retrain",
+                description="labelled feedback -> new raw data version -> dvc repro -> champion vs challenger",
             ),
         )
     except KeyboardInterrupt:

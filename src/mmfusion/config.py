@@ -38,6 +38,9 @@ class IngestParams:
     min_class_count: int = 10  # emoji source: labels with fewer samples are dropped
     text_fields: tuple[str, ...] = ("name", "short_names")
     limit: int = 0  # 0 = every sample; N = a stratified subset of N (quick runs)
+    # exported labelled feedback (a manifest + images, `python -m mmfusion.monitoring.export`) added to the
+    # source's samples; "" = none. Its rows always go to the train split.
+    feedback_dir: str = "feedback/train"
     manifest: ManifestSourceParams = field(default_factory=ManifestSourceParams)
 
 
@@ -184,6 +187,9 @@ class InferenceLogParams:
     path: str = "logs/inference.sqlite"  # relative paths are resolved against the project root at package time
     log_text: bool = True  # the raw text (text drift needs it); off: only its length
     log_images: bool = False  # the raw image bytes: off by default (size, privacy)
+    # with log_images: the share of requests whose image bytes are kept (1.0 all, 0.0 none), drawn per request;
+    # feedback can only retrain on requests whose image was kept
+    image_sample_rate: float = 1.0
     queue_size: int = 10_000  # records waiting for the writer thread; beyond it records are dropped and counted
 
 
@@ -273,6 +279,33 @@ class MonitorParams:
 
 
 @dataclass(frozen=True)
+class PromotionRule:
+    """Champion vs challenger: the challenger is served only if it is not worse on the same data."""
+
+    holdout_metric: str = "macro_f1"  # on the newest labelled feedback held out from training: accuracy | macro_f1
+    holdout_tolerance: float = 0.0  # the challenger may be this much lower on the hold-out
+    test_metric: str = "accuracy"  # on the fixed test split (the source's rows only): accuracy | macro_f1
+    test_tolerance: float = 0.01  # the challenger may be this much lower on the test split
+    min_holdout_rows: int = 1  # fewer hold-out rows: only the test rule decides
+
+
+@dataclass(frozen=True)
+class RetrainParams:
+    """The `retrain` flow (flows/retrain.py) and the policy by which the monitor starts it."""
+
+    auto: bool = True  # the monitor flow may start a retrain when the policy below says so
+    drift_windows: int = 2  # consecutive complete windows with verdict `drift` (of the served model)
+    min_feedback: int = 20  # usable labelled feedback rows newer than the last retrain
+    cooldown_minutes: float = 360.0  # no automatic start within this long after the last one
+    holdout_fraction: float = 0.2  # the newest usable feedback kept out of training, for the comparison
+    export_dir: str = "feedback"  # <dir>/train (ingested, = ingest.feedback_dir) and <dir>/holdout
+    history_path: str = "logs/retrain.jsonl"  # every start, skip, decision and result, one JSON per line
+    live_path: str = "reports/live.json"  # which Bento is live, and the ones before it (`make rollback`)
+    report_dir: str = "reports/retrain"  # one promotion report per comparison
+    promotion: PromotionRule = field(default_factory=PromotionRule)
+
+
+@dataclass(frozen=True)
 class Params:
     ingest: IngestParams = field(default_factory=IngestParams)
     clean: CleanParams = field(default_factory=CleanParams)
@@ -284,6 +317,7 @@ class Params:
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     package: PackageParams = field(default_factory=PackageParams)
     monitor: MonitorParams = field(default_factory=MonitorParams)
+    retrain: RetrainParams = field(default_factory=RetrainParams)
 
 
 def _build(cls: type, data: Any, where: str) -> Any:

@@ -59,21 +59,23 @@ def log_path(params: Params, root: Path) -> Path:
 
 
 def served_model_dir(params: Params, root: Path) -> Path:
-    """The served model's folder: monitor.model_dir, else the live Bento's model, else models/best."""
+    """The served model's folder: monitor.model_dir, else the live Bento's model (reports/live.json, else
+    reports/package.json), else models/best."""
     from mmfusion import paths
 
     if params.monitor.model_dir:
         return resolve_path(root, params.monitor.model_dir)
-    report = Path(root) / paths.PACKAGE_REPORT
-    if report.exists():
-        tag = json.loads(report.read_text()).get("model_tag")
-        if tag:
-            try:
-                import bentoml
+    from mmfusion.serving.promotion import live_entry
 
-                return Path(bentoml.models.get(tag).path)
-            except Exception as exc:  # not in this BENTOML_HOME: fall back to the folder it was built from
-                log.info("monitor: model %s not in the BentoML store (%s); using %s", tag, exc, paths.BEST)
+    entry = live_entry(params, root)  # reports/live.json, else the last packaged Bento (reports/package.json)
+    tag = (entry or {}).get("model_tag")
+    if tag:
+        try:
+            import bentoml
+
+            return Path(bentoml.models.get(tag).path)
+        except Exception as exc:  # not in this BENTOML_HOME: fall back to the folder it was built from
+            log.info("monitor: model %s not in the BentoML store (%s); using %s", tag, exc, paths.BEST)
     return Path(root) / paths.BEST
 
 

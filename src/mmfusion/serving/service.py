@@ -11,7 +11,8 @@ the README's Serving section. Limits, timeouts, admission and shutdown: serving/
 README's "Operating the service".
 
 APIs (POST, JSON answers): /classify (multipart: image file and/or text), /classify_batch
-(JSON: items with base64 image and/or text), /metadata, /health. BentoML adds /livez and /readyz
+(JSON: items with base64 image and/or text), /feedback (JSON: request_id, item, label), /metadata,
+/health. BentoML adds /livez and /readyz
 (ready once the model is loaded and warmed up), /metrics and the OpenAPI UI at /.
 
 Request ids: every answered request gets its own `request_id` (the answer, the `x-request-id`
@@ -22,9 +23,11 @@ response header and the log's key). A client's `x-request-id` is kept as `client
 from __future__ import annotations
 
 import logging
+import dataclasses
 import os
 import re
 import sqlite3
+import random
 import time
 import typing as t
 import uuid
@@ -179,6 +182,10 @@ class MMFusion:
             body["client_request_id"] = ids[1]
         return {**body, "model_version": self.version, "latency_ms": latency_ms}
 
+    def _request_ctx(self) -> CheckContext:
+        """The checks' context for one request: raw image bytes kept for a sampled share (package.log)."""
+        return dataclasses.replace(self.check_ctx, keep_bytes=_keep_image())
+
     @staticmethod
     def _error(ctx: bentoml.Context, exc: RequestError) -> dict:
         ctx.response.status_code = exc.status
@@ -195,7 +202,7 @@ class MMFusion:
                 data = image.read_bytes()
                 image.unlink(missing_ok=True)  # BentoML's temp copy: nothing of it outlives the request
             item = await anyio.to_thread.run_sync(
-                check_item, {"image": data, "text": text}, self.modalities, self.check_ctx
+                check_item, {"image": data, "text": text}, self.modalities, self._request_ctx()
             )
             (result,) = await self._classify([item])
         except RequestError as exc:
@@ -214,7 +221,7 @@ class MMFusion:
                 raise RequestError(
                     413, "too_many_items", f"{len(items)} items, over the limit of {LIMITS.max_batch_items}"
                 )
-            checked = await anyio.to_thread.run_sync(self._check_batch, items)
+            checked = await anyio.to_thread.run_sync(self._check_batch, items, self._request_ctx())
             results = await self._classify(checked)
         except RequestError as exc:
             return self._error(ctx, exc)
@@ -223,14 +230,14 @@ class MMFusion:
             **self._done(ids, "classify_batch", checked, results, t0),
         }
 
-    def _check_batch(self, items: list[BatchItem]) -> list[CheckedItem]:
+    def _check_batch(self, items: list[BatchItem], ctx: CheckContext) -> list[CheckedItem]:
         checked = []
         for i, it in enumerate(items):
             try:
                 raw = it.model_dump()
                 if raw.get("image") is not None:
                     raw["image"] = decode_base64(raw["image"], LIMITS)
-                checked.append(check_item(raw, self.modalities, self.check_ctx))
+                checked.append(check_item(raw, self.modalities, ctx))
             except RequestError as exc:
                 exc.item = i
                 exc.args = (f"item {i}: {exc}",)
@@ -284,6 +291,24 @@ class MMFusion:
             },
         }
 
+    @bentoml.api
+    async def feedback(self, ctx: bentoml.Context, request_id: str = "", label: str = "", item: int = 0) -> dict:
+        """The true label of an answered request (`item`: its index in a classify_batch request), stored next
+        to the logged rows it labels; says whether it is usable for retraining (the raw image was kept)."""
+        from mmfusion.monitoring.feedback import FeedbackError, add_feedback
+
+        await anyio.to_thread.run_sync(self.log.flush, 5.0)  # this process's rows are written
+        for attempt in range(6):  # another worker's writer may still hold the classify rows (ms)
+            try:
+                fb = await anyio.to_thread.run_sync(add_feedback, SETTINGS.log_path, request_id, item, label, self.info["labels"])
+                break
+            except FeedbackError as exc:
+                if exc.status == 404 and attempt < 5:
+                    await anyio.sleep(0.2)
+                    continue
+                return self._error(ctx, RequestError(exc.status, exc.reason, str(exc)))
+        return {"status": "stored", **fb.to_json()}
+
     @bentoml.on_shutdown
     def _close(self) -> None:
         self.batcher.close()
@@ -301,6 +326,11 @@ def _log_totals(path: Path) -> dict:
         return {"rows": rows, "last_ts": last}
     except sqlite3.Error as exc:
         return {"rows": None, "error": f"cannot read the log: {exc}"}
+
+
+def _keep_image() -> bool:
+    """Whether this request's raw image bytes go to the log: package.log.log_images x image_sample_rate."""
+    return PARAMS.log.log_images and random.random() < PARAMS.log.image_sample_rate
 
 
 install_safe_multipart()

@@ -31,6 +31,31 @@ def select_samples(df: pd.DataFrame, min_class_count: int, limit: int, seed: int
     return df.sort_values("id").reset_index(drop=True)
 
 
+def add_feedback(df: pd.DataFrame, feedback_dir: Path, staging: Path) -> pd.DataFrame:
+    """The source's rows plus the exported feedback in `feedback_dir` (manifest.csv + images/), if any.
+
+    Feedback images are copied into `staging/images` under their own `feedback-` names (no collision
+    with the source's files); their rows keep source=feedback (split puts them in train)."""
+    from mmfusion.data.manifest import RAW_COLUMNS, read_manifest, resolve_inside
+
+    manifest = feedback_dir / paths.MANIFEST
+    if not manifest.exists():
+        return df
+    fb = read_manifest(manifest)
+    if fb.empty:
+        return df
+    clash = set(fb["id"]) & set(df["id"])
+    if clash:
+        raise ValueError(f"ingest: feedback ids collide with the source's: {', '.join(sorted(clash)[:5])}")
+    images = staging / "images"
+    for rel in fb["image"]:
+        src = resolve_inside(feedback_dir, rel)
+        shutil.copyfile(src, images / src.name)
+    fb = fb.assign(image=[f"images/{Path(r).name}" for r in fb["image"]], source="feedback")
+    log.info("ingest: + %d feedback sample(s) from %s", len(fb), feedback_dir)
+    return pd.concat([df, fb[list(RAW_COLUMNS)]], ignore_index=True)
+
+
 def run(params: Params, root: Path = Path(".")) -> dict:
     """Build data/raw from the configured source (ingest.source)."""
     p = params.ingest
@@ -43,6 +68,9 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     before = len(df)
     df = select_samples(df, p.min_class_count, p.limit)
     keep = set(df["image"])
+    if p.feedback_dir:
+        df = add_feedback(df, root / p.feedback_dir, staging)
+        keep |= set(df.loc[df["source"] == "feedback", "image"])
     for img in (staging / "images").iterdir():
         if f"images/{img.name}" not in keep:
             img.unlink()
@@ -54,6 +82,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         "source": p.source,
         "label_field": p.label_field if p.source == "emoji" else p.manifest.label_column,
         "samples": int(len(df)),
+        "feedback_samples": int((df["source"] == "feedback").sum()),
         "dropped_small_classes_or_limit": int(before - len(df)),
         "labels": {k: int(v) for k, v in df["label"].value_counts().sort_index().items()},
     }

@@ -6,6 +6,8 @@ import logging
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 from mmfusion import paths
 from mmfusion.config import Params
 from mmfusion.data.manifest import CLEAN_COLUMNS, read_manifest, write_manifest
@@ -18,7 +20,12 @@ log = logging.getLogger(__name__)
 def run(params: Params, root: Path = Path(".")) -> dict:
     """Write data/split/{train,val,test}.csv and a per-class count table (images stay in data/clean)."""
     df = read_manifest(root / paths.CLEAN / paths.MANIFEST, required=CLEAN_COLUMNS)
-    splits = split_dataset(df, params.split)
+    # Labelled feedback always trains: the source's rows are split exactly as without it, so the
+    # test split stays fixed across retrains (champion and challenger are compared on it).
+    is_feedback = df["source"] == "feedback"
+    splits = split_dataset(df[~is_feedback].reset_index(drop=True), params.split)
+    if is_feedback.any():
+        splits["train"] = pd.concat([splits["train"], df[is_feedback]]).sort_values("id").reset_index(drop=True)
     out = fresh_dir(root / paths.SPLIT)
     # From here on image paths are relative to the project root (data/clean/images/...).
     for name, part in splits.items():

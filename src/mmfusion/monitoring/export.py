@@ -1,0 +1,106 @@
+"""Usable labelled feedback -> manifests + images folders that the `manifest` source can ingest.
+
+    python -m mmfusion.monitoring.export          # writes retrain.export_dir/{train,holdout}
+
+The newest `retrain.holdout_fraction` of the usable feedback goes to `holdout/` (never trained on:
+champion and challenger are compared on it); the rest to `train/`, which the ingest stage adds to
+the source's samples (`ingest.feedback_dir`). Both folders are rewritten whole from the feedback
+table (the durable store), so an export is reproducible; `dvc.lock` records each ingested version.
+Columns: id, image, text, label, group, source (= feedback), license, request_id, item, ts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from mmfusion.config import Params, load_params
+from mmfusion.monitoring.feedback import read_feedback
+
+log = logging.getLogger(__name__)
+
+_EXT = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp"}
+COLUMNS = ["id", "image", "text", "label", "group", "source", "license", "request_id", "item", "ts"]
+
+
+def split_holdout(df: pd.DataFrame, fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, holdout): the newest round(fraction * n) rows are the hold-out (at least 1 when fraction > 0
+    and there are 2+ rows)."""
+    df = df.sort_values(["ts", "request_id", "item"]).reset_index(drop=True)
+    n_hold = int(math.floor(fraction * len(df) + 0.5)) if fraction > 0 else 0
+    if fraction > 0 and len(df) >= 2:
+        n_hold = max(1, n_hold)
+    n_hold = min(n_hold, len(df))
+    return df.iloc[: len(df) - n_hold], df.iloc[len(df) - n_hold :]
+
+
+def _write(df: pd.DataFrame, out: Path) -> int:
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "images").mkdir(parents=True)
+    rows = []
+    for r in df.itertuples(index=False):
+        sid = f"feedback-{r.request_id}-{r.item}"
+        name = "".join(c if c.isalnum() or c in "._-" else "_" for c in sid) + _EXT.get(str(r.image_format).upper(), ".img")
+        (tmp / "images" / name).write_bytes(r.image)
+        rows.append({"id": sid, "image": f"images/{name}", "text": r.text, "label": r.label, "group": sid,
+                     "source": "feedback", "license": "user feedback", "request_id": r.request_id,
+                     "item": int(r.item), "ts": float(r.ts)})  # fmt: skip
+    pd.DataFrame(rows, columns=COLUMNS).to_csv(tmp / "manifest.csv", index=False)
+    readme = out / "README.md"
+    if readme.exists():  # the committed placeholder that lets DVC track an empty export
+        shutil.copy2(readme, tmp / "README.md")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return len(rows)
+
+
+def export_feedback(params: Params, root: Path = Path("."), log_path: Path | None = None) -> dict:
+    """Write the usable feedback of the inference log as `train/` and `holdout/` manifests; returns counts."""
+    from mmfusion.monitoring.monitor import log_path as default_log, resolve_path
+
+    root = Path(root)
+    src = Path(log_path) if log_path else default_log(params, root)
+    df = read_feedback(src)
+    usable = df[df["usable"] & df["image"].notna()]
+    train, holdout = split_holdout(usable, params.retrain.holdout_fraction)
+    out = resolve_path(root, params.retrain.export_dir)
+    summary = {
+        "log": str(src),
+        "feedback": int(len(df)),
+        "usable": int(len(usable)),
+        "not_usable": {str(k): int(v) for k, v in df.loc[~df["usable"], "reason"].value_counts().items()},
+        "train": _write(train, out / "train"),
+        "holdout": _write(holdout, out / "holdout"),
+        "dir": str(out),
+        "labels": {str(k): int(v) for k, v in usable["label"].value_counts().sort_index().items()},
+        "newest_ts": float(usable["ts"].max()) if len(usable) else None,
+    }
+    log.info("export: %d usable of %d feedback rows -> %s (train %d, holdout %d)", summary["usable"],
+             summary["feedback"], out, summary["train"], summary["holdout"])  # fmt: skip
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mmfusion.monitoring.export", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--root", default=".")
+    parser.add_argument("--log", default=None, help="the inference log (default: monitor.log_path or package.log.path)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    summary = export_feedback(load_params(args.params), Path(args.root), Path(args.log) if args.log else None)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""Champion and challenger: which Bento is live, whether a new one replaces it, and rollback.
+
+    python -m mmfusion.serving.promotion show        # the live Bento and the ones before it (`make live`)
+    python -m mmfusion.serving.promotion compare     # last packaged Bento vs the live one; promote if not worse
+    python -m mmfusion.serving.promotion rollback    # the previous Bento becomes live again (`make rollback`)
+    python -m mmfusion.serving.promotion live-tag    # the tag `make serve` serves
+
+The live pointer is `retrain.live_path` (reports/live.json): {"live": {...}, "previous": [...newest first],
+"rolled_back": [...]}. Without one, the last packaged Bento (reports/package.json) is what is served.
+The comparison runs both models (Predictor.from_dir on the BentoML store's copies, raw files, CPU)
+on the same rows: the fixed test split (source rows only: feedback always trains) and the held-out
+newest feedback (retrain.export_dir/holdout), and applies `retrain.promotion`. A rejected challenger
+changes nothing that is served.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mmfusion import paths
+from mmfusion.config import Params, PromotionRule, load_params
+
+log = logging.getLogger(__name__)
+
+
+class PromotionError(RuntimeError):
+    """Nothing to compare, roll back to, or serve."""
+
+
+def _resolve(root: Path, path: str | Path) -> Path:
+    path = Path(path)
+    return path if path.is_absolute() else Path(root) / path
+
+
+# ---- the live pointer ---------------------------------------------------------------------------
+
+
+def read_live(params: Params, root: Path) -> dict:
+    path = _resolve(root, params.retrain.live_path)
+    if not path.exists():
+        return {"live": None, "previous": [], "rolled_back": []}
+    return {"previous": [], "rolled_back": [], **json.loads(path.read_text())}
+
+
+def write_live(params: Params, root: Path, state: dict) -> Path:
+    path = _resolve(root, params.retrain.live_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def packaged(root: Path) -> dict | None:
+    """The last Bento the package stage built (reports/package.json), as a pointer entry."""
+    report = Path(root) / paths.PACKAGE_REPORT
+    if not report.exists():
+        return None
+    p = json.loads(report.read_text())
+    return {"bento_tag": p["bento_tag"], "model_tag": p["model_tag"], "model_version": p.get("model_version")}
+
+
+def live_entry(params: Params, root: Path) -> dict | None:
+    """The live Bento: the pointer's, else the last packaged one (before any promotion)."""
+    return read_live(params, root)["live"] or packaged(root)
+
+
+def model_path(tag: str) -> Path:
+    import bentoml
+
+    return Path(bentoml.models.get(tag).path)
+
+
+def promote(params: Params, root: Path, entry: dict, reason: str) -> dict:
+    """Make `entry` live; the live one becomes the newest `previous`."""
+    state = read_live(params, root)
+    if state["live"] is not None:
+        state["previous"].insert(0, state["live"])
+    state["live"] = {**entry, "since": time.time(), "reason": reason}
+    write_live(params, root, state)
+    log.info("promotion: %s is live (%s)", entry["bento_tag"], reason)
+    return state
+
+
+def rollback(params: Params, root: Path) -> dict:
+    """The newest previous Bento becomes live again; the rolled-back one is kept in `rolled_back`."""
+    import bentoml
+
+    state = read_live(params, root)
+    if not state["previous"]:
+        raise PromotionError("nothing to roll back to: no previous live Bento in " + params.retrain.live_path)
+    target = state["previous"][0]
+    try:
+        bentoml.get(target["bento_tag"])
+    except bentoml.exceptions.NotFound as exc:
+        raise PromotionError(f"previous Bento {target['bento_tag']} is no longer in the Bento store") from exc
+    state["previous"].pop(0)
+    if state["live"] is not None:
+        state["rolled_back"].insert(0, {**state["live"], "rolled_back_at": time.time()})
+    state["live"] = {**target, "since": time.time(), "reason": "rollback"}
+    write_live(params, root, state)
+    return state
+
+
+# ---- champion vs challenger ---------------------------------------------------------------------
+
+
+def comparison_sets(params: Params, root: Path) -> dict[str, pd.DataFrame]:
+    """{'test': the fixed test split (source rows), 'holdout': held-out feedback}: image paths made absolute."""
+    from mmfusion.data.manifest import read_manifest
+
+    sets = {}
+    test_csv = Path(root) / paths.SPLIT / "test.csv"
+    if test_csv.exists():
+        test = read_manifest(test_csv, required=("image", "text", "label"))
+        if "source" in test:
+            test = test[test["source"] != "feedback"]
+        sets["test"] = test.assign(image=[str(Path(root) / p) for p in test["image"]])
+    hold_csv = _resolve(root, params.retrain.export_dir) / "holdout" / paths.MANIFEST
+    if hold_csv.exists():
+        hold = read_manifest(hold_csv, required=("image", "text", "label"))
+        sets["holdout"] = hold.assign(image=[str(hold_csv.parent / p) for p in hold["image"]])
+    return sets
+
+
+def score(model_dir: Path, rows: pd.DataFrame, background=(255, 255, 255), batch: int = 32) -> dict:
+    """accuracy and macro-F1 of the model in `model_dir` on raw rows (image path, text, label)."""
+    from sklearn.metrics import f1_score
+
+    from mmfusion.data.images import decode_image
+    from mmfusion.serving.predictor import Predictor
+
+    if rows.empty:
+        return {"rows": 0, "accuracy": None, "macro_f1": None}
+    predictor = Predictor.from_dir(model_dir, device="cpu")
+    preds: list[str] = []
+    for start in range(0, len(rows), batch):
+        chunk = rows.iloc[start : start + batch]
+        items = [{"image": decode_image(Path(r.image), background=background), "text": r.text or None}
+                 for r in chunk.itertuples(index=False)]  # fmt: skip
+        preds += [res["label"] for res in predictor.predict(items)]
+    y = rows["label"].astype(str).to_numpy()
+    pred = np.asarray(preds)
+    return {
+        "rows": int(len(rows)),
+        "accuracy": round(float((pred == y).mean()), 4),
+        "macro_f1": round(float(f1_score(y, pred, labels=sorted(set(y)), average="macro", zero_division=0)), 4),
+    }
+
+
+def decide(champion: dict, challenger: dict, rule: PromotionRule) -> dict:
+    """Apply the rule to the two models' scores: {'promote': bool, 'checks': [...], 'reason': str}."""
+    checks = []
+    pairs = [("test", rule.test_metric, rule.test_tolerance, 1)]
+    pairs.append(("holdout", rule.holdout_metric, rule.holdout_tolerance, rule.min_holdout_rows))
+    for name, metric, tol, min_rows in pairs:
+        a, b = champion.get(name, {}), challenger.get(name, {})
+        rows = b.get("rows", 0)
+        if rows < max(1, min_rows) or a.get(metric) is None or b.get(metric) is None:
+            checks.append({"set": name, "metric": metric, "skipped": f"{rows} rows (< {max(1, min_rows)})"})
+            continue
+        ok = b[metric] >= a[metric] - tol
+        checks.append({"set": name, "metric": metric, "champion": a[metric], "challenger": b[metric],
+                       "tolerance": tol, "delta": round(b[metric] - a[metric], 4), "passed": bool(ok)})  # fmt: skip
+    decided = [c for c in checks if "passed" in c]
+    if not decided:
+        return {"promote": False, "checks": checks, "reason": "no comparison data (no test split, no hold-out)"}
+    failed = [c for c in decided if not c["passed"]]
+    if failed:
+        reason = "; ".join(
+            f"{c['set']} {c['metric']} {c['challenger']:.4f} < champion {c['champion']:.4f} - {c['tolerance']}" for c in failed
+        )
+        return {"promote": False, "checks": checks, "reason": "rejected: " + reason}
+    return {"promote": True, "checks": checks, "reason": "not worse on " + ", ".join(f"{c['set']} {c['metric']}" for c in decided)}
+
+
+def compare_and_promote(params: Params, root: Path = Path("."), challenger: dict | None = None) -> dict:
+    """Compare the last packaged Bento (the challenger) with the live one; promote it if not worse.
+    Writes retrain.report_dir/<time>.json + latest.json; returns the report."""
+    root = Path(root)
+    challenger = challenger or packaged(root)
+    if challenger is None:
+        raise PromotionError("no packaged Bento to compare (run `dvc repro package`)")
+    state = read_live(params, root)
+    champion = state["live"]
+    report: dict = {"time": time.time(), "challenger": challenger, "champion": champion,
+                    "rule": vars(params.retrain.promotion)}  # fmt: skip
+    if champion is None:
+        report.update(decision={"promote": True, "checks": [], "reason": "no live champion yet"})
+    elif champion["bento_tag"] == challenger["bento_tag"]:
+        report.update(decision={"promote": False, "checks": [], "reason": "the challenger is the live Bento (nothing new)"})
+    else:
+        sets = comparison_sets(params, root)
+        bg = tuple(params.clean.background)
+        report["scores"] = {
+            role: {name: score(model_path(entry["model_tag"]), rows, bg) for name, rows in sets.items()}
+            for role, entry in (("champion", champion), ("challenger", challenger))
+        }
+        report["decision"] = decide(report["scores"]["champion"], report["scores"]["challenger"], params.retrain.promotion)
+    report["promoted"] = bool(report["decision"]["promote"])
+    if report["promoted"]:
+        promote(params, root, challenger, report["decision"]["reason"])
+    report["live"] = read_live(params, root)["live"] or champion
+    out = _resolve(root, params.retrain.report_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = time.strftime("promotion-%Y%m%d-%H%M%S", time.gmtime(report["time"]))
+    for path in (out / f"{name}.json", out / "latest.json"):
+        path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    report["report"] = str(out / f"{name}.json")
+    log.info("promotion: %s -> %s", challenger["bento_tag"], report["decision"]["reason"])
+    return report
+
+
+def report_markdown(report: dict) -> str:
+    """The decision and its numbers as markdown (the Prefect artifact)."""
+    d = report["decision"]
+    champ = (report.get("champion") or {}).get("bento_tag", "(none)")
+    lines = [
+        f"# Champion vs challenger: **{'PROMOTED' if report['promoted'] else 'REJECTED'}**",
+        "",
+        f"challenger `{report['challenger']['bento_tag']}`, champion `{champ}`; live now: "
+        f"`{(report.get('live') or {}).get('bento_tag')}`",
+        "",
+        f"{d['reason']}",
+        "",
+        "| set | metric | champion | challenger | delta | tolerance | passed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in d["checks"]:
+        if "passed" in c:
+            lines.append(f"| {c['set']} | {c['metric']} | {c['champion']} | {c['challenger']} | {c['delta']} | "
+                         f"{c['tolerance']} | {c['passed']} |")  # fmt: skip
+        else:
+            lines.append(f"| {c['set']} | {c['metric']} | - | - | - | - | skipped: {c['skipped']} |")
+    return "\n".join(lines) + "\n"
+
+
+def show(params: Params, root: Path) -> str:
+    state = read_live(params, root)
+    live = state["live"] or packaged(root)
+    lines = [f"live:     {live['bento_tag'] if live else '(nothing packaged yet)'}"
+             + ("" if state["live"] else "  (last packaged; never promoted)" if live else "")]
+    if state["live"]:
+        lines[0] += f"  ({state['live'].get('reason')})"
+    for i, p in enumerate(state["previous"]):
+        lines.append(f"{'previous:' if i == 0 else '         '} {p['bento_tag']}  ({p.get('reason')})")
+    for p in state["rolled_back"]:
+        lines.append(f"rolled back: {p['bento_tag']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mmfusion.serving.promotion", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["show", "compare", "rollback", "live-tag"])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--root", default=".")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    params, root = load_params(args.params), Path(args.root)
+    try:
+        if args.command == "live-tag":
+            entry = live_entry(params, root)
+            if entry is None:
+                raise PromotionError("no Bento built yet: run 'make run' (or 'dvc repro package')")
+            print(entry["bento_tag"])
+        elif args.command == "compare":
+            print(report_markdown(compare_and_promote(params, root)))
+        elif args.command == "rollback":
+            rollback(params, root)
+            print(show(params, root))
+        else:
+            print(show(params, root))
+    except PromotionError as exc:
+        print(f"promotion: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,15 +20,6 @@ from mmfusion.training.metrics import macro_f1
 log = logging.getLogger(__name__)
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` is CUDA when present, CPU otherwise; `cuda` without a GPU is an error, not a silent fallback."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but no CUDA GPU is available (use device: auto)")
-    return torch.device(name)
-
-
 def seed_everything(seed: int) -> None:
     """Same seed, same model on CPU (the CPU kernels used here are deterministic; CUDA may differ slightly)."""
     torch.manual_seed(seed)

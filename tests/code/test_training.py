@@ -14,7 +14,7 @@ from mmfusion.stages import evaluate as evaluate_stage
 from mmfusion.stages import train as train_stage
 from mmfusion.training.data import load_training_data
 from mmfusion.training.loop import drop_modalities, seed_everything, train_head
-from mmfusion.training.synthetic import write_synthetic_features
+from tests.code.synthetic import write_synthetic_features
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

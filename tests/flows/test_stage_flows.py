@@ -66,3 +66,16 @@ def test_bad_params_is_one_line_error(prefect_harness, tmp_path, capsys):
     assert main(["ingest", "--params", str(tmp_path / "params.yaml"), "--root", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "ingest: error: unknown params key ingest.sorce" in err
+
+
+def test_a_bug_in_a_stage_keeps_its_traceback(prefect_harness, project, capsys, monkeypatch):
+    import mmfusion.stages.ingest as ingest
+
+    def broken(params, root):
+        raise ValueError("an internal bug, not a user error")
+
+    monkeypatch.setattr(ingest, "run", broken)
+    assert main(["ingest", "--params", str(project / "params.yaml"), "--root", str(project)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err
+    assert err.strip().splitlines()[-1] == "ingest: failed: ValueError: an internal bug, not a user error"

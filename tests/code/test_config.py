@@ -26,7 +26,9 @@ def test_repo_params_load_with_every_value_as_written():
     assert parse_params(loaded) == load_params(REPO / "params.yaml")
 
 
-@pytest.mark.parametrize("old, new", [("train.threads", "train.cpu_threads"), ("package.torch_threads", "package.cpu_threads")])
+@pytest.mark.parametrize(
+    "old, new", [("train.threads", "train.cpu_threads"), ("package.torch_threads", "package.cpu_threads")]
+)
 def test_a_renamed_key_names_its_new_name(old, new):
     section, key = old.split(".")
     with pytest.raises(ParamsError, match=f"{old} was renamed to {new}"):

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from mmfusion.data.text import normalize_text
-from mmfusion.training.checkpoint import CALIBRATION, METRICS, load_checkpoint, weights_hash
 from mmfusion.devices import resolve_device
+from mmfusion.training.checkpoint import CALIBRATION, METRICS, load_checkpoint, weights_hash
 
 
 class Predictor:

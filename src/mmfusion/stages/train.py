@@ -11,10 +11,10 @@ import torch
 
 from mmfusion import paths
 from mmfusion.config import Params
+from mmfusion.devices import resolve_device
 from mmfusion.features.store import load_meta
 from mmfusion.stages.common import fresh_dir, stage_main, write_json
 from mmfusion.training.data import load_training_data
-from mmfusion.devices import resolve_device
 from mmfusion.training.strategies import check_strategies, fit_strategy
 
 log = logging.getLogger(__name__)

@@ -79,3 +79,16 @@ def test_a_bug_in_a_stage_keeps_its_traceback(prefect_harness, project, capsys, 
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err
     assert err.strip().splitlines()[-1] == "ingest: failed: ValueError: an internal bug, not a user error"
+
+
+def test_pipeline_checks_overrides_as_dvc_will_parse_them():
+    from flows.pipeline import build_command, check_overrides
+    from mmfusion.config import ParamsError
+    from tests.conftest import REPO
+
+    check_overrides(["train.lr=1e-3", "train.strategies=[concat,late]"], REPO / "params.yaml")  # 1e-3: a number
+    with pytest.raises(ParamsError, match="train.threads was renamed to train.cpu_threads"):
+        check_overrides(["train.threads=2"], REPO / "params.yaml")
+    with pytest.raises(ParamsError, match="train.lr: expected a number"):
+        check_overrides(["train.lr=fast"], REPO / "params.yaml")
+    assert build_command(["augment.views=3"], ["validate"], False)[1:] == ["exp", "run", "-S", "augment.views=3", "validate"]

@@ -75,10 +75,15 @@ def set_param(project: Path, section: str, key: str, value):
     return before
 
 
+def project_env(project: Path, server: str) -> dict:
+    """The environment of a process in the project: its own copy of the code, reporting to `server`."""
+    path = os.pathsep.join([str(project / "src"), str(project)])
+    return {**os.environ, "PREFECT_API_URL": server, "PYTHONPATH": path}
+
+
 def dvc(project: Path, server: str, *args: str) -> subprocess.CompletedProcess:
     """A dvc command in the project, its stage flows reporting to `server`."""
-    return subprocess.run([DVC, *args], cwd=project, capture_output=True, text=True,
-                          env={**os.environ, "PREFECT_API_URL": server})
+    return subprocess.run([DVC, *args], cwd=project, capture_output=True, text=True, env=project_env(project, server))
 
 
 @pytest.fixture
@@ -104,9 +109,9 @@ def _wait_for_deployment(api_url: str, name: str, timeout: float = 90) -> None:
 def test_pipeline_deployment_runs_dvc_repro_and_records_stage_flows(project, server):
     import httpx
 
-    env = {**os.environ, "PREFECT_API_URL": server, "PYTHONPATH": str(project)}
-    serve = subprocess.Popen([sys.executable, "-m", "flows.ui", "--no-server"], cwd=project, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    serve = subprocess.Popen([sys.executable, "-m", "flows.ui", "--no-server"], cwd=project,
+                             env=project_env(project, server), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             start_new_session=True)
     try:
         _wait_for_deployment(server, "pipeline/pipeline")
         dep = httpx.get(f"{server}/deployments/name/pipeline/pipeline", timeout=5).json()

@@ -326,11 +326,13 @@ def _check_key(key: str) -> None:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """`data` (a params mapping) with `section.key=value` overrides applied, parsed exactly as
-    `dvc exp run -S` parses them (DVC's own Hydra override parser); `data` itself is not changed.
+    `dvc exp run -S` parses them (DVC's own Hydra override parser); `data` itself is not changed (with no overrides it is returned as is).
 
     As in DVC, an override may only set a key that `data` already has; a misspelled key is a
     ParamsError naming the allowed keys.
     """
+    if not overrides:
+        return data
     from dvc.exceptions import InvalidArgumentError
     from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
 

@@ -326,7 +326,7 @@ def _check_key(key: str) -> None:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """`data` (a params mapping) with `section.key=value` overrides applied, parsed exactly as
-    `dvc exp run -S` parses them (DVC's own Hydra override parser); `data` itself is not changed (with no overrides it is returned as is).
+    `dvc exp run -S` parses them (DVC's own Hydra override parser); `data` itself is not changed.
 
     As in DVC, an override may only set a key that `data` already has; a misspelled key is a
     ParamsError naming the allowed keys.

@@ -6,19 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-# Offline and quiet: no telemetry, no model hub (see ../shared/stack.md).
-export DO_NOT_TRACK := 1
-export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export BENTOML_DO_NOT_TRACK := true
-export DVC_NO_ANALYTICS := 1
-export GX_ANALYTICS_ENABLED := false
-export HF_HUB_OFFLINE := 1
-export TRANSFORMERS_OFFLINE := 1
-export HF_HUB_DISABLE_TELEMETRY := 1
-export TOKENIZERS_PARALLELISM := false
-export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
-# library code logs outside flow runs too (tests, the service): no warning for each such line
-export PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW := ignore
+# Offline and quiet: no telemetry, no model hub. The list lives in offline.env (tests read it too).
+include offline.env
+export $(shell sed -n 's/^\([A-Z_][A-Z0-9_]*\)=.*/\1/p' offline.env)
 # Everything a run writes stays inside the project.
 export PREFECT_HOME := $(CURDIR)/.prefect
 export BENTOML_HOME := $(CURDIR)/.bentoml

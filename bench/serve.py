@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # for the tiny-model fallback in tests/
 
 from mmfusion.procs import free_port, start_until_ready, stop_process_group  # noqa: E402
 
@@ -46,17 +45,13 @@ def percentiles(values: list[float]) -> dict:
 
 
 def load_inputs(n: int) -> list[tuple[bytes, str]]:
-    """n (png bytes, text) pairs: real emoji from data/split/test.csv when present, else synthetic drawings."""
+    """n (image file bytes, text) pairs: the first test samples of data/split/test.csv."""
     import pandas as pd
 
-    test = REPO / "data" / "split" / "test.csv"
-    if test.exists():
-        df = pd.read_csv(test).head(n)
-        return [((REPO / row.image).read_bytes(), str(row.text)) for row in df.itertuples()]
-    from tests.service.conftest import CLASSES, png_bytes
+    from mmfusion import paths
 
-    labels = sorted(CLASSES)
-    return [(png_bytes(labels[i % 3], i, size=72), CLASSES[labels[i % 3]][1][i % 5]) for i in range(n)]
+    df = pd.read_csv(REPO / paths.SPLIT / "test.csv").head(n)
+    return [((REPO / row.image).read_bytes(), str(row.text)) for row in df.itertuples()]
 
 
 def start_server(env: dict, log_file: Path, timeout: float = 300) -> tuple[subprocess.Popen, str]:
@@ -154,11 +149,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", default=["off", "on"], choices=["off", "on"], help="adaptive batching")
     parser.add_argument(
         "--set", nargs="*", default=[], metavar="KEY=VALUE",
-        help="package params for the served runs, dotted (torch_threads=2 batching.max_batch_size=16); YAML values",
+        help="package params for the served runs, as `dvc exp run -S` takes them without `package.` "
+        "(cpu_threads=2 batching.max_batch_size=16)",
     )
     parser.add_argument("--no-in-process", action="store_true", help="skip the in-process limit (quick A/B of server settings)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+
+    from mmfusion import paths
+    from mmfusion.config import PackageParams, ParamsError, apply_overrides, params_to_dict, parse_params
+
+    model_dir = Path(args.model_dir)
+    model_kind = str(model_dir)
+    if not (model_dir / "config.json").exists() or not (REPO / paths.SPLIT / "test.csv").exists():
+        print(f"bench/serve.py needs a trained model in {model_dir} and {paths.SPLIT}/test.csv: "
+              "run `dvc repro evaluate` first", file=sys.stderr)
+        return 2
+    # the served package params: the defaults, then --set (checked before any server starts)
+    overrides = [f"package.{item}" for item in args.set]
+    try:
+        parse_params(apply_overrides({"package": params_to_dict(PackageParams())}, overrides))
+    except ParamsError as exc:
+        print(f"bench/serve.py: error: {exc}", file=sys.stderr)
+        return 2
 
     work = Path(tempfile.mkdtemp(prefix="mmfusion-bench-"))
     os.environ["BENTOML_HOME"] = str(work / "bentoml")  # before bentoml is imported: a private store
@@ -166,17 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import yaml
 
-    from mmfusion.config import PackageParams
     from mmfusion.stages.package import describe_model, save_bento_model
 
-    model_dir = Path(args.model_dir)
-    model_kind = str(model_dir)
-    if not (model_dir / "config.json").exists():
-        from tests.service.conftest import build_tiny_model
-
-        print(f"{model_dir} not found: training the tiny test model (same encoders, a small head)", file=sys.stderr)
-        model_dir = build_tiny_model(work / "tiny")
-        model_kind = "tiny test model (no models/best yet)"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     info = describe_model(model_dir, PackageParams(smoke_test=False))
     model_tag, _ = save_bento_model(model_dir, "mmfusion", info)
@@ -201,15 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     for mode in args.modes:
         params_file = work / f"params-{mode}.yaml"
-        package: dict = {"batching": {"enabled": "true" if mode == "on" else "false"}}
-        for assignment in args.set:
-            key, _, value = assignment.partition("=")
-            *parents, leaf = key.split(".")
-            node = package
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = yaml.safe_load(value)
-        params_file.write_text(yaml.safe_dump({"package": package}))
+        package = params_to_dict(PackageParams())
+        package["batching"]["enabled"] = "true" if mode == "on" else "false"
+        params_file.write_text(yaml.safe_dump(apply_overrides({"package": package}, overrides)))
         env = {
             **os.environ,
             "MMFUSION_PARAMS": str(params_file),

@@ -15,24 +15,15 @@ from pathlib import Path
 import yaml
 from prefect import flow, get_run_logger
 
-from mmfusion.config import ParamsError, parse_params
+from mmfusion.config import apply_overrides, parse_params
 
 DVC = str(Path(sys.executable).with_name("dvc"))
 
 
 def check_overrides(overrides: list[str], params_path: Path) -> None:
-    """Fail before running anything when an override names an unknown key or has a wrong type."""
-    data = yaml.safe_load(params_path.read_text()) or {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ParamsError(f"override {item!r} is not of the form section.key=value")
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {}) if isinstance(node, dict) else {}
-        node[leaf] = yaml.safe_load(raw)
-    parse_params(data)
+    """Fail before running anything when an override names an unknown key or has a wrong type
+    (parsed as `dvc exp run -S` will parse it, then checked against the params schema)."""
+    parse_params(apply_overrides(yaml.safe_load(params_path.read_text()) or {}, overrides))
 
 
 def build_command(overrides: list[str], targets: list[str], force: bool) -> list[str]:

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mmfusion")
@@ -23,8 +24,9 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from mmfusion.config import load_params  # noqa: E402
+from mmfusion.errors import UserError  # noqa: E402
 from mmfusion.stages import STAGES  # noqa: E402
-from mmfusion.stages.common import USER_ERRORS  # noqa: E402
+from mmfusion.stages.common import USER_ERRORS, report_user_error  # noqa: E402
 
 
 def _summary_markdown(name: str, summary: dict) -> str:
@@ -38,7 +40,7 @@ def _summary_markdown(name: str, summary: dict) -> str:
 def build_stage_flow(name: str):
     """The Prefect flow for stage `name`: load params, run the stage task, attach a summary artifact."""
     if name not in STAGES:
-        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+        raise UserError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     module = importlib.import_module(f"mmfusion.stages.{name}")
     stage_task = task(module.run, name=name, cache_policy=NO_CACHE, persist_result=False)
 
@@ -65,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         build_stage_flow(args.stage)(params_path=args.params, root=args.root)
     except USER_ERRORS as exc:
-        print(f"{args.stage}: error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # the stage's own failure (e.g. validation): one readable line, non-zero exit
+        return report_user_error(args.stage, exc)
+    except Exception as exc:  # a bug: the traceback, then one line saying which stage failed
+        traceback.print_exc()
         print(f"{args.stage}: failed: {exc.__class__.__name__}: {exc}", file=sys.stderr)
         return 1
     print(f"{args.stage}: done in {time.perf_counter() - start:.1f}s", file=sys.stderr)

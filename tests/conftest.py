@@ -11,21 +11,18 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageDraw
 
-for key, value in {
-    "DO_NOT_TRACK": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "BENTOML_DO_NOT_TRACK": "true",
-    "DVC_NO_ANALYTICS": "1",
-    "GX_ANALYTICS_ENABLED": "false",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
-}.items():
-    os.environ.setdefault(key, value)
-
 REPO = Path(__file__).resolve().parents[1]
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines of an env file (blank lines and # comments skipped), as the Makefile includes it."""
+    lines = (line.strip() for line in path.read_text().splitlines())
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+# Offline and quiet, as `make` runs everything: the one list in offline.env.
+for key, value in read_env_file(REPO / "offline.env").items():
+    os.environ.setdefault(key, value)
 # dvc.yaml's commands say `python`: the one of this environment.
 os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
 
@@ -112,7 +109,7 @@ def tiny_params(manifest: Path, **sections):
 
 @pytest.fixture
 def one_torch_thread():
-    """As train.threads does: tiny matmuls on a shared CPU are far faster on one thread."""
+    """As train.cpu_threads does: tiny matmuls on a shared CPU are far faster on one thread."""
     import torch
 
     before = torch.get_num_threads()

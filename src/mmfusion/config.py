@@ -7,6 +7,7 @@ An unknown or misspelled key is an error that names the key and the allowed ones
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,8 +16,10 @@ from typing import Any
 
 import yaml
 
+from mmfusion.errors import UserError
 
-class ParamsError(ValueError):
+
+class ParamsError(UserError):
     """params.yaml (or an override) does not match the schema."""
 
 
@@ -105,7 +108,7 @@ class FeaturizeParams:
 class FusionOptions:
     """Per-strategy options of the fusion heads (mmfusion.fusion); used by train."""
 
-    weighted_sum_weights: dict[str, str] = field(default_factory=dict)  # modality -> lambda; empty: learned
+    weighted_sum_weights: dict[str, float] = field(default_factory=dict)  # modality -> lambda; empty: learned
     late_combine: str = "mean"  # mean (averaged log-probs) | learned (softmax weights)
     cross_attention_layers: int = 1
     cross_attention_heads: int = 4
@@ -143,7 +146,7 @@ class TrainParams:
     device: str = "auto"  # auto | cpu | cuda
     # CPU threads for training (0 = torch's default). These matmuls are small: one thread avoids
     # OpenMP stalls when other processes share the cores (24x faster measured under load).
-    threads: int = 1
+    cpu_threads: int = 1
     fusion: FusionOptions = field(default_factory=FusionOptions)
 
 
@@ -201,7 +204,7 @@ class PackageParams:
     smoke_test: bool = True  # load models/best and classify one item before packaging
     device: str = "auto"  # serving device: auto | cpu | cuda
     workers: int = 2  # service processes, each with its own Predictor (encoders) and in-process batcher
-    torch_threads: int = 1  # CPU intra-op threads per process; 0 = torch's default (all cores).
+    cpu_threads: int = 1  # torch intra-op threads per process on CPU; 0 = torch's default (all cores).
     # 2 workers x 1 thread beat 1 worker x 2 threads on a 2-core CPU (53 vs 40 req/s at concurrency 32,
     # bench/serve.py): no OpenMP barrier stalls when the HTTP side preempts a model thread
     timeout_s: int = 30  # per request, from its body's arrival to the answer (504 after it)
@@ -211,6 +214,13 @@ class PackageParams:
     limits: ServeLimits = field(default_factory=ServeLimits)
     batching: ServeBatching = field(default_factory=ServeBatching)
     log: InferenceLogParams = field(default_factory=InferenceLogParams)
+
+
+# Keys that were renamed: an old key is an error naming the new one (not the generic "unknown key").
+RENAMED_KEYS = {
+    "train.threads": "train.cpu_threads",
+    "package.torch_threads": "package.cpu_threads",
+}
 
 
 @dataclass(frozen=True)
@@ -305,6 +315,10 @@ class RetrainParams:
     promotion: PromotionRule = field(default_factory=PromotionRule)
 
 
+# Params sections of Prefect flows that are not DVC stages (flows/<name>.py); every other section is a stage.
+FLOW_SECTIONS = ("monitor", "retrain")
+
+
 @dataclass(frozen=True)
 class Params:
     ingest: IngestParams = field(default_factory=IngestParams)
@@ -329,6 +343,10 @@ def _build(cls: type, data: Any, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
+    for key in unknown:
+        old = f"{where}.{key}" if where else str(key)
+        if old in RENAMED_KEYS:
+            raise ParamsError(f"params key {old} was renamed to {RENAMED_KEYS[old]}")
     if unknown:
         raise ParamsError(
             f"unknown params key {where + '.' if where else ''}{unknown[0]!s}; "
@@ -354,7 +372,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ParamsError(f"{where}: expected a mapping, got {value!r}")
-        return {str(k): str(v) for k, v in value.items()}
+        value_type = typing.get_args(tp)[1]
+        return {str(k): _coerce(value_type, v, f"{where}.{k}") for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
         return value
     if tp is bool:
@@ -391,6 +410,47 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     with path.open() as fh:
         data = yaml.safe_load(fh) or {}
     return parse_params(data)
+
+
+def _check_key(key: str) -> None:
+    """A dotted params key must exist in the schema: the same error as an unknown key in params.yaml."""
+    cls: Any = Params
+    where = ""
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return  # inside a mapping param (featurize.encoders.<modality>): any key
+        names = [f.name for f in dataclasses.fields(cls)]
+        if part not in names:
+            _build(cls, {part: None}, where)  # raises, naming the allowed keys (or the new name of a renamed one)
+        cls = typing.get_type_hints(cls)[part]
+        where = f"{where}.{part}" if where else part
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`data` (a params mapping) with `section.key=value` overrides applied, parsed exactly as
+    `dvc exp run -S` parses them (DVC's own Hydra override parser); `data` itself is not changed.
+
+    As in DVC, an override may only set a key that `data` already has; a misspelled key is a
+    ParamsError naming the allowed keys.
+    """
+    if not overrides:
+        return data
+    from dvc.exceptions import InvalidArgumentError
+    from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
+
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key:
+            raise ParamsError(f"override {item!r} is not of the form section.key=value")
+        _check_key(key.lstrip("+~"))
+    with tempfile.TemporaryDirectory(prefix="mmfusion-overrides-") as tmp:
+        path = Path(tmp) / "params.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        try:
+            dvc_apply_overrides(path, list(overrides))
+        except InvalidArgumentError as exc:
+            raise ParamsError(f"invalid override in {list(overrides)}: {exc.__cause__ or exc}") from exc
+        return yaml.safe_load(path.read_text()) or {}
 
 
 def params_to_dict(params: Any) -> dict[str, Any]:

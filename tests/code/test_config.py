@@ -1,13 +1,66 @@
 import pytest
+import yaml
 
-from mmfusion.config import ParamsError, load_params, parse_params
+from mmfusion.config import ParamsError, apply_overrides, load_params, params_to_dict, parse_params
 from tests.conftest import REPO
 
 
-def test_repo_params_load():
+def _subset(full, part):
+    """`part` as found in `full`: the keys `part` has (nested), with `full`'s values."""
+    if isinstance(part, dict):
+        return {k: _subset(full[k], v) for k, v in part.items()}
+    return str(full).lower() if isinstance(part, bool) else full
+
+
+def _plain(value):
+    """A YAML bool written into a string param (package.batching.enabled: true) reads back as a string."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return str(value).lower() if isinstance(value, bool) else value
+
+
+def test_repo_params_load_with_every_value_as_written():
+    written = yaml.safe_load((REPO / "params.yaml").read_text())
+    loaded = params_to_dict(load_params(REPO / "params.yaml"))
+    assert _subset(loaded, written) == _plain(written)
+    assert parse_params(loaded) == load_params(REPO / "params.yaml")
+
+
+@pytest.mark.parametrize(
+    "old, new", [("train.threads", "train.cpu_threads"), ("package.torch_threads", "package.cpu_threads")]
+)
+def test_a_renamed_key_names_its_new_name(old, new):
+    section, key = old.split(".")
+    with pytest.raises(ParamsError, match=f"{old} was renamed to {new}"):
+        parse_params({section: {key: 1}})
+    with pytest.raises(ParamsError, match=f"{old} was renamed to {new}"):
+        apply_overrides(yaml.safe_load((REPO / "params.yaml").read_text()), [f"{old}=2"])
+
+
+def test_one_cpu_threads_key_in_every_section_that_sets_threads():
     params = load_params(REPO / "params.yaml")
-    assert params.ingest.source == "emoji"
-    assert params.augment.views >= 0
+    assert {params.featurize.cpu_threads, params.train.cpu_threads, params.package.cpu_threads} <= {0, 1, 2}
+    for section in ("featurize", "train", "package"):
+        assert "cpu_threads" in params_to_dict(getattr(params, section))
+
+
+def test_weighted_sum_weights_are_numbers():
+    p = parse_params({"train": {"fusion": {"weighted_sum_weights": {"image": 0.4, "text": 1}}}})
+    assert p.train.fusion.weighted_sum_weights == {"image": 0.4, "text": 1.0}
+    with pytest.raises(ParamsError, match="weighted_sum_weights.image: expected a number"):
+        parse_params({"train": {"fusion": {"weighted_sum_weights": {"image": "0.4"}}}})
+
+
+def test_overrides_parse_as_dvc_exp_run_does():
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    out = apply_overrides(data, ["train.lr=1e-3", "train.strategies=[concat,gated]", "featurize.encoders.text=hf:x"])
+    assert out["train"]["lr"] == 0.001 and out["train"]["strategies"] == ["concat", "gated"]
+    assert out["featurize"]["encoders"] == {"image": "efficientnet_lite0", "text": "hf:x"}
+    assert data["train"]["lr"] == yaml.safe_load((REPO / "params.yaml").read_text())["train"]["lr"]  # not changed
+    with pytest.raises(ParamsError, match="clean.min_txt_chars; allowed keys in clean: .*min_text_chars"):
+        apply_overrides(data, ["clean.min_txt_chars=3"])
+    with pytest.raises(ParamsError, match="not of the form"):
+        apply_overrides(data, ["augment.views"])
 
 
 def test_unknown_key_names_key_and_allowed():

@@ -33,16 +33,29 @@ def _mixed_presence(batch=BATCH, modalities=2):
 
 def test_registry_has_every_strategy_of_the_issue():
     expected = {"image_only", "text_only", "concat", "weighted_sum", "gated", "attention", "cross_attention", "late"}
-    assert expected <= set(list_heads())
+    assert expected <= set(list_heads(DIMS))
     assert "late_stacking" in list_heads()
+    assert not any(n.endswith("_only") for n in list_heads())  # baselines come from the modalities
+
+
+def test_a_new_modality_gets_its_baseline_without_new_code():
+    dims = {**DIMS, "audio": 6}
+    assert "audio_only" in list_heads(dims)
+    head = create_head("audio_only", dims, CLASSES, hidden_dim=16).eval()
+    assert head.unimodal and head.config["name"] == "audio_only"
+    out = head(_inputs(dims), torch.tensor([[True, True, False], [False, False, True]] * (BATCH // 2)))
+    assert torch.equal(out.logits[::2], torch.zeros(BATCH // 2, CLASSES))  # no audio: knows nothing
+    assert torch.equal(out.weights[1::2], torch.tensor([[0.0, 0.0, 1.0]] * (BATCH // 2)))
+    with pytest.raises(ValueError, match="unknown fusion strategy 'audio_only'"):
+        create_head("audio_only", DIMS, CLASSES)
 
 
 def test_unknown_head_fails_loudly():
-    with pytest.raises(ValueError, match="unknown fusion head 'nope'.*registered: .*concat"):
+    with pytest.raises(ValueError, match="unknown fusion strategy 'nope'.*registered: .*concat"):
         create_head("nope", DIMS, CLASSES)
 
 
-@pytest.mark.parametrize("name", list_heads())
+@pytest.mark.parametrize("name", list_heads(DIMS))
 def test_output_shapes(name):
     head = create_head(name, DIMS, CLASSES, hidden_dim=16).eval()
     out = head(_inputs())
@@ -53,7 +66,7 @@ def test_output_shapes(name):
         assert torch.allclose(out.weights.sum(dim=1), torch.ones(BATCH), atol=1e-5)
 
 
-@pytest.mark.parametrize("name", list_heads())
+@pytest.mark.parametrize("name", list_heads(DIMS))
 def test_gradients_reach_every_parameter(name):
     torch.manual_seed(0)
     head = create_head(name, DIMS, CLASSES, hidden_dim=16, dropout=0.0).train()
@@ -67,7 +80,7 @@ def test_gradients_reach_every_parameter(name):
         assert param.grad.abs().sum() > 0, f"{name}: zero gradient for {pname}"
 
 
-@pytest.mark.parametrize("name", list_heads())
+@pytest.mark.parametrize("name", list_heads(DIMS))
 @pytest.mark.parametrize("missing", ["image", "text"])
 def test_missing_modality_is_ignored_not_guessed(name, missing):
     """With a modality marked missing, its values must not change the output (and logits stay finite)."""
@@ -86,7 +99,7 @@ def test_missing_modality_is_ignored_not_guessed(name, missing):
         assert (out_a.weights[:, head.modalities.index(missing)] == 0).all()
 
 
-@pytest.mark.parametrize("name", [n for n in list_heads() if not n.endswith("_only")])
+@pytest.mark.parametrize("name", list_heads())
 def test_fusion_heads_are_n_modality_generic(name):
     dims = {"image": 12, "text": 8, "audio": 6}
     head = create_head(name, dims, CLASSES, hidden_dim=16).eval()
@@ -96,7 +109,7 @@ def test_fusion_heads_are_n_modality_generic(name):
     assert torch.isfinite(out.logits).all()
 
 
-@pytest.mark.parametrize("name", list_heads())
+@pytest.mark.parametrize("name", list_heads(DIMS))
 def test_rebuilds_from_its_config(name):
     head = create_head(name, DIMS, CLASSES, hidden_dim=16).eval()
     clone = create_head(**head.config)

@@ -14,7 +14,7 @@ from mmfusion.stages import evaluate as evaluate_stage
 from mmfusion.stages import train as train_stage
 from mmfusion.training.data import load_training_data
 from mmfusion.training.loop import drop_modalities, seed_everything, train_head
-from mmfusion.training.synthetic import write_synthetic_features
+from tests.code.synthetic import write_synthetic_features
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -128,3 +128,16 @@ def test_selection_metric_is_validated(features, tmp_path):
     train_stage.run(_params(train={"strategies": ["concat"]}), root)
     with pytest.raises(ValueError, match="selection_metric"):
         evaluate_stage.run(_params(train={"strategies": ["concat"]}, evaluate={"selection_metric": "ece"}), root)
+
+
+def test_leaderboard_has_one_ablation_column_per_modality():
+    from mmfusion.stages.evaluate import leaderboard_markdown
+
+    block = {"accuracy": 0.5, "macro_f1": 0.4, "auroc": 0.6, "ece": 0.1, "ece_calibrated": 0.05}
+    row = {"strategy": "concat", "val": block, "test": block, "test_accuracy_ci": {"low": 0.4, "high": 0.6},
+           "ablation": {f"without_{m}": block for m in ("image", "text", "audio")}}
+    header, rule, line = leaderboard_markdown([row], "concat", "macro_f1").splitlines()[2:5]
+    assert header.endswith("| acc w/o image | acc w/o text | acc w/o audio |")
+    assert rule.count("---") == header.count("|") - 1 == line.count("|") - 1
+    assert line.startswith("| **concat** | 0.400 | 0.500 | 0.500 [0.400, 0.600] |")
+    assert line.endswith("| 0.500 | 0.500 | 0.500 |")

@@ -12,7 +12,7 @@ from mmfusion.features.store import load_features
 from mmfusion.serving.predictor import Predictor
 from mmfusion.stages import evaluate as evaluate_stage
 from mmfusion.stages import train as train_stage
-from mmfusion.training.synthetic import write_synthetic_features
+from tests.code.synthetic import write_synthetic_features
 
 
 class LookupEncoder:

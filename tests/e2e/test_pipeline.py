@@ -1,5 +1,8 @@
 """End to end: the real DVC pipeline in a temp copy of the repo on a tiny manifest source,
-triggered through the Prefect API on a real server (as the UI's Run button does)."""
+triggered through the Prefect API on a real server (as the UI's Run button does).
+
+The tests share one project but not an order: each brings the data stages up to date first
+(`reproduced`, a no-op when they are) and puts back any param it breaks on purpose."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mmfusion.procs import stop_process_group
 from tests.conftest import REPO, write_tiny_dataset
 
 pytestmark = pytest.mark.slow
@@ -62,16 +66,32 @@ def server():
     stop_server(proc)
 
 
-def set_param(project: Path, section: str, key: str, value) -> None:
+def set_param(project: Path, section: str, key: str, value):
+    """Set one param in the project's params.yaml; returns the value it had."""
     params = yaml.safe_load((project / "params.yaml").read_text())
+    before = params[section][key]
     params[section][key] = value
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return before
+
+
+def project_env(project: Path, server: str) -> dict:
+    """The environment of a process in the project: its own copy of the code, reporting to `server`."""
+    path = os.pathsep.join([str(project / "src"), str(project)])
+    return {**os.environ, "PREFECT_API_URL": server, "PYTHONPATH": path}
 
 
 def dvc(project: Path, server: str, *args: str) -> subprocess.CompletedProcess:
     """A dvc command in the project, its stage flows reporting to `server`."""
-    return subprocess.run([DVC, *args], cwd=project, capture_output=True, text=True,
-                          env={**os.environ, "PREFECT_API_URL": server})
+    return subprocess.run([DVC, *args], cwd=project, capture_output=True, text=True, env=project_env(project, server))
+
+
+@pytest.fixture
+def reproduced(project, server) -> Path:
+    """The project with its data stages up to date (whatever ran before)."""
+    out = dvc(project, server, "repro", "augment")
+    assert out.returncode == 0, out.stdout + out.stderr
+    return project
 
 
 def _wait_for_deployment(api_url: str, name: str, timeout: float = 90) -> None:
@@ -89,15 +109,17 @@ def _wait_for_deployment(api_url: str, name: str, timeout: float = 90) -> None:
 def test_pipeline_deployment_runs_dvc_repro_and_records_stage_flows(project, server):
     import httpx
 
-    env = {**os.environ, "PREFECT_API_URL": server, "PYTHONPATH": str(project)}
-    serve = subprocess.Popen([sys.executable, "-m", "flows.ui", "--no-server"], cwd=project, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    serve = subprocess.Popen([sys.executable, "-m", "flows.ui", "--no-server"], cwd=project,
+                             env=project_env(project, server), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             start_new_session=True)
     try:
         _wait_for_deployment(server, "pipeline/pipeline")
         dep = httpx.get(f"{server}/deployments/name/pipeline/pipeline", timeout=5).json()
-        # What the UI's Run button does: create a flow run from the deployment.
+        # What the UI's Run button does: create a flow run from the deployment. Forced when another
+        # test has run the stages already, so that every stage runs (and is recorded) here.
+        force = (project / "dvc.lock").exists()
         run = httpx.post(f"{server}/deployments/{dep['id']}/create_flow_run",
-                         json={"parameters": {"targets": ["augment"]}}, timeout=10).json()
+                         json={"parameters": {"targets": ["augment"], "force": force}}, timeout=10).json()
         deadline = time.monotonic() + 420
         while time.monotonic() < deadline:
             state = httpx.get(f"{server}/flow_runs/{run['id']}", timeout=5).json()["state"]
@@ -105,7 +127,7 @@ def test_pipeline_deployment_runs_dvc_repro_and_records_stage_flows(project, ser
                 break
             time.sleep(2)
     finally:
-        os.killpg(serve.pid, 15)
+        stop_process_group(serve)
         output = serve.communicate(timeout=30)[0].decode(errors="replace")
     assert state["type"] == "COMPLETED", f"{state.get('message')}\n{output[-3000:]}"
 
@@ -126,7 +148,8 @@ def test_pipeline_deployment_runs_dvc_repro_and_records_stage_flows(project, ser
     assert (project / "dvc.lock").exists()
 
 
-def test_second_repro_skips_every_stage(project, server):
+def test_second_repro_skips_every_stage(reproduced, server):
+    project = reproduced
     start = time.monotonic()
     out = dvc(project, server, "repro", "augment")
     assert out.returncode == 0, out.stderr
@@ -135,8 +158,10 @@ def test_second_repro_skips_every_stage(project, server):
     assert time.monotonic() - start < 30
 
 
-def test_param_change_reruns_only_downstream(project, server):
-    set_param(project, "augment", "views", 2)
+def test_param_change_reruns_only_downstream(reproduced, server):
+    project = reproduced
+    views = yaml.safe_load((project / "params.yaml").read_text())["augment"]["views"] % 3 + 1  # a new value
+    set_param(project, "augment", "views", views)
     out = dvc(project, server, "repro", "augment")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Running stage 'augment'" in out.stdout
@@ -145,14 +170,16 @@ def test_param_change_reruns_only_downstream(project, server):
 
     aug = pd.read_csv(project / "data" / "augmented" / "manifest.csv")
     train = pd.read_csv(project / "data" / "split" / "train.csv")
-    assert len(aug) == 2 * len(train)
+    assert len(aug) == views * len(train)
 
 
-def test_dvc_exp_run_with_a_param_override(project, server):
-    out = dvc(project, server, "exp", "run", "-S", "clean.min_text_chars=39", "augment")
+def test_dvc_exp_run_with_a_param_override(reproduced, server):
+    project = reproduced
+    chars = 39 if yaml.safe_load((project / "params.yaml").read_text())["clean"]["min_text_chars"] != 39 else 40
+    out = dvc(project, server, "exp", "run", "-S", f"clean.min_text_chars={chars}", "augment")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Running stage 'clean'" in out.stdout
-    assert yaml.safe_load((project / "params.yaml").read_text())["clean"]["min_text_chars"] == 39
+    assert yaml.safe_load((project / "params.yaml").read_text())["clean"]["min_text_chars"] == chars
     import json
 
     report = json.loads((project / "reports" / "clean.json").read_text())
@@ -161,9 +188,13 @@ def test_dvc_exp_run_with_a_param_override(project, server):
     assert shown.returncode == 0 and "min_text_chars" in shown.stdout
 
 
-def test_failed_validation_stops_the_pipeline(project, server):
-    set_param(project, "validate", "min_per_class", 500)
-    out = dvc(project, server, "repro", "split")
+def test_failed_validation_stops_the_pipeline(reproduced, server):
+    project = reproduced
+    before = set_param(project, "validate", "min_per_class", 500)
+    try:
+        out = dvc(project, server, "repro", "split")
+    finally:
+        set_param(project, "validate", "min_per_class", before)  # the next test gets a valid project
     assert out.returncode != 0
     assert "critical expectation(s) failed" in out.stderr + out.stdout
     assert "Running stage 'split'" not in out.stdout

@@ -66,3 +66,29 @@ def test_bad_params_is_one_line_error(prefect_harness, tmp_path, capsys):
     assert main(["ingest", "--params", str(tmp_path / "params.yaml"), "--root", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "ingest: error: unknown params key ingest.sorce" in err
+
+
+def test_a_bug_in_a_stage_keeps_its_traceback(prefect_harness, project, capsys, monkeypatch):
+    import mmfusion.stages.ingest as ingest
+
+    def broken(params, root):
+        raise ValueError("an internal bug, not a user error")
+
+    monkeypatch.setattr(ingest, "run", broken)
+    assert main(["ingest", "--params", str(project / "params.yaml"), "--root", str(project)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err
+    assert err.strip().splitlines()[-1] == "ingest: failed: ValueError: an internal bug, not a user error"
+
+
+def test_pipeline_checks_overrides_as_dvc_will_parse_them():
+    from flows.pipeline import build_command, check_overrides
+    from mmfusion.config import ParamsError
+    from tests.conftest import REPO
+
+    check_overrides(["train.lr=1e-3", "train.strategies=[concat,late]"], REPO / "params.yaml")  # 1e-3: a number
+    with pytest.raises(ParamsError, match="train.threads was renamed to train.cpu_threads"):
+        check_overrides(["train.threads=2"], REPO / "params.yaml")
+    with pytest.raises(ParamsError, match="train.lr: expected a number"):
+        check_overrides(["train.lr=fast"], REPO / "params.yaml")
+    assert build_command(["augment.views=3"], ["validate"], False)[1:] == ["exp", "run", "-S", "augment.views=3", "validate"]

@@ -34,8 +34,9 @@ def _build_default_model(root: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def model_root(tmp_path_factory) -> Path:
-    """A project root holding models/best, reports/evaluate/metrics.json and data/split/test.csv."""
+    """A project root holding models/best, models/strategies, features/ and data/split/test.csv."""
     # MMFUSION_TEST_FRESH_MODEL=1 takes the CI path even where `make run` has produced a model.
-    if not os.environ.get("MMFUSION_TEST_FRESH_MODEL") and (REPO / "models" / "best" / "config.json").exists() and (REPO / "reports" / "evaluate" / "metrics.json").exists():
+    needed = ("models/best/config.json", "models/strategies", "features/test.safetensors", "data/split/test.csv")
+    if not os.environ.get("MMFUSION_TEST_FRESH_MODEL") and all((REPO / n).exists() for n in needed):
         return REPO
     return _build_default_model(tmp_path_factory.mktemp("default-model"))

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from mmfusion.errors import UserError
+
 RAW_COLUMNS = ("id", "image", "text", "label", "group", "source", "license")
 CLEAN_COLUMNS = RAW_COLUMNS + ("width", "height", "image_sha256")
 STRING_COLUMNS = ("id", "image", "text", "label", "group", "source", "license", "image_sha256", "source_id")
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError):
     """A manifest is missing, unreadable or malformed."""
 
 

@@ -7,6 +7,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from mmfusion.config import SplitParams
+from mmfusion.errors import UserError
 
 
 def _take_fold(df: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -24,7 +25,7 @@ def split_dataset(df: pd.DataFrame, params: SplitParams) -> dict[str, pd.DataFra
     Fractions are approximate: a fold is 1/round(1/fraction) of the data, so 0.15 gives 1/7.
     """
     if not 0 < params.test_fraction < 0.5 or not 0 < params.val_fraction < 0.5:
-        raise ValueError("split.val_fraction and split.test_fraction must be between 0 and 0.5")
+        raise UserError("split.val_fraction and split.test_fraction must be between 0 and 0.5")
     import warnings
 
     with warnings.catch_warnings():

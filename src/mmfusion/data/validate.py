@@ -18,12 +18,13 @@ import pandas as pd
 
 from mmfusion.config import ValidateParams
 from mmfusion.data.manifest import CLEAN_COLUMNS
+from mmfusion.errors import DataCheckFailed
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 log = logging.getLogger(__name__)
 
 
-class ValidationFailed(RuntimeError):
+class ValidationFailed(DataCheckFailed):
     """A critical expectation failed; the message names it and the offending values."""
 
 

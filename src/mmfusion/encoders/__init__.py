@@ -6,7 +6,7 @@
     enc.encode(items)  # torch.Tensor [N, dim] float32 on CPU
 """
 
-from mmfusion.encoders.base import Encoder, EncoderUnavailableError, resolve_device
+from mmfusion.encoders.base import Encoder, EncoderUnavailableError
 from mmfusion.encoders.image import EfficientNetLite0Encoder, TorchvisionEncoder
 from mmfusion.encoders.registry import (
     create_encoder,
@@ -31,6 +31,5 @@ __all__ = [
     "list_encoders",
     "register_encoder",
     "register_prefix",
-    "resolve_device",
     "unregister_encoder",
 ]

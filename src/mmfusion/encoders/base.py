@@ -27,11 +27,14 @@ from typing import Any
 
 import torch
 
+from mmfusion.devices import resolve_device
+from mmfusion.errors import UserError
+
 _HASH_CACHE: dict[tuple[str, int, int], str] = {}
 _HASH_LOCK = threading.Lock()
 
 
-class EncoderUnavailableError(ValueError):
+class EncoderUnavailableError(UserError):
     """An encoder exists in the registry but cannot be built here (e.g. its weights need a model hub)."""
 
 
@@ -66,18 +69,6 @@ def require_hub(what: str, host: str, offline: bool) -> None:
 def hub_offline() -> bool:
     """True when the environment says no model hub may be contacted."""
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """`auto` picks CUDA when present; `cuda` without a GPU is an error, not a silent CPU run."""
-    name = str(device)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available here; use device: auto or cpu")
-    if not (name == "cpu" or name.startswith("cuda")):
-        raise ValueError(f"unknown device {name!r}; expected auto, cpu or cuda[:N]")
-    return torch.device(name)
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mmfusion.encoders.base import Encoder
+from mmfusion.errors import UserError
 
 Factory = Callable[..., Encoder]
 
@@ -60,7 +61,7 @@ def encoder_modality(name: str) -> str:
     prefix = name.split(":", 1)[0]
     if ":" in name and prefix in _PREFIXES:
         return _PREFIXES[prefix][0]
-    raise ValueError(_unknown(name))
+    raise UserError(_unknown(name))
 
 
 def create_encoder(name: str, device: str = "auto", batch_size: int | None = None) -> Encoder:
@@ -76,7 +77,7 @@ def create_encoder(name: str, device: str = "auto", batch_size: int | None = Non
     prefix, _, ident = name.partition(":")
     if ident and prefix in _PREFIXES:
         return _PREFIXES[prefix][1](ident, device=device, batch_size=batch_size)
-    raise ValueError(_unknown(name))
+    raise UserError(_unknown(name))
 
 
 def _unknown(name: str) -> str:

@@ -1,4 +1,5 @@
-"""Fusion heads by name: each maps {modality: embedding} (+ a presence mask) to class logits.
+"""Fusion strategies by name (`train.strategies`): each is a head mapping {modality: embedding}
+(+ a presence mask) to class logits.
 
     from mmfusion.fusion import create_head, list_heads
     head = create_head("gated", dims={"image": 1280, "text": 384}, num_classes=9)

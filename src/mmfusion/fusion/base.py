@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mmfusion.errors import UserError
+
 
 @dataclass
 class FusionOutput:
@@ -53,9 +55,9 @@ class FusionHead(nn.Module):
     def __init__(self, dims: dict[str, int], num_classes: int, hidden_dim: int = 256, dropout: float = 0.2, **options):
         super().__init__()
         if not dims:
-            raise ValueError("a fusion head needs at least one modality")
+            raise UserError("a fusion head needs at least one modality")
         if num_classes < 2:
-            raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+            raise UserError(f"num_classes must be at least 2, got {num_classes}")
         self.dims = {str(m): int(d) for m, d in dims.items()}
         self.modalities: tuple[str, ...] = tuple(self.dims)
         self.num_classes = int(num_classes)

@@ -1,4 +1,4 @@
-"""The fusion strategies. Every head is N-modality generic except the named unimodal baselines.
+"""The fusion strategies. Every head is N-modality generic; a unimodal baseline is one per modality.
 
 All heads project each modality with the same projector (LayerNorm, Linear, GELU) and
 end with the same classifier MLP, so they differ only in how they fuse.
@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from mmfusion.fusion.base import FusionHead, FusionOutput, build_classifier, build_projector, masked_softmax
-from mmfusion.fusion.registry import register_head
+from mmfusion.errors import UserError
+from mmfusion.fusion.registry import register_head, register_unimodal, unimodal_name
 
 
 class _Projected(FusionHead):
@@ -36,16 +37,18 @@ class _Projected(FusionHead):
         return torch.where(present.unsqueeze(-1), toks, self.missing.unsqueeze(0).to(toks.dtype))
 
 
-class _Unimodal(FusionHead):
-    """Baseline: one modality, the same projector + classifier capacity as the fusion heads."""
+@register_unimodal
+class UnimodalHead(FusionHead):
+    """Baseline `<modality>_only`: one modality, the same projector + classifier capacity as the fusion heads."""
 
-    modality = ""
     unimodal = True
 
-    def __init__(self, dims, num_classes, hidden_dim=256, dropout=0.2):
-        super().__init__(dims, num_classes, hidden_dim, dropout)
+    def __init__(self, dims, num_classes, hidden_dim=256, dropout=0.2, modality: str = ""):
+        super().__init__(dims, num_classes, hidden_dim, dropout)  # the name carries the modality
+        self.modality = modality
+        self.name = unimodal_name(modality)
         if self.modality not in self.dims:
-            raise ValueError(f"{self.name} needs modality {self.modality!r}; features have {list(self.dims)}")
+            raise UserError(f"{self.name} needs modality {self.modality!r}; features have {list(self.dims)}")
         self.projector = build_projector(self.dims[self.modality], hidden_dim, dropout)
         self.classifier = build_classifier(hidden_dim, hidden_dim, num_classes, dropout)
 
@@ -60,14 +63,6 @@ class _Unimodal(FusionHead):
         return FusionOutput(logits=logits, present=present, weights=weights)
 
 
-@register_head("image_only")
-class ImageOnlyHead(_Unimodal):
-    modality = "image"
-
-
-@register_head("text_only")
-class TextOnlyHead(_Unimodal):
-    modality = "text"
 
 
 @register_head("concat")
@@ -100,7 +95,7 @@ class WeightedSumHead(_Projected):
         if weights:
             unknown = sorted(set(weights) - set(self.modalities))
             if unknown or any(v < 0 for v in weights.values()) or sum(weights.values()) <= 0:
-                raise ValueError(f"weighted_sum weights must be >= 0 over {list(self.modalities)}, got {weights}")
+                raise UserError(f"weighted_sum weights must be >= 0 over {list(self.modalities)}, got {weights}")
             self.register_buffer("fixed", torch.tensor([weights.get(m, 0.0) for m in self.modalities]))
             self.lambdas = None
         else:
@@ -199,7 +194,7 @@ class CrossAttentionHead(_Projected):
     def __init__(self, dims, num_classes, hidden_dim=256, dropout=0.2, layers: int = 1, heads: int = 4):
         super().__init__(dims, num_classes, hidden_dim, dropout, layers=int(layers), heads=int(heads))
         if hidden_dim % heads:
-            raise ValueError(f"cross_attention: hidden_dim {hidden_dim} is not divisible by heads {heads}")
+            raise UserError(f"cross_attention: hidden_dim {hidden_dim} is not divisible by heads {heads}")
         self.cls = nn.Parameter(torch.randn(hidden_dim) * 0.02)
         self.kind = nn.Parameter(torch.randn(len(self.modalities), hidden_dim) * 0.02)
         self.blocks = nn.ModuleList([_Block(hidden_dim, heads, dropout) for _ in range(layers)])
@@ -242,7 +237,7 @@ class LateHead(_LateBase):
 
     def __init__(self, dims, num_classes, hidden_dim=256, dropout=0.2, combine: str = "mean"):
         if combine not in ("mean", "learned"):
-            raise ValueError(f"late: combine must be mean or learned, got {combine!r}")
+            raise UserError(f"late: combine must be mean or learned, got {combine!r}")
         super().__init__(dims, num_classes, hidden_dim, dropout, combine=combine)
         if combine == "learned":
             self.lambdas = nn.Parameter(torch.zeros(len(self.modalities)))

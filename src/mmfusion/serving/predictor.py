@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from mmfusion.data.text import text_or_none
+from mmfusion.devices import resolve_device
 from mmfusion.training.checkpoint import CALIBRATION, METRICS, load_checkpoint, weights_hash
-from mmfusion.training.loop import resolve_device
 
 
 class Predictor:
@@ -191,13 +191,13 @@ class Predictor:
         return self.predict_embeddings(self.embed(items), present)
 
     def describe(self) -> dict:
-        """What the service reports about the model it serves."""
+        """The model in one JSON-able dict: what the package stage records and the service reports."""
         return {
-            "version": self.version,
+            "version": str(self.version),
             "strategy": self.strategy,
-            "labels": self.labels,
+            "labels": list(self.labels),
             "modalities": list(self.modalities),
-            "encoders": self.encoders,
+            "encoders": dict(self.encoders),
             "temperature": self.temperature,
             "metrics": self.metrics,
         }

@@ -3,7 +3,7 @@
 One service, `MMFusion`, in one process per worker: it validates and decodes inputs, sends them
 through the Predictor, answers and logs what it saw. No tensor code here. The model call goes
 through `MicroBatcher` (serving/batcher.py): the Predictor runs on one model thread with
-`package.torch_threads` threads, and requests that arrive while it is busy share its next call
+`package.cpu_threads` threads, and requests that arrive while it is busy share its next call
 (up to `package.batching.max_batch_size` items; batching off means one item per call).
 An earlier layout with the model in a second BentoML service (BentoML adaptive batching over
 HTTP between two processes) reached a third of the in-process throughput on a 2-core CPU: see
@@ -95,10 +95,10 @@ class MMFusion:
         self.started = time.time()
         install_drain(PARAMS.graceful_shutdown_s)  # after uvicorn's handler: chained to it
         self.upload_dir = use_private_upload_dir()
-        if PARAMS.torch_threads > 0:
+        if PARAMS.cpu_threads > 0:
             import torch
 
-            torch.set_num_threads(PARAMS.torch_threads)
+            torch.set_num_threads(PARAMS.cpu_threads)
         self.predictor = Predictor.from_dir(self.bento_model.path, device=PARAMS.device)
         self.modalities = list(self.predictor.modalities)
         supported(self.modalities)

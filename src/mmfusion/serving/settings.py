@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmfusion.config import PackageParams, load_params, params_to_dict, parse_params
+from mmfusion.config import PackageParams, ParamsError, load_params, params_to_dict, parse_params
 
 MODEL_ENV = "MMFUSION_MODEL"
 PARAMS_ENV = "MMFUSION_PARAMS"
@@ -46,7 +46,7 @@ def resolve_batching(value: str, device: str) -> bool:
     if value in ("false", "off", "0", "no"):
         return False
     if value != "auto":
-        raise ValueError(f"package.batching.enabled: expected auto, true or false, got {value!r}")
+        raise ParamsError(f"package.batching.enabled: expected auto, true or false, got {value!r}")
     if device == "cpu":
         return False
     import torch

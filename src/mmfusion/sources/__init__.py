@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from mmfusion.config import IngestParams
+from mmfusion.errors import UserError
 
 Source = Callable[[IngestParams, Path], pd.DataFrame]
 
@@ -22,5 +23,5 @@ def get_source(name: str) -> Source:
 
     sources: dict[str, Source] = {"emoji": emoji.build, "manifest": manifest.build}
     if name not in sources:
-        raise ValueError(f"unknown ingest source {name!r}; available: {', '.join(sorted(sources))}")
+        raise UserError(f"unknown ingest source {name!r}; available: {', '.join(sorted(sources))}")
     return sources[name]

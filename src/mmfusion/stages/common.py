@@ -11,12 +11,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mmfusion.config import Params, ParamsError, load_params
+from mmfusion.config import Params, load_params
+from mmfusion.errors import UserError
 
 log = logging.getLogger("mmfusion")
 
-# Errors that mean "your input or params are wrong": one line, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ParamsError, ValueError, FileNotFoundError, PermissionError)
+# Errors that mean "your input, params or order of stages are wrong": one line, no traceback.
+# Anything else (a bare ValueError included) is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, PermissionError)
+
+
+def report_user_error(stage: str, exc: BaseException) -> int:
+    """Print a user error as one line on stderr; returns the exit code (2, or the error's own)."""
+    print(f"{stage}: error: {exc}", file=sys.stderr)
+    return getattr(exc, "exit_code", 2)
 
 
 def write_json(path: Path, obj: Any) -> Path:
@@ -44,7 +52,6 @@ def stage_main(name: str, run: Callable[[Params, Path], dict], argv: list[str] |
     try:
         summary = run(load_params(args.params), Path(args.root))
     except USER_ERRORS as exc:
-        print(f"{name}: error: {exc}", file=sys.stderr)
-        return 2
+        return report_user_error(name, exc)
     print(json.dumps(summary, indent=2, default=str))
     return 0

@@ -15,6 +15,7 @@ from mmfusion.config import Params
 from mmfusion.data.images import decode_image
 from mmfusion.data.manifest import read_manifest
 from mmfusion.monitoring.reference import build_reference
+from mmfusion.errors import UserError
 from mmfusion.stages.common import fresh_dir, stage_main, write_json
 from mmfusion.training.checkpoint import CALIBRATION, METRICS, load_checkpoint, read_config
 from mmfusion.training.data import load_split
@@ -41,25 +42,28 @@ def strategy_dirs(root: Path, order: tuple[str, ...]) -> list[Path]:
 
 
 def leaderboard_markdown(rows: list[dict], winner: str, metric: str) -> str:
-    """The leaderboard table: val selection metric, test metrics with the accuracy interval, ablations."""
+    """The leaderboard table: val selection metric, test metrics with the accuracy interval, and one
+    ablation column per modality (the `without_<modality>` keys the strategies were evaluated with)."""
+    ablations = list(dict.fromkeys(k for r in rows for k in r["ablation"]))
+    columns = ["strategy", "val macro-F1", "val acc", "test acc [95% CI]", "test macro-F1", "test AUROC",
+               "ECE -> calibrated", *(f"acc w/o {k.removeprefix('without_')}" for k in ablations)]
     lines = [
         f"# Leaderboard (winner picked on val {metric}: **{winner}**)",
         "",
-        "| strategy | val macro-F1 | val acc | test acc [95% CI] | test macro-F1 | test AUROC | ECE -> calibrated | "
-        "acc w/o image | acc w/o text |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
     ]
     for r in rows:
         ci = r["test_accuracy_ci"]
         abl = r["ablation"]
-        cell = lambda k: f"{abl[k]['accuracy']:.3f}" if k in abl else "-"  # noqa: E731
         name = f"**{r['strategy']}**" if r["strategy"] == winner else r["strategy"]
-        lines.append(
-            f"| {name} | {r['val']['macro_f1']:.3f} | {r['val']['accuracy']:.3f} | "
-            f"{r['test']['accuracy']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}] | {r['test']['macro_f1']:.3f} | "
-            f"{r['test']['auroc']:.3f} | {r['test']['ece']:.3f} -> {r['test']['ece_calibrated']:.3f} | "
-            f"{cell('without_image')} | {cell('without_text')} |"
-        )
+        cells = [
+            name, f"{r['val']['macro_f1']:.3f}", f"{r['val']['accuracy']:.3f}",
+            f"{r['test']['accuracy']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]", f"{r['test']['macro_f1']:.3f}",
+            f"{r['test']['auroc']:.3f}", f"{r['test']['ece']:.3f} -> {r['test']['ece_calibrated']:.3f}",
+            *(f"{abl[k]['accuracy']:.3f}" if k in abl else "-" for k in ablations),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -107,7 +111,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     for d in dirs:
         head, config = load_checkpoint(d)
         if config["labels"] != labels:
-            raise ValueError(f"{d.name} was trained with a different label map than {dirs[0].name}: re-run train")
+            raise UserError(f"{d.name} was trained with a different label map than {dirs[0].name}: re-run train")
         results.append(evaluate_head(d.name, head, val, test, labels, p))
     winner = select_winner(results, p.selection_metric)
     unimodal = [r for r in results if r.unimodal]

@@ -13,6 +13,7 @@ from sklearn.model_selection import train_test_split
 from mmfusion import paths
 from mmfusion.config import Params
 from mmfusion.data.manifest import write_manifest
+from mmfusion.errors import UserError
 from mmfusion.sources import get_source
 from mmfusion.stages.common import fresh_dir, stage_main, write_json
 
@@ -64,7 +65,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     staging = fresh_dir(out.with_name(out.name + ".tmp"))
     df = source(p, staging)
     if df.empty:
-        raise ValueError(f"ingest source {p.source!r} produced no samples")
+        raise UserError(f"ingest source {p.source!r} produced no samples")
     before = len(df)
     df = select_samples(df, p.min_class_count, p.limit)
     keep = set(df["image"])

@@ -51,22 +51,14 @@ def tag_version(version: str) -> str:
 
 
 def describe_model(model_dir: Path, params: PackageParams) -> dict:
-    """Load models/best with the Predictor (and classify one item when smoke_test); what the package records."""
+    """`Predictor.describe()` of models/best plus its load time (and one classified item when smoke_test)."""
     from PIL import Image
 
     from mmfusion.serving.predictor import Predictor
 
     start = time.perf_counter()
     predictor = Predictor.from_dir(model_dir, device="cpu")
-    info = {
-        "version": str(predictor.version),
-        "labels": list(predictor.labels),
-        "modalities": list(predictor.modalities),
-        "strategy": predictor.strategy,
-        "encoders": dict(predictor.encoders),
-        "metrics": predictor.metrics,
-        "load_s": round(time.perf_counter() - start, 2),
-    }
+    info = {**predictor.describe(), "load_s": round(time.perf_counter() - start, 2)}
     if params.smoke_test:
         item = {"image": Image.new("RGB", (72, 72), (220, 40, 40)), "text": "red apple"}
         (result,) = predictor.predict([item])

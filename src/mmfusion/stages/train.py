@@ -11,10 +11,10 @@ import torch
 
 from mmfusion import paths
 from mmfusion.config import Params
+from mmfusion.devices import resolve_device
 from mmfusion.features.store import load_meta
 from mmfusion.stages.common import fresh_dir, stage_main, write_json
 from mmfusion.training.data import load_training_data
-from mmfusion.training.loop import resolve_device
 from mmfusion.training.strategies import check_strategies, fit_strategy
 
 log = logging.getLogger(__name__)
@@ -23,15 +23,15 @@ log = logging.getLogger(__name__)
 def run(params: Params, root: Path = Path(".")) -> dict:
     """Train each strategy with early stopping on val macro-F1 into models/strategies/<name>/."""
     p = params.train
-    check_strategies(p.strategies)
-    device = resolve_device(p.device)
     features = root / paths.FEATURES
-    train, val, labels = load_training_data(features, p.use_augmented)
     encoders = load_meta(features).get("modalities", {})
+    check_strategies(p.strategies, tuple(encoders))
+    device = resolve_device(p.device)
+    train, val, labels = load_training_data(features, p.use_augmented)
     out = fresh_dir(root / paths.STRATEGIES)
     threads = torch.get_num_threads()
-    if device.type == "cpu" and p.threads > 0:
-        torch.set_num_threads(p.threads)
+    if device.type == "cpu" and p.cpu_threads > 0:
+        torch.set_num_threads(p.cpu_threads)
     start = time.perf_counter()
     strategies = {}
     try:

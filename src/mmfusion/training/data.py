@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mmfusion.errors import UserError
 from mmfusion.features.store import load_features
 
 
@@ -43,7 +44,7 @@ def load_split(features_dir: Path, split: str, labels: list[str]) -> FeatureSet:
     to_idx = {label: i for i, label in enumerate(labels)}
     unknown = sorted(set(index["label"]) - set(to_idx))
     if unknown:
-        raise ValueError(f"split {split!r} has labels not seen in training: {unknown[:5]}")
+        raise UserError(f"split {split!r} has labels not seen in training: {unknown[:5]}")
     y = torch.as_tensor(index["label"].map(to_idx).to_numpy(dtype=np.int64))
     return FeatureSet(x={m: torch.from_numpy(np.ascontiguousarray(a)) for m, a in arrays.items()}, y=y, ids=list(index["id"]))
 

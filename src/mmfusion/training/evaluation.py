@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from mmfusion.config import EvaluateParams
+from mmfusion.errors import UserError
 from mmfusion.fusion import FusionHead
 from mmfusion.training.data import FeatureSet
 from mmfusion.training.loop import predict_logits
@@ -78,9 +79,9 @@ def evaluate_head(
 def select_winner(results: list[StrategyEvaluation], metric: str) -> StrategyEvaluation:
     """Highest val `metric`; ties go to the earlier strategy in params order. Test is never looked at."""
     if metric not in SELECTION_METRICS:
-        raise ValueError(f"evaluate.selection_metric must be one of {', '.join(SELECTION_METRICS)}, got {metric!r}")
+        raise UserError(f"evaluate.selection_metric must be one of {', '.join(SELECTION_METRICS)}, got {metric!r}")
     if not results:
-        raise ValueError("no trained strategies to evaluate (run the train stage)")
+        raise UserError("no trained strategies to evaluate (run the train stage)")
     best = results[0]
     for r in results[1:]:
         if r.val[metric] > best.val[metric]:

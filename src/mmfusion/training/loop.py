@@ -20,15 +20,6 @@ from mmfusion.training.metrics import macro_f1
 log = logging.getLogger(__name__)
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` is CUDA when present, CPU otherwise; `cuda` without a GPU is an error, not a silent fallback."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but no CUDA GPU is available (use device: auto)")
-    return torch.device(name)
-
-
 def seed_everything(seed: int) -> None:
     """Same seed, same model on CPU (the CPU kernels used here are deterministic; CUDA may differ slightly)."""
     torch.manual_seed(seed)
@@ -109,19 +100,69 @@ def _schedule(warmup_steps: int, total_steps: int):
     return factor
 
 
+def build_optimizer(head: FusionHead, p: TrainParams, train_rows: int):
+    """AdamW with a linear warm-up then cosine decay, stepped once per batch; returns (optimizer, scheduler)."""
+    optimizer = torch.optim.AdamW(head.parameters(), lr=p.lr, weight_decay=p.weight_decay, foreach=True)
+    steps_per_epoch = max(1, math.ceil(train_rows / p.batch_size))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _schedule(p.warmup_epochs * steps_per_epoch, p.epochs * steps_per_epoch)
+    )
+    return optimizer, scheduler
+
+
+def train_epoch(
+    head: FusionHead,
+    x: dict[str, Tensor],
+    y: Tensor,
+    present: Tensor,
+    order: Tensor,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    p: TrainParams,
+) -> float:
+    """One pass over the training rows in `order` (x, y on the head's device); returns the mean loss."""
+    device = y.device
+    head.train()
+    total, seen = 0.0, 0
+    for start in range(0, len(order), p.batch_size):
+        idx = order[start : start + p.batch_size]
+        idx_d = idx.to(device)
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = head({m: t[idx_d] for m, t in x.items()}, present[idx].to(device))
+        loss = compute_loss(out, y[idx_d], criterion, p.aux_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += loss.item() * len(idx)
+        seen += len(idx)
+    return total / max(seen, 1)
+
+
+def validation_scores(head: FusionHead, val: FeatureSet, device: torch.device) -> dict[str, float]:
+    """val loss, accuracy and macro-F1 (the early-stopping metric) of the head as it is now."""
+    logits = predict_logits(head, val, device=device)
+    pred = logits.argmax(axis=1)
+    y = val.y.numpy()
+    return {
+        "val_loss": float(nn.functional.cross_entropy(torch.from_numpy(logits), val.y)),
+        "val_accuracy": float((pred == y).mean()),
+        "val_macro_f1": macro_f1(y, pred, head.num_classes),
+    }
+
+
 def train_head(head: FusionHead, train: FeatureSet, val: FeatureSet, p: TrainParams, device: torch.device) -> TrainResult:
-    """Train `head` in place; returns the best-on-val weights (by macro-F1) and the per-epoch history."""
+    """Train `head` in place; returns the best-on-val weights (by macro-F1) and the per-epoch history.
+
+    Stops after `p.patience` epochs without a better val macro-F1; the same seed gives the same weights on CPU.
+    """
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(p.seed)
     head.to(device)
     weight = class_weights(train.y, head.num_classes).to(device) if p.class_weights else None
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=p.label_smoothing)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=p.lr, weight_decay=p.weight_decay, foreach=True)
-    steps_per_epoch = max(1, math.ceil(len(train) / p.batch_size))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _schedule(p.warmup_epochs * steps_per_epoch, p.epochs * steps_per_epoch)
-    )
-    use_amp = device.type == "cuda"
+    optimizer, scheduler = build_optimizer(head, p, len(train))
     x_train = {m: train.x[m].to(device) for m in head.modalities}
     y_train = train.y.to(device)
     all_present = torch.ones(len(train), len(head.modalities), dtype=torch.bool)
@@ -129,39 +170,15 @@ def train_head(head: FusionHead, train: FeatureSet, val: FeatureSet, p: TrainPar
     history: list[dict] = []
     epoch = 0
     for epoch in range(1, p.epochs + 1):
-        head.train()
         order = torch.randperm(len(train), generator=generator)
         present = drop_modalities(all_present, p.modality_dropout, generator)
-        total, seen = 0.0, 0
-        for start_i in range(0, len(train), p.batch_size):
-            idx = order[start_i : start_i + p.batch_size]
-            idx_d = idx.to(device)
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
-                out = head({m: x[idx_d] for m, x in x_train.items()}, present[idx].to(device))
-            loss = compute_loss(out, y_train[idx_d], criterion, p.aux_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += loss.item() * len(idx)
-            seen += len(idx)
-        val_logits = predict_logits(head, val, device=device)
-        val_pred = val_logits.argmax(axis=1)
-        y_val = val.y.numpy()
-        val_loss = float(nn.functional.cross_entropy(torch.from_numpy(val_logits), val.y))
-        f1 = macro_f1(y_val, val_pred, head.num_classes)
+        train_loss = train_epoch(head, x_train, y_train, present, order, criterion, optimizer, scheduler, p)
+        scores = validation_scores(head, val, device)
         history.append(
-            {
-                "epoch": epoch,
-                "train_loss": total / max(seen, 1),
-                "val_loss": val_loss,
-                "val_accuracy": float((val_pred == y_val).mean()),
-                "val_macro_f1": f1,
-                "lr": float(scheduler.get_last_lr()[0]),
-            }
+            {"epoch": epoch, "train_loss": train_loss, **scores, "lr": float(scheduler.get_last_lr()[0])}
         )
-        if f1 > best_f1:
-            best_f1, best_epoch, stale = f1, epoch, 0
+        if scores["val_macro_f1"] > best_f1:
+            best_f1, best_epoch, stale = scores["val_macro_f1"], epoch, 0
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in head.state_dict().items()})
         else:
             stale += 1

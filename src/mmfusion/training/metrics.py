@@ -64,12 +64,18 @@ def macro_auroc(y: np.ndarray, probs: np.ndarray) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
-    """ECE: sum over equal-width confidence bins of |accuracy - confidence| weighted by the bin's share."""
+def _confidence_bins(probs: np.ndarray, y: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(confidence, correct as 0/1, bin index per row, bin edges) over `bins` equal-width confidence bins."""
     conf = probs.max(axis=1)
     correct = (probs.argmax(axis=1) == np.asarray(y)).astype(np.float64)
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    return conf, correct, which, edges
+
+
+def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
+    """ECE: sum over equal-width confidence bins of |accuracy - confidence| weighted by the bin's share."""
+    conf, correct, which, _ = _confidence_bins(probs, y, bins)
     ece = 0.0
     for b in range(bins):
         mask = which == b
@@ -80,10 +86,7 @@ def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = 15)
 
 def reliability_bins(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> dict[str, list[float]]:
     """Per-bin confidence, accuracy and count (for the reliability diagram)."""
-    conf = probs.max(axis=1)
-    correct = (probs.argmax(axis=1) == np.asarray(y)).astype(np.float64)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    conf, correct, which, edges = _confidence_bins(probs, y, bins)
     out: dict[str, list[float]] = {"confidence": [], "accuracy": [], "count": [], "center": []}
     for b in range(bins):
         mask = which == b

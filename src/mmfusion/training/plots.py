@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import matplotlib
@@ -82,11 +83,11 @@ def plot_leaderboard(rows: list[dict], path: Path, metric: str = "accuracy") -> 
     err = None
     if metric == "accuracy" and all("test_accuracy_ci" in r for r in rows):
         err = [[f - r["test_accuracy_ci"]["low"] for f, r in zip(full, rows)], [r["test_accuracy_ci"]["high"] - f for f, r in zip(full, rows)]]
-    ax.barh(y, full, xerr=err, color="#4878d0", label="both modalities", height=0.5)
-    markers = {"without_image": "s", "without_text": "^"}
-    for key in sorted({k for r in rows for k in r.get("ablation", {})}):
+    ax.barh(y, full, xerr=err, color="#4878d0", label="all modalities", height=0.5)
+    # one marker per hidden modality, whatever the modalities are (`without_<modality>` keys)
+    for key, marker in zip(sorted({k for r in rows for k in r.get("ablation", {})}), itertools.cycle("s^vDPX")):
         xs = [r["ablation"].get(key, {}).get(metric, np.nan) for r in rows]
-        ax.scatter(xs, y, marker=markers.get(key, "o"), zorder=3, label=key.replace("_", " "))
+        ax.scatter(xs, y, marker=marker, zorder=3, label=key.replace("_", " "))
     ax.set_yticks(y, names)
     ax.invert_yaxis()
     ax.set_xlabel(f"test {metric}")

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from mmfusion.config import Params, TrainParams, params_to_dict
+from mmfusion.errors import UserError
 from mmfusion.fusion import create_head, list_heads
 from mmfusion.training.checkpoint import save_checkpoint
 from mmfusion.training.data import FeatureSet
@@ -24,7 +25,7 @@ def head_options(name: str, p: TrainParams) -> dict[str, Any]:
     options: dict[str, Any] = {"hidden_dim": p.hidden_dim, "dropout": p.dropout}
     f = p.fusion
     if name == "weighted_sum" and f.weighted_sum_weights:
-        options["weights"] = {m: float(v) for m, v in f.weighted_sum_weights.items()}
+        options["weights"] = dict(f.weighted_sum_weights)
     elif name == "late":
         options["combine"] = f.late_combine
     elif name == "cross_attention":
@@ -32,15 +33,16 @@ def head_options(name: str, p: TrainParams) -> dict[str, Any]:
     return options
 
 
-def check_strategies(names: tuple[str, ...]) -> None:
-    """Fail before any training on an unknown or repeated strategy name."""
+def check_strategies(names: tuple[str, ...], modalities: tuple[str, ...]) -> None:
+    """Fail before any training on an unknown or repeated strategy name (for features with `modalities`)."""
     if not names:
-        raise ValueError("train.strategies is empty")
-    unknown = [n for n in names if n not in list_heads()]
+        raise UserError("train.strategies is empty")
+    known = list_heads(modalities)
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"unknown strategy {unknown[0]!r} in train.strategies; registered: {', '.join(list_heads())}")
+        raise UserError(f"unknown strategy {unknown[0]!r} in train.strategies; registered: {', '.join(known)}")
     if len(set(names)) != len(names):
-        raise ValueError(f"train.strategies repeats a name: {list(names)}")
+        raise UserError(f"train.strategies repeats a name: {list(names)}")
 
 
 def fit_strategy(

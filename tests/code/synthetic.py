@@ -1,4 +1,4 @@
-"""A tiny synthetic features/ folder (for tests and quick demos): no encoders, no images, seconds to train.
+"""A tiny synthetic features/ folder for tests: no encoders, no images, seconds to train (test-only: not in the Bento).
 
 Each class has a centre per modality; image and text each blur a different half of the
 classes together, so only fusion separates all of them.

@@ -198,3 +198,16 @@ def test_auto_picks_the_measured_default_and_unexportable_encoders_stay_on_torch
 def test_bad_runtime_settings_fail_before_any_work(featurize, match):
     with pytest.raises(ValueError, match=match):
         check_featurize_runtime(parse_params({"featurize": featurize}).featurize)
+
+
+def test_text_onnx_matches_torch_over_padded_batches_of_any_length(onnx_cache):
+    """Dynamic batch and token axes: texts of other lengths than the traced example, padded together."""
+    texts = ["a", "red apple", "a man is playing the guitar on a sunny day " * 3, "flag: germany", "grinning face"]
+    torch_enc = create_encoder("minilm_l6", device="cpu")
+    onnx_enc = create_encoder("minilm_l6", device="cpu").set_runtime("onnx", threads=2, cache_dir=onnx_cache)
+    assert onnx_enc.fingerprint != torch_enc.fingerprint and onnx_enc.describe()["runtime"]["name"] == "onnx"
+    ref = torch_enc.encode(texts)
+    for bs in (1, 5):
+        onnx_enc.batch_size = bs
+        cos = torch.nn.functional.cosine_similarity(onnx_enc.encode(texts), ref)
+        assert cos.min() > 0.9999

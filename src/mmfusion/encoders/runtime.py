@@ -168,9 +168,13 @@ def export_onnx(spec: ExportSpec, path: Path) -> None:
     """Export the torch module to `path` (fp32, opset 17, dynamic batch and the axes in the spec)."""
     import torch
 
+    import warnings
+
     names = list(spec.example)
     axes = {**spec.dynamic_axes, "embedding": {0: "batch"}}
-    with torch.inference_mode(False), torch.no_grad():
+    # the TorchScript exporter warns about every traced shape branch and constant-folding pass
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         torch.onnx.export(
             spec.module.eval(),
             tuple(spec.example[n] for n in names),

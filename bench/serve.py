@@ -131,7 +131,7 @@ def with_runtime(model_dir: Path, runtime: str, out_dir: Path) -> Path:
     train = REPO / "data" / "split" / "train.csv"
     for m, entry in config["encoders"].items():
         enc = create_encoder(entry["encoder"], device="cpu")
-        if entry.get("runtime", {}).get("name") == runtime:
+        if entry.get("runtime", {}).get("name", "torch") == runtime:
             continue
         source = build_input(m, root=REPO, lowercase=config.get("text", {}).get("lowercase", True))
 
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         "--set", nargs="*", default=[], metavar="KEY=VALUE",
         help="package params for the served runs, dotted (torch_threads=2 batching.max_batch_size=16); YAML values",
     )
-    parser.add_argument("--runtimes", nargs="+", default=["recorded"], help="encoder runtimes to compare (torch onnx onnx-int8); recorded = the model's")
+    parser.add_argument("--runtimes", nargs="+", default=["recorded"], help="encoder runtimes to compare: recorded (the model's own), torch, onnx, onnx-int8, auto (each encoder's default)")
     parser.add_argument("--no-in-process", action="store_true", help="skip the in-process limit (quick A/B of server settings)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)

@@ -6,11 +6,16 @@
       the best; then (b) and (c) at that batch size alternate `--rounds` times (medians compared)
   (d) a warm re-run of the whole default data (every split, every encoder) with everything cached
 
-Targets: (b) >= 85% of (c), (b) faster than (a), (d) under 5 s. Writes JSON (default
+(b) and (c) run for every runtime in `--runtimes` (torch, onnx, onnx-int8: the same module
+exported, int8 calibrated on a seeded sample of training images) in the same run on the same
+images, with the per-item cosine of each runtime's embeddings to torch's.
+
+Targets: (b) >= 85% of (c), (b) faster than (a), (d) under 5 s, the default runtime's (b) >= 2.5x torch's (b). Writes JSON (default
 bench/results/featurize-<device>.json). The machine's load average is recorded: on a shared
 machine the numbers move with other jobs.
 
     python bench/featurize.py --n 96
+    python bench/featurize.py --n 96 --runtimes torch,onnx-int8 --skip a,d
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from mmfusion.config import load_params  # noqa: E402
 from mmfusion.data.images import decode_image  # noqa: E402
 from mmfusion.data.manifest import read_manifest  # noqa: E402
 from mmfusion.encoders import create_encoder  # noqa: E402
+from mmfusion.encoders.runtime import Int8Settings, resolve_runtime, runtime_for, sample_calibration  # noqa: E402
 from mmfusion.features.cache import FeatureCache  # noqa: E402
 from mmfusion.features.extract import ImageInput, extract_features, resolve_workers  # noqa: E402
 from mmfusion.stages.featurize import build_features  # noqa: E402
@@ -158,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="repetitions of (b) and (c); medians are reported")
     parser.add_argument("--params", default=str(REPO / "params.yaml"))
     parser.add_argument("--skip", default="", help="comma list of parts to skip: a,b,c,d")
+    parser.add_argument("--runtimes", default="torch,onnx,onnx-int8", help="runtimes for (b) and (c), compared in this run")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
     if args.threads:
@@ -167,53 +174,83 @@ def main(argv: list[str] | None = None) -> int:
 
     train = read_manifest(REPO / paths.SPLIT / "train.csv", required=("id", "image"))
     image_paths = train["image"].tolist()[: args.n]
-    encoder = create_encoder("efficientnet_lite0", device=args.device)
-    encoder.forward(encoder.collate([encoder.prepare(__import__("PIL.Image").Image.new("RGB", (72, 72)))]))
+    runtimes = [r for r in args.runtimes.split(",") if r]
+    int8 = Int8Settings(**__import__("dataclasses").asdict(params.featurize.int8))
+    source = ImageInput(root=REPO)
+    encoders = {}
+    for runtime in runtimes:
+        enc = create_encoder("efficientnet_lite0", device=args.device)
+        # the same calibration featurize uses: a seeded sample of the training images
+        enc.set_runtime(
+            runtime, threads=torch.get_num_threads(), cache_dir=REPO / params.featurize.onnx_cache_dir, int8=int8,
+            calibration=lambda: sample_calibration(train["image"].tolist(), source.content, int8),
+        )  # fmt: skip
+        t0 = time.perf_counter()
+        enc.forward(enc.collate([enc.prepare(__import__("PIL.Image").Image.new("RGB", (72, 72)))]))
+        print(f"runtime {runtime}: ready in {time.perf_counter() - t0:.1f} s ({enc.fingerprint})", flush=True)
+        encoders[runtime] = enc
+    encoder = encoders[runtimes[0]]
+    default_runtime = resolve_runtime(runtime_for("image", params.featurize.runtime, params.featurize.runtimes), encoder)
     report: dict = {
         "encoder": encoder.name,
-        "fingerprint": encoder.fingerprint,
+        "runtimes": {r: {"fingerprint": e.fingerprint, "precision": e.precision} for r, e in encoders.items()},
+        "default_runtime": default_runtime,
+        "int8": int8.ident(),
         "n_images": len(image_paths),
         "image_size_on_disk": "72x72 PNG",
         "device": str(encoder.device),
-        "precision": encoder.precision,
         "gpu": torch.cuda.get_device_name(0) if encoder.device.type == "cuda" else None,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "onnx_threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "onnxruntime": __import__("onnxruntime").__version__,
         "python": platform.python_version(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "load_average_start": load_average(),
         "note": "load_average is the 1/5/15-min load; other jobs on the machine share its cores",
     }
-    print(f"bench featurize: {len(image_paths)} images, {encoder.device}, {torch.get_num_threads()} threads", flush=True)
+    print(f"bench featurize: {len(image_paths)} images, {encoder.device}, {torch.get_num_threads()} threads, runtimes {runtimes}", flush=True)
 
     prepared = [encoder.prepare(decode_image(REPO / p)) for p in image_paths]
-    if "c" not in skip:
-        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-        report["c_sweep"] = bench_compute_limit(encoder, prepared, batch_sizes, args.rounds)
-        report["c_sweep"]["load_average"] = load_average()
-    encoder.batch_size = args.batch_size or report.get("c_sweep", {}).get("best_batch_size", encoder.batch_size)
-    if "b" not in skip:
-        # (b) and (c) at the chosen batch size, alternating, so both see the same background load.
-        workers = resolve_workers(params.featurize.num_workers if args.num_workers is None else args.num_workers, encoder.device)
-        run_featurize_path(encoder, image_paths[: encoder.batch_size * 2], workers)  # warm-up (worker start, caches)
-        b_rates, c_rates = [], []
-        for _ in range(args.rounds):
-            b_rates.append(run_featurize_path(encoder, image_paths, workers))
-            c_rates.append(run_compute(encoder, prepared, encoder.batch_size))
-        report["c_compute_limit"] = {
-            "images_per_s": round(statistics.median(c_rates), 2),
-            "rounds": [round(r, 2) for r in c_rates],
-            "batch_size": encoder.batch_size,
-        }
-        report["b_featurize_path"] = {
-            "images_per_s": round(statistics.median(b_rates), 2),
-            "rounds": [round(r, 2) for r in b_rates],
-            "batch_size": encoder.batch_size,
-            "num_workers": workers,
-            "load_average": load_average(),
-        }
-        print(f"(c) compute limit at batch {encoder.batch_size}: {report['c_compute_limit']['images_per_s']} img/s", flush=True)
-        print(f"(b) featurize path: {report['b_featurize_path']['images_per_s']} img/s", flush=True)
+    if "torch" in encoders and len(encoders) > 1:
+        ref = torch.cat([encoders["torch"].forward(encoders["torch"].collate(prepared[i : i + 8])) for i in range(0, len(prepared), 8)])
+        report["cosine_to_torch"] = {}
+        for runtime, enc in encoders.items():
+            out = torch.cat([enc.forward(enc.collate(prepared[i : i + 8])) for i in range(0, len(prepared), 8)])
+            cos = torch.nn.functional.cosine_similarity(out, ref)
+            report["cosine_to_torch"][runtime] = {
+                "min": round(cos.min().item(), 5), "mean": round(cos.mean().item(), 5), "p05": round(cos.quantile(0.05).item(), 5),
+            }  # fmt: skip
+            print(f"  cosine {runtime} vs torch: {report['cosine_to_torch'][runtime]}", flush=True)
+    report["per_runtime"] = {}
+    workers = resolve_workers(params.featurize.num_workers if args.num_workers is None else args.num_workers, encoder.device)
+    for runtime, enc in encoders.items():
+        out: dict = {}
+        if "c" not in skip:
+            print(f"runtime {runtime}:", flush=True)
+            out["c_sweep"] = bench_compute_limit(enc, prepared, [int(b) for b in args.batch_sizes.split(",")], args.rounds)
+        enc.batch_size = args.batch_size or out.get("c_sweep", {}).get("best_batch_size", enc.batch_size)
+        if "b" not in skip:
+            # (b) and (c) at the chosen batch size, alternating, so both see the same background load.
+            run_featurize_path(enc, image_paths[: enc.batch_size * 2], workers)  # warm-up
+            b_rates, c_rates = [], []
+            for _ in range(args.rounds):
+                b_rates.append(run_featurize_path(enc, image_paths, workers))
+                c_rates.append(run_compute(enc, prepared, enc.batch_size))
+            out["c_compute_limit"] = {"images_per_s": round(statistics.median(c_rates), 2), "rounds": [round(r, 2) for r in c_rates], "batch_size": enc.batch_size}
+            out["b_featurize_path"] = {
+                "images_per_s": round(statistics.median(b_rates), 2), "rounds": [round(r, 2) for r in b_rates],
+                "batch_size": enc.batch_size, "num_workers": workers, "load_average": load_average(),
+            }  # fmt: skip
+            print(f"  (c) {runtime} compute limit at batch {enc.batch_size}: {out['c_compute_limit']['images_per_s']} img/s", flush=True)
+            print(f"  (b) {runtime} featurize path: {out['b_featurize_path']['images_per_s']} img/s", flush=True)
+        report["per_runtime"][runtime] = out
+    main_rt = default_runtime if default_runtime in report["per_runtime"] else runtimes[0]
+    for key in ("c_sweep", "c_compute_limit", "b_featurize_path"):
+        if key in report["per_runtime"][main_rt]:
+            report[key] = report["per_runtime"][main_rt][key]
+    encoder = encoders[main_rt]
     if "a" not in skip:
         report["a_textbook_loop"] = bench_textbook([REPO / p for p in image_paths], encoder.device)
         report["a_textbook_loop"]["load_average"] = load_average()
@@ -235,6 +272,11 @@ def main(argv: list[str] | None = None) -> int:
         "b_faster_than_a": bool(a and b and b > a),
         "d_under_5s": bool(report.get("d_warm_rerun") and report["d_warm_rerun"]["seconds_in_process"] < 5),
     }
+    torch_b = report["per_runtime"].get("torch", {}).get("b_featurize_path", {}).get("images_per_s")
+    if torch_b and b and main_rt != "torch":
+        report["targets"]["default_runtime"] = main_rt
+        report["targets"]["default_over_torch_b"] = round(b / torch_b, 2)
+        report["targets"]["default_at_least_2p5x_torch"] = b >= 2.5 * torch_b
     report["load_average_end"] = load_average()
     out = Path(args.out) if args.out else REPO / "bench" / "results" / f"featurize-{encoder.device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,10 @@ production), and sends single image+text /classify requests from N concurrent cl
 fixed time. Then it measures the in-process Predictor on the same decoded inputs at several
 batch sizes: the best items/s there is the limit a server can approach. The load generator
 shares the CPU with the server; the load average before and after is recorded.
+With `--runtimes torch onnx onnx-int8` every point is repeated per encoder runtime, in the
+same run on the same inputs: each runtime serves a bench copy of the model folder whose
+encoders record that runtime (the head's weights are the model's; only speed is measured here,
+accuracy per runtime is the accuracy guard's job: README "Encoder runtimes").
 Writes bench/results/serve-<device>.json.
 """
 
@@ -108,21 +112,51 @@ async def load_point(url: str, inputs: list[tuple[bytes, str]], concurrency: int
     }
 
 
-def bench_predictor(model_dir: Path, inputs: list[tuple[bytes, str]], device: str, seconds: float) -> dict:
-    """The bare Predictor on the same (decoded) inputs: items/s per torch thread count and batch size.
+def with_runtime(model_dir: Path, runtime: str, out_dir: Path) -> Path:
+    """A bench copy of `model_dir` whose encoders record `runtime` (int8: calibrated as featurize does)."""
+    from mmfusion.config import load_params
+    from mmfusion.encoders import create_encoder
+    from mmfusion.encoders.runtime import Int8Settings, sample_calibration
+    from mmfusion.features.extract import build_input
 
-    The best of all is the limit a server can approach (the server's own thread setting is a param)."""
+    shutil.copytree(model_dir, out_dir)
+    config = json.loads((out_dir / "config.json").read_text())
+    params = load_params(REPO / "params.yaml")
+    int8 = Int8Settings(**__import__("dataclasses").asdict(params.featurize.int8))
+    train = REPO / "data" / "split" / "train.csv"
+    for m, entry in config["encoders"].items():
+        enc = create_encoder(entry["encoder"], device="cpu")
+        if entry.get("runtime", {}).get("name", "torch") == runtime:
+            continue
+        source = build_input(m, root=REPO, lowercase=config.get("text", {}).get("lowercase", True))
+
+        def calibration(source=source):
+            import pandas as pd
+
+            return sample_calibration(pd.read_csv(train)[source.column].tolist(), source.content, int8)
+
+        enc.set_runtime(runtime, int8=int8, calibration=calibration)
+        config["encoders"][m] = enc.describe()
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out_dir
+
+
+def bench_predictor(model_dir: Path, inputs: list[tuple[bytes, str]], device: str, seconds: float) -> dict:
+    """The bare Predictor on the same (decoded) inputs: items/s per thread count and batch size.
+
+    The best of all is the limit a server can approach (the server's own thread setting is a param).
+    A Predictor per thread count: ONNX Runtime sessions take torch's thread count when built."""
     import torch
 
     from mmfusion.data.images import decode_image
     from mmfusion.serving.predictor import Predictor
 
-    predictor = Predictor.from_dir(model_dir, device=device)
     items = [{"image": decode_image(png), "text": text} for png, text in inputs]
-    predictor.predict(items[:4])  # load weights
     grid = {}
     for threads in sorted({1, os.cpu_count() or 1}):
         torch.set_num_threads(threads)
+        predictor = Predictor.from_dir(model_dir, device=device)
+        predictor.predict(items[:4])  # load weights / sessions
         for bs in (1, 4, 8, 16, 32):
             n = 0
             t0 = time.perf_counter()
@@ -139,6 +173,54 @@ def bench_predictor(model_dir: Path, inputs: list[tuple[bytes, str]], device: st
     return {"grid": grid, "best": best, "best_items_per_s": grid[best]["items_per_s"]}
 
 
+def run_runtime(args, work: Path, model_dir: Path, model_tag: str, inputs, device: str, runtime: str) -> dict:
+    """Served points (per batching mode and concurrency) and the in-process limit of one model folder."""
+    import yaml
+
+    result: dict = {"served": {}}
+    for mode in args.modes:
+        params_file = work / f"params-{runtime}-{mode}.yaml"
+        from mmfusion.config import PackageParams, apply_overrides, params_to_dict
+
+        package = params_to_dict(PackageParams())
+        package["batching"]["enabled"] = "true" if mode == "on" else "false"
+        params_file.write_text(yaml.safe_dump(apply_overrides({"package": package}, [f"package.{a}" for a in args.set])))
+        env = {
+            **os.environ,
+            "MMFUSION_PARAMS": str(params_file),
+            "MMFUSION_MODEL": model_tag,
+            "MMFUSION_INFERENCE_LOG": str(work / f"inference-{runtime}-{mode}.sqlite"),
+        }
+        proc, url = start_server(env, work / f"serve-{runtime}-{mode}.log")
+        try:
+            points = []
+            for c in args.concurrency:
+                point = asyncio.run(load_point(url, inputs, c, args.seconds, args.warmup))
+                point["load_average"] = load_average()
+                print(f"{runtime} batching {mode:3s} c={c:3d}: {point}", file=sys.stderr)
+                points.append(point)
+            result["served"][f"batching_{mode}"] = points
+        finally:
+            stop_server(proc)
+    if args.no_in_process:
+        result["in_process"] = {"skipped": True, "best": None, "best_items_per_s": None}
+    else:
+        result["in_process"] = bench_predictor(model_dir, inputs, device, max(3.0, args.seconds / 2))
+    limit = result["in_process"]["best_items_per_s"]
+    result["summary"] = {
+        mode: {
+            f"c{p['concurrency']}": {
+                "requests_per_s": p["requests_per_s"],
+                "p50_ms": p["p50_ms"],
+                "fraction_of_in_process_limit": round(p["requests_per_s"] / limit, 3) if limit else None,
+            }
+            for p in points
+        }
+        for mode, points in result["served"].items()
+    }
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", default="models/best")
@@ -152,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         help="package params for the served runs, as `dvc exp run -S` takes them without `package.` "
         "(cpu_threads=2 batching.max_batch_size=16)",
     )
+    parser.add_argument("--runtimes", nargs="+", default=["recorded"], help="encoder runtimes to compare: recorded (the model's own), torch, onnx, onnx-int8, auto (each encoder's default)")
     parser.add_argument("--no-in-process", action="store_true", help="skip the in-process limit (quick A/B of server settings)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -203,52 +286,46 @@ def main(argv: list[str] | None = None) -> int:
         "note": "load generator runs on the same machine; other work on the machine disturbs the numbers",
         "served": {},
     }
-    for mode in args.modes:
-        params_file = work / f"params-{mode}.yaml"
-        package = params_to_dict(PackageParams())
-        package["batching"]["enabled"] = "true" if mode == "on" else "false"
-        params_file.write_text(yaml.safe_dump(apply_overrides({"package": package}, overrides)))
-        env = {
-            **os.environ,
-            "MMFUSION_PARAMS": str(params_file),
-            "MMFUSION_MODEL": model_tag,
-            "MMFUSION_INFERENCE_LOG": str(work / f"inference-{mode}.sqlite"),
-        }
-        proc, url = start_server(env, work / f"serve-{mode}.log")
-        try:
-            points = []
-            for c in args.concurrency:
-                point = asyncio.run(load_point(url, inputs, c, args.seconds, args.warmup))
-                point["load_average"] = load_average()
-                print(f"batching {mode:3s} c={c:3d}: {point}", file=sys.stderr)
-                points.append(point)
-            result["served"][f"batching_{mode}"] = points
-        finally:
-            stop_server(proc)
-    if args.no_in_process:
-        result["in_process"] = {"skipped": True, "best": None, "best_items_per_s": None}
-    else:
-        result["in_process"] = bench_predictor(model_dir, inputs, device, max(3.0, args.seconds / 2))
-    limit = result["in_process"]["best_items_per_s"]
-    result["summary"] = {
-        mode: {
-            f"c{p['concurrency']}": {
-                "requests_per_s": p["requests_per_s"],
-                "p50_ms": p["p50_ms"],
-                "fraction_of_in_process_limit": round(p["requests_per_s"] / limit, 3) if limit else None,
-            }
-            for p in points
-        }
-        for mode, points in result["served"].items()
-    }
+    result["runtimes"] = {}
+    for runtime in args.runtimes:
+        rt_dir = model_dir if runtime == "recorded" else with_runtime(model_dir, runtime, work / f"model-{runtime}")
+        rt_info = describe_model(rt_dir, PackageParams(smoke_test=False))
+        rt_tag, _ = save_bento_model(rt_dir, "mmfusion", rt_info)
+        print(f"runtime {runtime}: {rt_tag}", file=sys.stderr)
+        result["runtimes"][runtime] = run_runtime(args, work, rt_dir, rt_tag, inputs, device, runtime)
+    first = result["runtimes"][args.runtimes[0]]
+    result.update({k: first[k] for k in ("served", "in_process", "summary")})
     result["load_average_end"] = load_average()
+    if "torch" in result["runtimes"] and len(result["runtimes"]) > 1:
+        result["vs_torch"] = compare_runtimes(result["runtimes"])
     out = Path(args.out) if args.out else REPO / "bench" / "results" / f"serve-{device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result["summary"], indent=2))
-    print(f"in-process limit: {limit} items/s ({result['in_process']['best']}); wrote {out}")
+    for runtime, r in result["runtimes"].items():
+        print(runtime, json.dumps(r["summary"], indent=2))
+        print(f"{runtime} in-process limit: {r['in_process']['best_items_per_s']} items/s ({r['in_process']['best']})")
+    if "vs_torch" in result:
+        print(json.dumps(result["vs_torch"], indent=2))
+    print(f"wrote {out}")
     shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def compare_runtimes(runtimes: dict) -> dict:
+    """Served req/s of each runtime over torch's, per batching mode and concurrency (same run, same inputs)."""
+    base = runtimes["torch"]["summary"]
+    out = {}
+    for runtime, r in runtimes.items():
+        out[runtime] = {
+            mode: {
+                c: round(v["requests_per_s"] / base[mode][c]["requests_per_s"], 2) if base.get(mode, {}).get(c, {}).get("requests_per_s") else None
+                for c, v in points.items()
+            }
+            for mode, points in r["summary"].items()
+        }
+        limit = r["in_process"].get("best_items_per_s")
+        out[runtime]["in_process_limit_items_per_s"] = limit
+    return out
 
 
 if __name__ == "__main__":

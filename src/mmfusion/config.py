@@ -90,6 +90,17 @@ class AugmentParams:
 
 
 @dataclass(frozen=True)
+class Int8Params:
+    """Static int8 quantisation of onnx-int8 encoders (mmfusion.encoders.runtime.Int8Settings)."""
+
+    calibration_size: int = 64  # distinct training inputs (originals, not augmented views) per encoder
+    seed: int = 0
+    per_channel: bool = True
+    reduce_range: bool = True  # 7-bit weights: no int16 saturation on AVX2-only CPUs (VPMADDUBSW)
+    calibrate_method: str = "minmax"  # minmax | entropy | percentile
+
+
+@dataclass(frozen=True)
 class FeaturizeParams:
     """Owned by the featurize stage (issue 3)."""
 
@@ -102,6 +113,12 @@ class FeaturizeParams:
     storage_dtype: str = "float16"  # float16 | float32: dtype of features/*.safetensors
     cache_dir: str = ".cache/features"  # content-addressed embedding cache, relative to the project root
     on_bad_input: str = "skip"  # skip (drop the row, report it) | fail (stop after caching the rest)
+    # encoder runtime for every modality: auto (each encoder's measured default per device) | torch | onnx | onnx-int8
+    runtime: str = "torch"  # auto: onnx-int8 images + onnx texts on CPU (README: Encoder runtimes)
+    runtimes: dict[str, str] = field(default_factory=dict)  # modality -> runtime, overrides `runtime`
+    onnx_threads: int = 0  # ONNX Runtime intra-op threads; 0 = cpu_threads, else one per core
+    onnx_cache_dir: str = ".cache/onnx"  # exported ONNX files, content-addressed by encoder fingerprint
+    int8: Int8Params = field(default_factory=Int8Params)
 
 
 @dataclass(frozen=True)

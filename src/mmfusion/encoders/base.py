@@ -10,6 +10,10 @@ one in DataLoader workers and training, evaluation and serving still share one c
 
 `encode(items)` chains the three in batches. The model is loaded lazily on the first forward,
 so a fully cached featurize run never loads weights.
+
+`forward` runs under the encoder's runtime (mmfusion.encoders.runtime): `torch` (default), or the
+same module exported to ONNX (`onnx`, `onnx-int8`), chosen with `set_runtime`. An exportable
+encoder implements `export_spec` (the torch module over a collated batch) and `onnx_feed`.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mmfusion.devices import resolve_device
@@ -90,6 +95,10 @@ class Encoder(ABC):
     batch_by_length: bool = False
     # Preprocessing may cut an item (texts over the tokenizer limit): see count_truncated.
     may_truncate: bool = False
+    # The runtime `auto` picks per device (measured: README "Encoder runtimes"); only for exportable encoders.
+    default_runtimes: dict[str, str] = {"cpu": "torch", "cuda": "torch"}
+    # Op types int8 quantises (None: every op ONNX Runtime can quantise).
+    int8_op_types: tuple[str, ...] | None = None
 
     def __init__(self, device: str | torch.device = "auto", batch_size: int | None = None):
         self.device = resolve_device(device)
@@ -99,6 +108,13 @@ class Encoder(ABC):
         self.amp_dtype = autocast_dtype(self.device)
         self._model: torch.nn.Module | None = None
         self._load_lock = threading.Lock()
+        self.runtime = "torch"
+        self.runtime_threads = 0
+        self.onnx_cache_dir: Path | None = None
+        self.int8 = None  # runtime.Int8Settings for onnx-int8
+        self.calibration = None  # runtime.Calibration for onnx-int8
+        self._session = None
+        self._session_lock = threading.Lock()  # not _load_lock: building a session loads the model
 
     # --- identity -------------------------------------------------------------------------
 
@@ -113,31 +129,142 @@ class Encoder(ABC):
 
     @property
     def fingerprint(self) -> str:
-        """`<name>@<digest>`: the digest covers the name, the weights files' sha256 and the preprocessing."""
+        """`<name>@<digest>`: the digest covers the name, the weights files' sha256, the preprocessing
+        and, for an ONNX runtime, the runtime, opset, int8 settings and calibration inputs' digest
+        (torch adds nothing, so torch fingerprints are those of before runtimes existed)."""
         if not hasattr(self, "_fingerprint"):
             ident = {
                 "name": self.name,
                 "weights": [file_sha256(p) for p in self.weights_files()],
                 "preprocessing": self.preprocessing,
             }
+            if self.runtime != "torch":
+                ident["runtime"] = self.runtime_ident()
             digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
             self._fingerprint = f"{self.name}@{digest}"
         return self._fingerprint
 
     @property
     def precision(self) -> str:
-        """The numeric precision of forward: fp32 on CPU, bf16/fp16 under CUDA autocast."""
+        """The numeric precision of forward: fp32 on CPU, bf16/fp16 under CUDA autocast, int8 for onnx-int8."""
+        if self.runtime == "onnx-int8":
+            return "int8"
+        if self.runtime == "onnx":
+            return "fp32"
         return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
 
-    def describe(self) -> dict[str, Any]:
-        """The entry written into features/meta.json for this encoder's modality."""
+    def runtime_ident(self) -> dict[str, Any]:
+        """What defines the runtime's numerics (hashed into the fingerprint)."""
+        from mmfusion.encoders.runtime import OPSET
+
+        ident: dict[str, Any] = {"runtime": self.runtime, "opset": OPSET}
+        if self.runtime == "onnx-int8":
+            ident["int8"] = self.int8.ident()
+            ident["calibration"] = self.calibration.digest
+        return ident
+
+    def describe(self, brief: bool = False) -> dict[str, Any]:
+        """The entry written into features/meta.json (and every model's config) for this encoder's modality.
+
+        `runtime` records how to rebuild the runtime offline: for onnx-int8 that includes the
+        calibration inputs themselves (base64 content; `brief` leaves them out).
+        """
+        runtime: dict[str, Any] = {"name": self.runtime}
+        if self.runtime != "torch":
+            runtime.update(self.runtime_ident())
+            runtime.pop("runtime")
+        if self.runtime == "onnx-int8":
+            runtime["calibration"] = {"size": len(self.calibration.contents), "digest": self.calibration.digest}
+            if not brief:
+                runtime["calibration"] = self.calibration.to_json()
         return {
             "encoder": self.name,
             "dim": self.dim,
             "fingerprint": self.fingerprint,
             "preprocessing": self.preprocessing,
             "precision": self.precision,
+            "runtime": runtime,
         }
+
+    # --- runtimes -------------------------------------------------------------------------
+
+    @property
+    def exportable(self) -> bool:
+        """True when the encoder can run under onnx / onnx-int8 (it implements export_spec)."""
+        return type(self).export_spec is not Encoder.export_spec
+
+    def set_runtime(
+        self,
+        runtime: str = "torch",
+        threads: int = 0,
+        cache_dir: str | Path | None = None,
+        int8: Any = None,
+        calibration: Any = None,
+    ) -> Encoder:
+        """Run forward under `runtime` (torch | onnx | onnx-int8 | auto); returns self.
+
+        `threads`: ONNX Runtime intra-op threads (0: torch's current thread count). `cache_dir`:
+        where exported files live (default: $MMFUSION_ONNX_CACHE or .cache/onnx). onnx-int8 needs
+        `int8` (runtime.Int8Settings) and `calibration` (runtime.Calibration, or a zero-argument
+        callable returning one: only called for onnx-int8).
+        """
+        from mmfusion.encoders.runtime import Int8Settings, default_cache_dir, resolve_runtime
+
+        runtime = resolve_runtime(runtime, self)
+        if runtime == "onnx-int8":
+            int8 = int8 or Int8Settings()
+            calibration = calibration() if callable(calibration) else calibration
+            if calibration is None or not calibration.contents:
+                raise ValueError(f"encoder {self.name!r}: runtime onnx-int8 needs calibration inputs (real training samples)")
+        self.runtime = runtime
+        self.runtime_threads = int(threads)
+        self.onnx_cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.int8 = int8 if runtime == "onnx-int8" else None
+        self.calibration = calibration if runtime == "onnx-int8" else None
+        self._session = None
+        self.__dict__.pop("_fingerprint", None)
+        return self
+
+    def set_runtime_from(self, recorded: dict[str, Any] | None, threads: int = 0, cache_dir: str | Path | None = None) -> Encoder:
+        """Set the runtime a model folder recorded (`describe()["runtime"]`); none recorded means torch."""
+        from mmfusion.encoders.runtime import Calibration, Int8Settings
+
+        recorded = recorded or {"name": "torch"}
+        int8 = Int8Settings(**recorded["int8"]) if "int8" in recorded else None
+        calibration = Calibration.from_json(recorded["calibration"]) if "calibration" in recorded else None
+        return self.set_runtime(recorded["name"], threads=threads, cache_dir=cache_dir, int8=int8, calibration=calibration)
+
+    def export_spec(self) -> Any:
+        """runtime.ExportSpec: the torch module over a collated batch, for ONNX export (exportable encoders)."""
+        raise NotImplementedError(f"encoder {self.name!r} has no ONNX export")
+
+    def onnx_feed(self, batch: Any) -> dict[str, np.ndarray]:
+        """A collated batch as the ONNX graph's inputs (numpy)."""
+        raise NotImplementedError(f"encoder {self.name!r} has no ONNX export")
+
+    def item_from_content(self, content: bytes) -> Any:
+        """A decoded item from a sample's content bytes (calibration inputs are stored as content)."""
+        raise NotImplementedError
+
+    def calibration_feeds(self, batch_size: int = 8) -> list[dict[str, np.ndarray]]:
+        """The calibration inputs as ONNX feeds, in batches."""
+        items = [self.prepare(self.item_from_content(c)) for c in self.calibration.contents]
+        order = list(range(len(items)))
+        if self.batch_by_length:
+            order.sort(key=lambda i: len(items[i]))
+        return [self.onnx_feed(self.collate([items[i] for i in chunk])) for chunk in _chunks(order, batch_size)]
+
+    @property
+    def session(self):
+        """The ONNX Runtime session (built or loaded from the ONNX cache on first use)."""
+        if self._session is None:
+            with self._session_lock:
+                if self._session is None:
+                    from mmfusion.encoders.runtime import build_onnx_file, create_session, onnx_threads
+
+                    path = build_onnx_file(self, self.onnx_cache_dir)
+                    self._session = create_session(path, onnx_threads(self.runtime_threads), self.device.type)
+        return self._session
 
     # --- the three steps ------------------------------------------------------------------
 
@@ -168,7 +295,10 @@ class Encoder(ABC):
         """Model forward on one collated batch; returns [B, dim] on the device."""
 
     def forward(self, batch: Any) -> torch.Tensor:
-        """One collated batch -> [B, dim] float32 on CPU, under inference_mode and autocast."""
+        """One collated batch -> [B, dim] float32 on CPU, under inference_mode and autocast (or through ONNX Runtime)."""
+        if self.runtime != "torch":
+            (out,) = self.session.run(None, self.onnx_feed(batch))
+            return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
         amp = (
             torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
             if self.amp_dtype is not None
@@ -196,7 +326,23 @@ class Encoder(ABC):
         return 0
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, device={self.device}, batch_size={self.batch_size})"
+        return (
+            f"{type(self).__name__}(name={self.name!r}, device={self.device}, batch_size={self.batch_size}, "
+            f"runtime={self.runtime!r})"
+        )
+
+
+class ForwardModule(torch.nn.Module):
+    """An encoder's `_forward` as an nn.Module over named input tensors (what ONNX export traces)."""
+
+    def __init__(self, encoder: Encoder, names: Sequence[str], as_dict: bool):
+        super().__init__()
+        self.model = encoder.model  # registered, so the export sees its parameters
+        self._encoder, self._names, self._as_dict = encoder, tuple(names), as_dict
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        batch = dict(zip(self._names, tensors)) if self._as_dict else tensors[0]
+        return self._encoder._forward(batch).float()
 
 
 def _chunks(seq: list[int], size: int) -> Iterator[list[int]]:

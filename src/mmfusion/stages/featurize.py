@@ -19,6 +19,7 @@ from mmfusion import paths
 from mmfusion.config import FeaturizeParams, Params
 from mmfusion.data.manifest import read_manifest
 from mmfusion.encoders import create_encoder, encoder_modality
+from mmfusion.encoders.runtime import apply_featurize_runtime, check_featurize_runtime
 from mmfusion.features.cache import FeatureCache
 from mmfusion.features.extract import build_input, extract_features
 from mmfusion.features.store import save_features
@@ -46,6 +47,7 @@ def check_params(p: FeaturizeParams) -> None:
         produced = encoder_modality(name)  # unknown name -> ValueError listing the available ones
         if produced != modality:
             raise ValueError(f"featurize.encoders.{modality}: encoder {name!r} makes {produced!r} features, not {modality!r}")
+    check_featurize_runtime(p)
 
 
 def read_splits(root: Path) -> dict[str, pd.DataFrame]:
@@ -84,7 +86,8 @@ def build_features(params: Params, root: Path, out_dir: Path, progress: bool = T
         source = build_input(modality, root=root, background=params.clean.background, lowercase=params.clean.lowercase)
         if source.column not in allrows.columns:
             raise ValueError(f"featurize: modality {modality!r} needs a {source.column!r} column in the split manifests")
-        cache = FeatureCache(cache_root, f"{encoder.fingerprint}-{encoder.precision}", encoder.dim, encoder.describe())
+        apply_featurize_runtime(encoder, p, modality, root, lambda: frames["train"][source.column].tolist(), source.content)
+        cache = FeatureCache(cache_root, f"{encoder.fingerprint}-{encoder.precision}", encoder.dim, encoder.describe(brief=True))
         values = allrows[source.column].tolist()
         result = extract_features(encoder, source, values, cache, num_workers=p.num_workers, progress=progress)
         arrays[modality] = result.features

@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=20, help="clean and drifted windows per size")
     parser.add_argument("--train-items", type=int, default=400, help="train items sent for windows larger than test")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "drift.json"))
+    parser.add_argument("--reuse-log", default="", help="an inference log of an earlier run (its serve step): skip serving")
     args = parser.parse_args(argv)
 
     import numpy as np
@@ -163,21 +164,28 @@ def main(argv: list[str] | None = None) -> int:
     pairs_train = load_pairs([REPO / "data" / "split" / "train.csv"])[: args.train_items] if max(args.sizes) > len(pairs_test) else []
     render_s = time.perf_counter() - t0
     log_path = work / "inference.sqlite"
-    env = {**os.environ, "MMFUSION_INFERENCE_LOG": str(log_path), "BENTOML_HOME": os.environ.get("BENTOML_HOME", str(REPO / ".bentoml"))}
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "bentoml", "serve", tag, "--host", "127.0.0.1", "--port", str(port)]
-    proc = start_until_ready(cmd, f"{url}/readyz", work / "serve.log", 300, cwd=REPO, env=env)
-    try:
-        t0 = time.perf_counter()
-        for style in ("twemoji", "openmoji"):
-            send(url, pairs_test, style)
-            if pairs_train:
-                send(url, pairs_train, style)
-        send_s = time.perf_counter() - t0
-        wait_rows(log_path, 2 * (len(pairs_test) + len(pairs_train)))
-    finally:
-        stop_process_group(proc)
+    send_s = None
+    if args.reuse_log:
+        import sqlite3
+
+        with sqlite3.connect(args.reuse_log) as src, sqlite3.connect(log_path) as dst:
+            src.backup(dst)  # WAL-safe copy
+    else:
+        env = {**os.environ, "MMFUSION_INFERENCE_LOG": str(log_path), "BENTOML_HOME": os.environ.get("BENTOML_HOME", str(REPO / ".bentoml"))}
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "bentoml", "serve", tag, "--host", "127.0.0.1", "--port", str(port)]
+        proc = start_until_ready(cmd, f"{url}/readyz", work / "serve.log", 300, cwd=REPO, env=env)
+        try:
+            t0 = time.perf_counter()
+            for style in ("twemoji", "openmoji"):
+                send(url, pairs_test, style)
+                if pairs_train:
+                    send(url, pairs_train, style)
+            send_s = time.perf_counter() - t0
+            wait_rows(log_path, 2 * (len(pairs_test) + len(pairs_train)))
+        finally:
+            stop_process_group(proc)
     data = load_log(log_path, reference.modalities)
     pool = pools(data, reference.modalities)
     p = params.monitor
@@ -238,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         "reference": ref_meta,
         "items": {"test_pairs": len(pairs_test), "train_pairs": len(pairs_train)},
         "render_seconds": round(render_s, 2),
-        "send_seconds": round(send_s, 2),
+        "send_seconds": round(send_s, 2) if send_s is not None else None,
         "monitor_params": dataclasses.asdict(p),
         "sizes": results,
         "full_run": {

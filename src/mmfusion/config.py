@@ -259,6 +259,9 @@ class MonitorEmbeddings:
     # (adapts to the window size); false: the fixed `threshold`; auto: true when the reference has < 1,000 rows
     bootstrap: str = "true"
     quantile: float = 0.99  # with bootstrap: 0.99 keeps false alarms near 1% per modality and window
+    # and the score must reach this effect size too (model: AUC): a significant but tiny difference
+    # (new items of the same kind, e.g. a split's own mix of emoji groups) is not an alarm; 0 disables
+    min_score: float = 0.65
     second_method: str = "mmd"  # a second signal, reported beside the first ("" = none); the verdict uses `method`
     second_threshold: float = 0.015
     max_rows: int = 2000  # reference and window are each sampled down to this many rows (seeded)

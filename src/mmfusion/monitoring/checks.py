@@ -115,6 +115,10 @@ def embedding_checks(cur: MonitorData, ref: MonitorData, p: MonitorParams, rng: 
             extra = {"modality": m, "rows": int(len(c)), "bootstrap": boot, **({"quantile": e.quantile} if boot else {})}
             if boot and name == "model":
                 threshold = round(bootstrap_auc_threshold(len(c), len(r), e.quantile), 6)
+            if k == 0 and e.min_score > 0:
+                drifted = drifted and score >= e.min_score
+                threshold = max(float(threshold), e.min_score)
+                extra["min_score"] = e.min_score
             checks.append(_check(check_name, "embedding", name, score, threshold, drifted, severity, **extra))
     return checks
 

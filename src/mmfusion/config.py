@@ -50,6 +50,7 @@ class CleanParams:
     allowed_labels: tuple[str, ...] = ()  # empty: every label in the data
     label_aliases: dict[str, str] = field(default_factory=dict)  # raw -> canonical
     background: tuple[int, int, int] = (255, 255, 255)  # alpha is flattened onto it
+    allow_missing_modality: bool = True  # keep rows with only an image (empty text) or only a text (no image path)
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class ValidateParams:
     min_per_class: int = 5
     max_imbalance: float = 25.0  # largest class / smallest class
     warn_imbalance: float = 10.0  # above this: a warning, the pipeline goes on
+    max_missing_modality_share: float = 0.5  # critical: share of rows with only an image or only a text
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,16 @@ def leaderboard_markdown(rows: list[dict], winner: str, metric: str) -> str:
             f"{r['test']['auroc']:.3f} | {r['test']['ece']:.3f} -> {r['test']['ece_calibrated']:.3f} | "
             f"{cell('without_image')} | {cell('without_text')} |"
         )
+    patterns = sorted({k for r in rows for k in r["test"].get("by_presence", {})})
+    if len(patterns) > 1:  # the data has rows missing a modality: accuracy on each kind of row
+        lines += ["", "Test accuracy per presence pattern (rows in the test data):", "",
+                  "| strategy | " + " | ".join(f"{k} (n={rows[0]['test']['by_presence'].get(k, {}).get('n', 0)})"
+                                               for k in patterns) + " |",
+                  "|---|" + "---|" * len(patterns)]
+        for r in rows:
+            by = r["test"]["by_presence"]
+            lines.append(f"| {r['strategy']} | " + " | ".join(
+                f"{by[k]['accuracy']:.3f}" if k in by else "-" for k in patterns) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -77,7 +87,10 @@ def raw_check(params: Params, root: Path, winner: StrategyEvaluation, labels: li
     predictor = Predictor.from_dir(root / paths.BEST, device=params.evaluate.device)
     background = tuple(params.clean.background)
     items = [
-        {"image": decode_image(root / test.iloc[i]["image"], background=background), "text": test.iloc[i]["text"]}
+        {
+            "image": decode_image(root / test.iloc[i]["image"], background=background) if test.iloc[i]["image"] else None,
+            "text": test.iloc[i]["text"],
+        }
         for i in rows
     ]
     results = []

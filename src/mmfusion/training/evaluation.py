@@ -14,7 +14,7 @@ from mmfusion.training.loop import predict_logits
 from mmfusion.training.metrics import bootstrap_ci, classification_metrics, fit_temperature
 
 SELECTION_METRICS = ("accuracy", "macro_f1", "auroc")
-SUMMARY_KEYS = ("accuracy", "macro_f1", "auroc", "ece", "ece_calibrated", "nll", "nll_calibrated")
+SUMMARY_KEYS = ("accuracy", "macro_f1", "auroc", "ece", "ece_calibrated", "nll", "nll_calibrated", "by_presence")
 
 
 @dataclass
@@ -42,33 +42,59 @@ class StrategyEvaluation:
         }
 
 
-def hide(n: int, modalities: tuple[str, ...], missing: str | None) -> torch.Tensor:
-    """A `[n, M]` presence mask with `missing` hidden everywhere (None: all present)."""
-    mask = torch.ones(n, len(modalities), dtype=torch.bool)
+def hide(n: int, modalities: tuple[str, ...], missing: str | None, present: torch.Tensor | None = None) -> torch.Tensor:
+    """A `[n, M]` presence mask with `missing` hidden everywhere (None: as given; `present` default: all)."""
+    mask = torch.ones(n, len(modalities), dtype=torch.bool) if present is None else present.clone()
     if missing is not None:
         mask[:, modalities.index(missing)] = False
     return mask
+
+
+def presence_pattern_names(present: torch.Tensor, modalities: tuple[str, ...]) -> list[str]:
+    """Each row's pattern: `image+text` (every modality), `<m>_only` (one), or the present ones joined by `+`."""
+    names = []
+    for row in present.tolist():
+        have = [m for m, h in zip(modalities, row) if h]
+        names.append(
+            "+".join(modalities) if len(have) == len(modalities) else f"{have[0]}_only" if len(have) == 1
+            else "+".join(have) or "none"
+        )
+    return names
+
+
+def accuracy_by_presence(logits: np.ndarray, y: np.ndarray, present: torch.Tensor, modalities: tuple[str, ...]) -> dict:
+    """{pattern: {"n", "accuracy"}} over the rows of each presence pattern in the data."""
+    names = np.array(presence_pattern_names(present, modalities))
+    correct = logits.argmax(axis=1) == y
+    return {
+        name: {"n": int((names == name).sum()), "accuracy": float(correct[names == name].mean())}
+        for name in sorted(set(names.tolist()))
+    }
 
 
 def evaluate_head(
     name: str, head: FusionHead, val: FeatureSet, test: FeatureSet, labels: list[str], p: EvaluateParams
 ) -> StrategyEvaluation:
     """Metrics on val and test (temperature fitted on val), and test metrics with each modality hidden."""
-    val_logits = predict_logits(head, val)
-    test_logits = predict_logits(head, test)
+    data_modalities = tuple(test.x)  # the data's modalities (a unimodal head reads one of them)
+    val_logits = predict_logits(head, val, present=val.presence(head.modalities))
+    test_present = test.presence(head.modalities)
+    test_logits = predict_logits(head, test, present=test_present)
     temperature = fit_temperature(val_logits, val.y.numpy())
     metrics = lambda logits, y: classification_metrics(logits, y, labels, temperature, p.ece_bins)  # noqa: E731
     ablation = {}
     if len(head.modalities) > 1:
         for m in head.modalities:
-            logits = predict_logits(head, test, present=hide(len(test), head.modalities, m))
+            logits = predict_logits(head, test, present=hide(len(test), head.modalities, m, test_present))
             ablation[f"without_{m}"] = metrics(logits, test.y.numpy())
+    test_metrics = metrics(test_logits, test.y.numpy())
+    test_metrics["by_presence"] = accuracy_by_presence(test_logits, test.y.numpy(), test.presence(), data_modalities)
     return StrategyEvaluation(
         name=name,
         unimodal=bool(head.unimodal),
         temperature=temperature,
         val=metrics(val_logits, val.y.numpy()),
-        test=metrics(test_logits, test.y.numpy()),
+        test=test_metrics,
         ablation=ablation,
         test_logits=test_logits,
         val_logits=val_logits,

@@ -15,6 +15,7 @@ from mmfusion.training.checkpoint import save_checkpoint
 from mmfusion.training.data import FeatureSet
 from mmfusion.training.loop import seed_everything, train_head
 from mmfusion.training.plots import plot_curves
+from mmfusion.training.presence import mark_missing, presence_from_nan
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,11 @@ def fit_strategy(
     seed_everything(p.seed)
     dims = {m: encoders[m]["dim"] if m in encoders else d for m, d in train.dims.items()}
     head = create_head(name, dims=dims, num_classes=len(labels), **head_options(name, p))
-    result = train_head(head, train, val, p, device)
+    if train.complete and val.complete:
+        result = train_head(head, train, val, p, device)
+    else:  # rows without a modality in the data: the loop must see them as missing, not as zeros
+        with presence_from_nan(head):
+            result = train_head(head, mark_missing(train), mark_missing(val), p, device)
     config = {
         "labels": labels,
         "encoders": {m: encoders.get(m, {}) for m in head.modalities},

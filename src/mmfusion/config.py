@@ -156,6 +156,10 @@ class EvaluateParams:
     seed: int = 0
     raw_check: int = 64  # test samples re-predicted from raw files through Predictor; 0 disables
     device: str = "auto"  # for the raw check's encoders
+    selection: str = "auto"  # auto (cv when train+val has fewer than cv_max_rows rows) | cv | holdout
+    cv_folds: int = 5  # grouped, stratified folds over train+val
+    cv_max_rows: int = 5000  # auto: below this many train+val rows, select by cross-validation
+    ensemble_size: int = 25  # greedy ensemble selection rounds (the `ensemble` strategy)
 
 
 @dataclass(frozen=True)

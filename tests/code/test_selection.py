@@ -104,3 +104,19 @@ def test_ensemble_records_its_members_and_loads_through_the_checkpoint(evaluated
     head, _ = load_checkpoint(tmp_path / "m")
     with torch.no_grad():
         assert np.allclose(predict_logits(head, test), ens.evaluation.test_logits, atol=1e-5)
+
+
+def test_predictor_serves_the_bag_from_models_best(evaluated):
+    from types import SimpleNamespace
+
+    from mmfusion.serving.predictor import Predictor
+
+    config = json.loads((evaluated / "models/best/config.json").read_text())
+    encoders = {m: SimpleNamespace(fingerprint=e["fingerprint"]) for m, e in config["encoders"].items()}
+    predictor = Predictor.from_dir(evaluated / "models/best", device="cpu", encoders=encoders)
+    test = load_split(evaluated / "features", "test", LABELS)
+    out = predictor.predict_embeddings({m: a.numpy() for m, a in test.x.items()})
+    metrics = json.loads((evaluated / "reports/evaluate/metrics.json").read_text())
+    acc = np.mean([r["label"] == LABELS[y] for r, y in zip(out, test.y.tolist())])
+    assert acc == pytest.approx(metrics["strategies"][metrics["winner"]]["test"]["accuracy"], abs=1e-6)
+    assert all(abs(sum(r["contributions"].values()) - 1) < 1e-5 for r in out)

@@ -23,7 +23,7 @@ from mmfusion.fusion import FusionHead
 from mmfusion.training.checkpoint import load_checkpoint, read_config
 from mmfusion.training.crossval import CVResult, bag, cross_validate, fold_scores, load_bag_weights, make_folds
 from mmfusion.training.data import FeatureSet
-from mmfusion.training.ensemble_selection import blend, crossfit_probs, greedy_selection
+from mmfusion.training.ensemble_selection import crossfit_probs, greedy_selection
 from mmfusion.training.evaluation import StrategyEvaluation, evaluate_from_logits, evaluate_head
 from mmfusion.training.loop import resolve_device
 from mmfusion.training.metrics import softmax

@@ -50,7 +50,7 @@ def configure(proj: Path, manifest: Path, columns: dict, overrides: dict, cache:
 
 def repro(proj: Path, api_url: str, bentoml_home: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PREFECT_API_URL": api_url, "BENTOML_HOME": str(bentoml_home)}
-    return subprocess.run([DVC, "repro"], cwd=proj, capture_output=True, text=True, env=env, timeout=900)
+    return subprocess.run([DVC, "repro"], cwd=proj, capture_output=True, text=True, env=env, timeout=1800)
 
 
 ERROR_LINE = re.compile(r"^(ingest|clean|validate|split|augment|featurize|train|evaluate|package): (error|failed): .+$",

@@ -56,6 +56,7 @@ class CleanParams:
     allowed_labels: tuple[str, ...] = ()  # empty: every label in the data
     label_aliases: dict[str, str] = field(default_factory=dict)  # raw -> canonical
     background: tuple[int, int, int] = (255, 255, 255)  # alpha is flattened onto it
+    allow_missing_modality: bool = True  # keep rows with only an image (empty text) or only a text (no image path)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class ValidateParams:
     min_per_class: int = 5
     max_imbalance: float = 25.0  # largest class / smallest class
     warn_imbalance: float = 10.0  # above this: a warning, the pipeline goes on
+    max_missing_modality_share: float = 0.5  # critical: share of rows with only an image or only a text
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,7 @@ class TrainParams:
         "cross_attention",
         "late",
         "late_stacking",
+        "ensemble",
     )
     hidden_dim: int = 256
     dropout: float = 0.2
@@ -177,6 +180,10 @@ class EvaluateParams:
     seed: int = 0
     raw_check: int = 64  # test samples re-predicted from raw files through Predictor; 0 disables
     device: str = "auto"  # for the raw check's encoders
+    selection: str = "auto"  # auto (cv when train+val has fewer than cv_max_rows rows) | cv | holdout
+    cv_folds: int = 5  # grouped, stratified folds over train+val
+    cv_max_rows: int = 1000  # auto: below this many train+val rows, select by cross-validation
+    ensemble_size: int = 25  # greedy ensemble selection rounds (the `ensemble` strategy)
 
 
 @dataclass(frozen=True)

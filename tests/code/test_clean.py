@@ -26,7 +26,7 @@ def _reasons(report):
 
 def test_every_bad_row_is_dropped_with_its_reason(raw, tmp_path):
     df, raw_dir = raw
-    clean, report = clean_dataset(df, raw_dir, tmp_path / "clean", CleanParams())
+    clean, report = clean_dataset(df, raw_dir, tmp_path / "clean", CleanParams(allow_missing_modality=False))
     reasons = _reasons(report)
     assert reasons == {
         "corrupt": "undecodable_image",
@@ -107,3 +107,22 @@ def test_read_manifest_keeps_empty_strings(tmp_path):
     Path(path).write_text("id,image,text,label,group,source,license\na,images/a.png,,x,,s,\n")
     df = read_manifest(path)
     assert df.loc[0, "text"] == "" and df.loc[0, "group"] == ""
+
+
+def test_rows_with_one_modality_are_kept_and_counted(raw, tmp_path):
+    df, raw_dir = raw
+    df = df.copy()
+    df.loc[df["id"] == "plant-04", "image"] = ""  # text-only sample
+    df.loc[df["id"] == "water-05", "image"] = ""
+    df.loc[df["id"] == "water-05", "text"] = "  "  # nothing at all
+    clean, report = clean_dataset(df, raw_dir, tmp_path / "clean", CleanParams())
+    reasons = _reasons(report)
+    assert reasons["water-05"] == "no_modality"
+    assert reasons["missing"] == "missing_image"  # a named image that is not there is still a broken row
+    assert "empty-text" not in reasons and "plant-04" not in reasons
+    rows = clean.set_index("id")
+    assert rows.loc["empty-text", "text"] == "" and rows.loc["empty-text", "image_sha256"]
+    assert rows.loc["plant-04", "image"] == "" and rows.loc["plant-04", "width"] == 0
+    assert report["kept_by_presence"] == {"image+text": report["kept"] - 2, "image_only": 1, "text_only": 1}
+    off, report_off = clean_dataset(df, raw_dir, tmp_path / "clean_off", CleanParams(allow_missing_modality=False))
+    assert _reasons(report_off)["plant-04"] == "missing_image" and report_off["kept_by_presence"]["text_only"] == 0

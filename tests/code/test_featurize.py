@@ -89,9 +89,9 @@ def test_end_to_end_with_the_real_encoders(tmp_path):
     assert meta["storage_dtype"] == "float16" and meta["splits"] == {"train": 2, "val": 2, "test": 2, "augmented": 2}
     arrays, index = load_features(root / "features", "augmented")
     assert arrays["image"].shape == (2, 1280) and arrays["text"].shape == (2, 384) and arrays["image"].dtype == np.float32
-    assert list(index.columns) == ["id", "label", "group", "source_id", "view"]
+    assert list(index.columns) == ["id", "label", "group", "source_id", "view", "has_image", "has_text"]
     arrays, index = load_features(root / "features", "train")
-    assert list(index["id"]) == ["s0", "s1"] and list(index.columns) == ["id", "label", "group"]
+    assert list(index["id"]) == ["s0", "s1"] and list(index.columns) == ["id", "label", "group", "has_image", "has_text"]
     assert summary["encoders"]["image"]["encoded"] == 8  # 2 train + 2 val + 2 test + 2 views, all distinct
     assert (root / ".cache" / "features").is_dir()  # the default cache dir, inside the project root
 
@@ -141,6 +141,25 @@ def test_an_undecodable_image_is_dropped_and_reported(tmp_path, fake_encoders):
     assert "undecodable_image" in meta["dropped"][0]["reason"]
     arrays, index = load_features(root / "features", "val")
     assert "s4" not in set(index["id"]) and arrays["image"].shape[0] == arrays["text"].shape[0] == 2
+
+
+def test_rows_missing_a_modality_are_kept_with_zeros_and_a_presence_column(tmp_path, fake_encoders):
+    from mmfusion.training.data import load_split
+
+    root = write_split_fixture(tmp_path / "proj")
+    test_csv = root / "data" / "split" / "test.csv"
+    df = pd.read_csv(test_csv)
+    df.loc[0, "image"] = ""  # text-only
+    df.loc[1, "text"] = ""  # image-only
+    df.to_csv(test_csv, index=False)
+    summary = featurize.run(fake_params(tmp_path), root)
+    assert summary["dropped"] == 0 and summary["splits"]["test"] == 3
+    assert summary["missing"] == {"image": 1, "text": 1}
+    arrays, index = load_features(root / "features", "test")
+    assert list(index["has_image"]) == [0, 1, 1] and list(index["has_text"]) == [1, 0, 1]
+    assert not arrays["image"][0].any() and not arrays["text"][1].any() and arrays["image"][1].any()
+    test = load_split(root / "features", "test", sorted(CLASSES))
+    assert test.presence(("text", "image")).tolist() == [[True, False], [False, True], [True, True]]
 
 
 def test_fail_policy_stops_with_the_ids_and_keeps_the_rest_cached(tmp_path, fake_encoders):

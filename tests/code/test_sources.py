@@ -61,3 +61,29 @@ def test_limit_is_stratified(tiny_manifest, tmp_path):
     summary = ingest.run(tiny_params(tiny_manifest, ingest={"limit": 15}), tmp_path)
     assert summary["samples"] == 15
     assert set(summary["labels"]) == {"fruit", "plant", "water"}
+
+
+def test_manifest_without_id_column_gets_stable_derived_ids(tiny_manifest, tmp_path):
+    df = pd.read_csv(tiny_manifest).drop(columns=["id"])
+    path = tiny_manifest.parent / "noid.csv"
+    df.to_csv(path, index=False)
+    summary = ingest.run(tiny_params(path), tmp_path / "a")
+    assert summary["ids"].startswith("derived")
+    first = pd.read_csv(tmp_path / "a" / "data" / "raw" / "manifest.csv")
+    assert first["id"].is_unique and first["id"].str.match(r"^[\w.-]+-[0-9a-f]{10}(-\d+)?$").all()
+    assert (first.set_index("id")["image"].str.len() > 0).all()
+    # reordered rows keep their ids: an id depends on the row, not its position
+    df.iloc[::-1].to_csv(path, index=False)
+    ingest.run(tiny_params(path), tmp_path / "b")
+    second = pd.read_csv(tmp_path / "b" / "data" / "raw" / "manifest.csv")
+    key = lambda d: dict(zip(d["id"], d["text"]))  # noqa: E731
+    assert key(first) == key(second)
+
+
+def test_manifest_row_without_image_path_is_kept_for_clean(tiny_manifest, tmp_path):
+    df = pd.read_csv(tiny_manifest)
+    df.loc[0, "image"] = ""
+    df.to_csv(tiny_manifest, index=False)
+    ingest.run(tiny_params(tiny_manifest), tmp_path)
+    raw = pd.read_csv(tmp_path / "data" / "raw" / "manifest.csv", keep_default_na=False)
+    assert raw.set_index("id").loc[df.loc[0, "id"], "image"] == ""

@@ -54,3 +54,18 @@ def test_counts_table():
 def test_bad_fraction():
     with pytest.raises(ValueError, match="fraction"):
         split_dataset(_frame(), SplitParams(test_fraction=0.7))
+
+
+def test_split_stage_keeps_a_text_only_row_without_an_image_path(tmp_path):
+    from mmfusion.config import parse_params
+    from mmfusion.data.manifest import CLEAN_COLUMNS, read_manifest, write_manifest
+    from mmfusion.stages import split as split_stage
+
+    rows = [{"id": f"s{i}", "image": "" if i == 0 else f"images/s{i}.png", "text": f"t {i}", "label": f"l{i % 3}",
+             "group": f"s{i}", "source": "manifest", "license": "", "width": 0 if i == 0 else 40,
+             "height": 0 if i == 0 else 40, "image_sha256": "" if i == 0 else f"{i:064x}"} for i in range(30)]  # fmt: skip
+    write_manifest(pd.DataFrame(rows, columns=list(CLEAN_COLUMNS)), tmp_path / "data/clean/manifest.csv")
+    split_stage.run(parse_params({}), tmp_path)
+    out = pd.concat([read_manifest(tmp_path / f"data/split/{s}.csv") for s in ("train", "val", "test")])
+    images = out.set_index("id")["image"]
+    assert images["s0"] == "" and images["s1"] == "data/clean/images/s1.png"

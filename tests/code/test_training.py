@@ -25,7 +25,8 @@ FAST = {"hidden_dim": 16, "epochs": 6, "batch_size": 32, "patience": 6, "warmup_
 
 def _params(train=None, evaluate=None):
     return parse_params(
-        {"train": {**FAST, **(train or {})}, "evaluate": {"raw_check": 0, "bootstrap": 200, **(evaluate or {})}}
+        {"train": {**FAST, **(train or {})},
+         "evaluate": {"raw_check": 0, "bootstrap": 200, "selection": "holdout", **(evaluate or {})}}
     )
 
 

@@ -54,3 +54,18 @@ def test_warnings_do_not_fail(clean, tmp_path):
     df = pd.concat([df[df["label"] != "water"], df[df["label"] == "water"].head(4)])  # imbalance 10/4 = 2.5
     result = validate_manifest(df, root, tmp_path / "val", ValidateParams(min_per_class=3, warn_imbalance=2.0, max_imbalance=5.0))
     assert result["success"] and result["warnings"] == 1
+
+
+def test_rows_with_one_modality_pass_and_their_share_is_bounded(clean, tmp_path):
+    df, root = clean
+    df = df.copy()
+    df.loc[0, ["image", "width", "height", "image_sha256"]] = ["", 0, 0, ""]  # text-only
+    df.loc[1, "text"] = ""  # image-only
+    result = validate_manifest(df, root, tmp_path / "val", ValidateParams(min_per_class=3))
+    share = ((df["image"] == "") | (df["text"] == "")).mean()  # the fixture's empty-text row is image-only too
+    assert result["success"] and result["missing_modality_share"] == pytest.approx(share, abs=1e-4)
+    df.loc[1, ["image", "width", "height", "image_sha256"]] = ["", 0, 0, ""]  # now nothing at all
+    with pytest.raises(ValidationFailed) as exc:
+        validate_manifest(df, root, tmp_path / "val2", ValidateParams(min_per_class=3, max_missing_modality_share=0.05))
+    assert "column_mean_to_be_between(missing_modality" in str(exc.value)
+    assert "values_to_be_between(modalities" in str(exc.value)

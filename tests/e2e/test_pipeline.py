@@ -139,8 +139,9 @@ def test_pipeline_deployment_runs_dvc_repro_and_records_stage_flows(project, ser
     import json
 
     clean = json.loads((project / "reports" / "clean.json").read_text())
-    assert clean["dropped_by_reason"] == {"duplicate": 1, "empty_text": 1, "image_too_small": 1,
-                                          "missing_image": 1, "undecodable_image": 1}
+    # the empty-text row is an image-only sample (clean.allow_missing_modality, default on)
+    assert clean["dropped_by_reason"] == {"duplicate": 1, "image_too_small": 1, "missing_image": 1, "undecodable_image": 1}
+    assert clean["kept_by_presence"]["image_only"] == 1
     assert (project / "reports" / "validation" / "data_docs" / "index.html").exists()
     for split in ("train", "val", "test"):
         assert (project / "data" / "split" / f"{split}.csv").exists()

@@ -42,7 +42,7 @@ def read_manifest(path: str | Path, required: tuple[str, ...] = RAW_COLUMNS) -> 
     for col in STRING_COLUMNS:
         if col in df.columns:
             df[col] = df[col].fillna("").astype(str)
-    for col in ("width", "height", "view"):
+    for col in ("width", "height", "view", *(c for c in df.columns if str(c).startswith("has_"))):
         if col in df.columns:
             df[col] = pd.to_numeric(df[col]).astype(int)
     return df

@@ -21,6 +21,8 @@ from mmfusion.data.manifest import CLEAN_COLUMNS
 from mmfusion.errors import DataCheckFailed
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+# added to the clean manifest for the suite: which modalities a row has, and whether its image file exists
+DERIVED_COLUMNS = ("image_exists", "text_length", "has_image", "has_text", "modalities", "missing_modality")
 log = logging.getLogger(__name__)
 
 
@@ -29,20 +31,28 @@ class ValidationFailed(DataCheckFailed):
 
 
 def _samples_suite(gxe: Any, labels: list[str], params: ValidateParams) -> list:
+    from great_expectations.expectations.row_conditions import Column
+
     lo, hi = params.text_length
     img_lo, img_hi = params.image_size
+    # Rows with one modality are real samples (clean.allow_missing_modality): the checks of a
+    # modality apply to the rows that have it, and the share of rows missing one is bounded.
+    with_image = {"row_condition": Column("has_image") == 1}
+    with_text = {"row_condition": Column("has_text") == 1}
     return [
-        gxe.ExpectTableColumnsToMatchSet(column_set=list(CLEAN_COLUMNS) + ["image_exists", "text_length"], exact_match=True),
+        gxe.ExpectTableColumnsToMatchSet(column_set=list(CLEAN_COLUMNS) + list(DERIVED_COLUMNS), exact_match=True),
         gxe.ExpectTableRowCountToBeBetween(min_value=1),
         gxe.ExpectColumnValuesToBeUnique(column="id"),
         *[gxe.ExpectColumnValuesToNotBeNull(column=c) for c in ("id", "image", "text", "label", "group")],
         *[gxe.ExpectColumnValuesToBeOfType(column=c, type_="str") for c in ("id", "image", "text", "label", "group")],
         gxe.ExpectColumnValuesToBeInSet(column="label", value_set=labels),
-        gxe.ExpectColumnValueLengthsToBeBetween(column="text", min_value=lo, max_value=hi),
-        gxe.ExpectColumnValuesToBeBetween(column="width", min_value=img_lo, max_value=img_hi),
-        gxe.ExpectColumnValuesToBeBetween(column="height", min_value=img_lo, max_value=img_hi),
-        gxe.ExpectColumnValuesToBeInSet(column="image_exists", value_set=[True]),
-        gxe.ExpectColumnValuesToMatchRegex(column="image_sha256", regex=r"^[0-9a-f]{64}$"),
+        gxe.ExpectColumnValuesToBeBetween(column="modalities", min_value=1),
+        gxe.ExpectColumnMeanToBeBetween(column="missing_modality", max_value=params.max_missing_modality_share),
+        gxe.ExpectColumnValueLengthsToBeBetween(column="text", min_value=lo, max_value=hi, **with_text),
+        gxe.ExpectColumnValuesToBeBetween(column="width", min_value=img_lo, max_value=img_hi, **with_image),
+        gxe.ExpectColumnValuesToBeBetween(column="height", min_value=img_lo, max_value=img_hi, **with_image),
+        gxe.ExpectColumnValuesToBeInSet(column="image_exists", value_set=[True], **with_image),
+        gxe.ExpectColumnValuesToMatchRegex(column="image_sha256", regex=r"^[0-9a-f]{64}$", **with_image),
     ]
 
 
@@ -106,8 +116,12 @@ def validate_manifest(df: pd.DataFrame, root: Path, out_dir: Path, params: Valid
 
     out_dir.mkdir(parents=True, exist_ok=True)
     df = df.copy()
-    df["image_exists"] = [(root / p).is_file() for p in df["image"]]
+    df["has_image"] = (df["image"] != "").astype(int)
+    df["has_text"] = (df["text"] != "").astype(int)
+    df["image_exists"] = [bool(p) and (root / p).is_file() for p in df["image"]]
     df["text_length"] = df["text"].str.len()
+    df["modalities"] = df["has_image"] + df["has_text"]
+    df["missing_modality"] = (df["modalities"] < 2).astype(float)
     labels = sorted(df["label"].unique().tolist())
     counts = class_counts(df)
 
@@ -155,6 +169,7 @@ def validate_manifest(df: pd.DataFrame, root: Path, out_dir: Path, params: Valid
         "failed_critical": len(failed_critical),
         "warnings": len(warnings),
         "rows": int(len(df)),
+        "missing_modality_share": round(float(df["missing_modality"].mean()), 4) if len(df) else 0.0,
         "labels": len(labels),
         "class_counts": {r["label"]: int(r["count"]) for _, r in counts.iterrows()},
         "data_docs": str((docs_dir / "index.html").relative_to(out_dir.resolve())),

@@ -7,6 +7,7 @@
 """
 
 from mmfusion.fusion import heads as _heads  # noqa: F401  (registers the heads)
+from mmfusion.fusion import ensemble as _ensemble  # noqa: F401  (registers `ensemble`)
 from mmfusion.fusion.base import FusionHead, FusionOutput
 from mmfusion.fusion.registry import create_head, list_heads, register_head
 

@@ -31,18 +31,20 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     for _, row in tqdm(train.iterrows(), total=len(train) if p.views else 0, desc="augment", unit="img", mininterval=2):
         if p.views == 0:
             break
-        img = decode_image(root / row["image"])
-        stem = Path(row["image"]).stem
+        # a text-only sample (clean.allow_missing_modality) gets text views only
+        img = decode_image(root / row["image"]) if row["image"] else None
+        stem = Path(row["image"]).stem if row["image"] else row["id"]
         for k in range(p.views):
             seed = view_seed(p.seed, row["id"], k)
             name = f"images/{stem}__v{k}.png"
-            augment_image(img, p, seed).save(out / name, format="PNG")
+            if img is not None:
+                augment_image(img, p, seed).save(out / name, format="PNG")
             rows.append(
                 {
                     "id": f"{row['id']}__v{k}",
                     "source_id": row["id"],
                     "view": k,
-                    "image": (paths.AUGMENTED / name).as_posix(),
+                    "image": (paths.AUGMENTED / name).as_posix() if img is not None else "",
                     "text": augment_text(row["text"], p, seed),
                     "label": row["label"],
                     "group": row["group"],

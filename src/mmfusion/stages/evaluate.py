@@ -17,15 +17,12 @@ from mmfusion.data.manifest import read_manifest
 from mmfusion.monitoring.reference import build_reference
 from mmfusion.errors import UserError
 from mmfusion.stages.common import fresh_dir, stage_main, write_json
-from mmfusion.training.checkpoint import CALIBRATION, METRICS, load_checkpoint, read_config
-from mmfusion.training.data import load_split
-from mmfusion.training.evaluation import (
-    StrategyEvaluation,
-    accuracy_interval,
-    correct_vector,
-    evaluate_head,
-    select_winner,
-)
+from mmfusion.features.store import load_meta
+from mmfusion.training.checkpoint import CALIBRATION, METRICS, read_config, save_checkpoint
+from mmfusion.training.data import FeatureSet, load_split
+from mmfusion.training.evaluation import StrategyEvaluation, accuracy_interval, correct_vector, select_winner
+from mmfusion.training.selection import Candidate, cv_candidates, ensemble_candidate, holdout_candidates, selection_mode
+from mmfusion.training.strategies import BUILT_BY_EVALUATE
 from mmfusion.training.metrics import confusion_matrix, paired_bootstrap, reliability_bins, softmax
 from mmfusion.training.plots import plot_confusion, plot_leaderboard, plot_reliability
 
@@ -42,13 +39,16 @@ def strategy_dirs(root: Path, order: tuple[str, ...]) -> list[Path]:
 
 
 def leaderboard_markdown(rows: list[dict], winner: str, metric: str) -> str:
-    """The leaderboard table: val selection metric, test metrics with the accuracy interval, and one
-    ablation column per modality (the `without_<modality>` keys the strategies were evaluated with)."""
+    """The leaderboard table: the selection scores (CV mean ± sd on small data, else val), test metrics with
+    the accuracy interval, and one ablation column per modality (the `without_<modality>` keys evaluated)."""
+    cv = any(r.get("cv") for r in rows)
+    held = "OOF" if cv else "val"
     ablations = list(dict.fromkeys(k for r in rows for k in r["ablation"]))
-    columns = ["strategy", "val macro-F1", "val acc", "test acc [95% CI]", "test macro-F1", "test AUROC",
-               "ECE -> calibrated", *(f"acc w/o {k.removeprefix('without_')}" for k in ablations)]
+    columns = ["strategy", *([f"CV {metric} mean ± sd"] if cv else []), f"{held} macro-F1", f"{held} acc",
+               "test acc [95% CI]", "test macro-F1", "test AUROC", "ECE -> calibrated",
+               *(f"acc w/o {k.removeprefix('without_')}" for k in ablations)]  # fmt: skip
     lines = [
-        f"# Leaderboard (winner picked on val {metric}: **{winner}**)",
+        f"# Leaderboard (winner picked on {'CV mean' if cv else 'val'} {metric}: **{winner}**)",
         "",
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),
@@ -58,12 +58,23 @@ def leaderboard_markdown(rows: list[dict], winner: str, metric: str) -> str:
         abl = r["ablation"]
         name = f"**{r['strategy']}**" if r["strategy"] == winner else r["strategy"]
         cells = [
-            name, f"{r['val']['macro_f1']:.3f}", f"{r['val']['accuracy']:.3f}",
+            name, *([f"{r['cv']['mean']:.3f} ± {r['cv']['std']:.3f}"] if cv else []),
+            f"{r['val']['macro_f1']:.3f}", f"{r['val']['accuracy']:.3f}",
             f"{r['test']['accuracy']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]", f"{r['test']['macro_f1']:.3f}",
             f"{r['test']['auroc']:.3f}", f"{r['test']['ece']:.3f} -> {r['test']['ece_calibrated']:.3f}",
             *(f"{abl[k]['accuracy']:.3f}" if k in abl else "-" for k in ablations),
-        ]
+        ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
+    patterns = sorted({k for r in rows for k in r["test"].get("by_presence", {})})
+    if len(patterns) > 1:  # the data has rows missing a modality: accuracy on each kind of row
+        lines += ["", "Test accuracy per presence pattern (rows in the test data):", "",
+                  "| strategy | " + " | ".join(f"{k} (n={rows[0]['test']['by_presence'].get(k, {}).get('n', 0)})"
+                                               for k in patterns) + " |",
+                  "|---|" + "---|" * len(patterns)]
+        for r in rows:
+            by = r["test"]["by_presence"]
+            lines.append(f"| {r['strategy']} | " + " | ".join(
+                f"{by[k]['accuracy']:.3f}" if k in by else "-" for k in patterns) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -82,7 +93,10 @@ def raw_check(params: Params, root: Path, winner: StrategyEvaluation, labels: li
     predictor = Predictor.from_dir(root / paths.BEST, device=params.evaluate.device)
     background = tuple(params.clean.background)
     items = [
-        {"image": decode_image(root / test.iloc[i]["image"], background=background), "text": test.iloc[i]["text"]}
+        {
+            "image": decode_image(root / test.iloc[i]["image"], background=background) if test.iloc[i]["image"] else None,
+            "text": test.iloc[i]["text"],
+        }
         for i in rows
     ]
     results = []
@@ -99,20 +113,67 @@ def raw_check(params: Params, root: Path, winner: StrategyEvaluation, labels: li
     }
 
 
-def run(params: Params, root: Path = Path(".")) -> dict:
-    """Evaluate every strategy, pick the winner on val, report test, write reports/evaluate and models/best."""
-    p = params.evaluate
-    dirs = strategy_dirs(root, params.train.strategies)
+def load_candidates(params: Params, root: Path) -> tuple[str, list[Candidate], list[str], FeatureSet, np.ndarray]:
+    """(selection mode, candidates, labels, test set, the held-out labels the candidates' val logits are over)."""
+    names = params.train.strategies
+    dirs = strategy_dirs(root, tuple(n for n in names if n not in BUILT_BY_EVALUATE))
     labels = read_config(dirs[0])["labels"]
-    val = load_split(root / paths.FEATURES, "val", labels)
-    test = load_split(root / paths.FEATURES, "test", labels)
+    features = root / paths.FEATURES
+    val = load_split(features, "val", labels)
+    test = load_split(features, "test", labels)
+    train = load_split(features, "train", labels)
+    mode = selection_mode(params, len(train) + len(val))
+    folds = None
+    if mode == "cv":
+        trainval = train.concat(val)
+        candidates, folds = cv_candidates(dirs, labels, trainval, test, load_meta(features).get("modalities", {}), params)
+        y_heldout = trainval.y.numpy()
+    else:
+        candidates = holdout_candidates(dirs, labels, val, test, params)
+        y_heldout = val.y.numpy()
+    if "ensemble" in names:
+        candidates.append(ensemble_candidate(candidates, y_heldout, folds, labels, test, params))
+    order = {n: i for i, n in enumerate(names)}
+    candidates.sort(key=lambda c: order.get(c.evaluation.name, len(order)))
+    return mode, candidates, labels, test, y_heldout
+
+
+def compare(a: StrategyEvaluation, b: StrategyEvaluation | None, y_test: np.ndarray, y_heldout: np.ndarray, p) -> dict | None:
+    """Paired bootstrap of `a` against `b` on test, and on the held-out (val or out-of-fold) rows."""
+    if b is None or b is a:
+        return None
+    heldout = lambda r: (r.val_logits.argmax(axis=1) == y_heldout).astype(np.float64)  # noqa: E731
+    return {
+        "winner": a.name,
+        "baseline": b.name,
+        **paired_bootstrap(correct_vector(a, y_test), correct_vector(b, y_test), p.bootstrap, p.seed),
+        "heldout": paired_bootstrap(heldout(a), heldout(b), p.bootstrap, p.seed),
+    }
+
+
+def write_best(root: Path, winner: Candidate, entry: dict, comparison: dict | None) -> None:
+    """models/best: the winner's folder (or its refit bag / ensemble) + calibration and metrics, self-contained."""
+    best = root / paths.BEST
+    if best.exists():
+        shutil.rmtree(best)
+    if winner.source_dir is not None:
+        shutil.copytree(winner.source_dir, best)
+    else:
+        save_checkpoint(best, winner.head, winner.config)
+        if winner.members:
+            write_json(best / "members.json", {"members": winner.members, "selection": winner.config.get("selection")})
+    ev = winner.evaluation
+    fitted_on = "out-of-fold predictions on train+val" if ev.cv else "val"
+    write_json(best / CALIBRATION, {"temperature": ev.temperature, "fitted_on": fitted_on})
+    write_json(best / METRICS, {"strategy": ev.name, **entry, "vs_best_unimodal": comparison})
+
+
+def run(params: Params, root: Path = Path(".")) -> dict:
+    """Evaluate every strategy, pick the winner on val (or by CV on small data), report test, write reports and models/best."""
+    p = params.evaluate
+    mode, candidates, labels, test, y_heldout = load_candidates(params, root)
+    results = [c.evaluation for c in candidates]
     y_test = test.y.numpy()
-    results: list[StrategyEvaluation] = []
-    for d in dirs:
-        head, config = load_checkpoint(d)
-        if config["labels"] != labels:
-            raise UserError(f"{d.name} was trained with a different label map than {dirs[0].name}: re-run train")
-        results.append(evaluate_head(d.name, head, val, test, labels, p))
     winner = select_winner(results, p.selection_metric)
     unimodal = [r for r in results if r.unimodal]
     best_unimodal = select_winner(unimodal, p.selection_metric) if unimodal else None
@@ -128,32 +189,22 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         per_class[r.name] = {"val": r.val["per_class"], "test": r.test["per_class"]}
         cm = confusion_matrix(y_test, r.test_logits.argmax(axis=1), len(labels))
         plot_confusion(cm, labels, plots / f"confusion_{r.name}.png", title=f"{r.name}: test")
-    comparison = None
-    if best_unimodal is not None and best_unimodal is not winner:
-        comparison = {
-            "winner": winner.name,
-            "baseline": best_unimodal.name,
-            **paired_bootstrap(correct_vector(winner, y_test), correct_vector(best_unimodal, y_test), p.bootstrap, p.seed),
-        }
+    comparison = compare(winner, best_unimodal, y_test, y_heldout, p)
     before = reliability_bins(softmax(winner.test_logits), y_test, p.ece_bins)
     after = reliability_bins(softmax(winner.test_logits, winner.temperature), y_test, p.ece_bins)
     plot_reliability(before, after, plots / "reliability.png", title=f"{winner.name}: test")
     plot_leaderboard(rows, plots / "leaderboard.png")
     (out / "leaderboard.md").write_text(leaderboard_markdown(rows, winner.name, p.selection_metric))
     write_json(out / "per_class.json", per_class)
-
-    # models/best: the winner's folder + its calibration and metrics, self-contained for Predictor/package.
-    best = root / paths.BEST
-    if best.exists():
-        shutil.rmtree(best)
-    shutil.copytree(root / paths.STRATEGIES / winner.name, best)
-    write_json(best / CALIBRATION, {"temperature": winner.temperature, "fitted_on": "val"})
-    write_json(best / METRICS, {"strategy": winner.name, **strategies[winner.name], "vs_best_unimodal": comparison})
+    write_best(root, next(c for c in candidates if c.evaluation is winner), strategies[winner.name], comparison)
     # The drift reference travels with the model (and so inside the BentoML model): monitoring/reference.py
-    reference = build_reference(best, root / paths.FEATURES, root / paths.SPLIT, params.monitor.reference_splits, root)
+    reference = build_reference(
+        root / paths.BEST, root / paths.FEATURES, root / paths.SPLIT, params.monitor.reference_splits, root
+    )
 
     metrics = {
         "winner": winner.name,
+        "selection": mode,
         "selection_metric": p.selection_metric,
         "best_unimodal": best_unimodal.name if best_unimodal else None,
         "winner_vs_best_unimodal": comparison,
@@ -164,12 +215,13 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         metrics["raw_check"] = raw_check(params, root, winner, labels)
     write_json(out / "metrics.json", metrics)
     log.info(
-        "evaluate: winner %s (val %s %.4f), test accuracy %.4f",
-        winner.name, p.selection_metric, winner.val[p.selection_metric], winner.test["accuracy"],
-    )
+        "evaluate: winner %s (%s %s %.4f), test accuracy %.4f",
+        winner.name, mode, p.selection_metric, winner.selection_score(p.selection_metric), winner.test["accuracy"],
+    )  # fmt: skip
     return {
         "winner": winner.name,
-        "val_" + p.selection_metric: round(winner.val[p.selection_metric], 4),
+        "selection": mode,
+        ("cv_mean_" if mode == "cv" else "val_") + p.selection_metric: round(winner.selection_score(p.selection_metric), 4),
         "test_accuracy": round(winner.test["accuracy"], 4),
         "best_unimodal": best_unimodal.name if best_unimodal else None,
         "best_unimodal_test_accuracy": round(best_unimodal.test["accuracy"], 4) if best_unimodal else None,

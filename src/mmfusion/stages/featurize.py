@@ -24,6 +24,7 @@ from mmfusion.features.cache import FeatureCache
 from mmfusion.features.extract import build_input, extract_features
 from mmfusion.features.store import save_features
 from mmfusion.stages.common import fresh_dir, stage_main, write_json
+from mmfusion.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +37,17 @@ BAD_INPUT_POLICIES = ("skip", "fail")
 def check_params(p: FeaturizeParams) -> None:
     """Fail before any work on a param that cannot run (unknown encoder, dtype, policy, modality mismatch)."""
     if not p.encoders:
-        raise ValueError("featurize.encoders is empty: configure at least one modality -> encoder")
+        raise UserError("featurize.encoders is empty: configure at least one modality -> encoder")
     if p.storage_dtype not in STORAGE_DTYPES:
-        raise ValueError(f"featurize.storage_dtype must be one of {', '.join(STORAGE_DTYPES)}, got {p.storage_dtype!r}")
+        raise UserError(f"featurize.storage_dtype must be one of {', '.join(STORAGE_DTYPES)}, got {p.storage_dtype!r}")
     if p.on_bad_input not in BAD_INPUT_POLICIES:
-        raise ValueError(f"featurize.on_bad_input must be one of {', '.join(BAD_INPUT_POLICIES)}, got {p.on_bad_input!r}")
+        raise UserError(f"featurize.on_bad_input must be one of {', '.join(BAD_INPUT_POLICIES)}, got {p.on_bad_input!r}")
     if p.batch_size < 0 or p.num_workers < -1 or p.cpu_threads < 0:
-        raise ValueError("featurize.batch_size and cpu_threads must be >= 0, num_workers >= -1 (auto)")
+        raise UserError("featurize.batch_size and cpu_threads must be >= 0, num_workers >= -1 (auto)")
     for modality, name in p.encoders.items():
         produced = encoder_modality(name)  # unknown name -> ValueError listing the available ones
         if produced != modality:
-            raise ValueError(f"featurize.encoders.{modality}: encoder {name!r} makes {produced!r} features, not {modality!r}")
+            raise UserError(f"featurize.encoders.{modality}: encoder {name!r} makes {produced!r} features, not {modality!r}")
     check_featurize_runtime(p)
 
 
@@ -66,6 +67,64 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     return summary
 
 
+def presence_column(modality: str) -> str:
+    """The index column saying which rows have `modality` (1) and which are missing it (0)."""
+    return f"has_{modality}"
+
+
+def encode_modality(
+    modality: str, name: str, allrows: pd.DataFrame, params: Params, root: Path, cache_root: Path, progress: bool
+) -> tuple[np.ndarray, np.ndarray, dict[int, str], dict[str, Any], dict[str, Any]]:
+    """One modality over every row: (embeddings [N, dim], presence [N], failed rows, encoder description, stats).
+
+    A row whose value is empty is missing this modality: it is not encoded, its embedding row is
+    zeros and its presence is False. A row whose value cannot be read is `failed` (dropped later).
+    """
+    p = params.featurize
+    encoder = create_encoder(name, device=p.device, batch_size=p.batch_size or None)
+    source = build_input(modality, root=root, background=params.clean.background, lowercase=params.clean.lowercase)
+    if source.column not in allrows.columns:
+        raise UserError(f"featurize: modality {modality!r} needs a {source.column!r} column in the split manifests")
+    values = allrows[source.column].fillna("").astype(str).tolist()
+    train_values = allrows.loc[allrows["_split"] == "train", source.column]  # int8 calibration: training inputs
+    calibration = lambda: [v for v in train_values.fillna("").astype(str).tolist() if v.strip()]  # noqa: E731
+    apply_featurize_runtime(encoder, p, modality, root, calibration, source.content)
+    cache = FeatureCache(cache_root, f"{encoder.fingerprint}-{encoder.precision}", encoder.dim, encoder.describe(brief=True))
+    present = np.array([bool(v.strip()) for v in values], dtype=bool)
+    rows = np.flatnonzero(present)
+    result = extract_features(encoder, source, [values[i] for i in rows], cache, num_workers=p.num_workers, progress=progress)
+    features = np.zeros((len(values), encoder.dim), dtype=np.float32)
+    features[rows] = result.features
+    failed = {int(rows[i]): reason for i, reason in result.failed.items()}
+    stats = {**result.stats, "missing": int((~present).sum())}
+    s = stats
+    log.info(
+        "featurize %s (%s): %d samples, %d unique, %d cache hits, %d encoded, %d failed, %d truncated, "
+        "%d missing, %.1f s, %.1f samples/s (%s encoded/s on %s, batch %d)",
+        modality, name, s["samples"], s["unique"], s["cache_hits"], s["encoded"], s["failed"], s["truncated"],
+        s["missing"], s["seconds"], s["samples_per_s"] or 0.0, s["encoded_per_s"], s["device"], s["batch_size"],
+    )  # fmt: skip
+    return features, present, failed, encoder.describe(), stats
+
+
+def report_failed(allrows: pd.DataFrame, failed: dict[int, list[str]], policy: str) -> list[dict]:
+    """The rows that could not be read, as report entries; an error under `on_bad_input: fail`."""
+    dropped = [
+        {"split": allrows.at[row, "_split"], "id": allrows.at[row, "id"], "reason": "; ".join(reasons)}
+        for row, reasons in sorted(failed.items())
+    ]
+    if dropped:
+        listing = ", ".join(f"{d['split']}/{d['id']} ({d['reason']})" for d in dropped[:5])
+        more = f" and {len(dropped) - 5} more" if len(dropped) > 5 else ""
+        if policy == "fail":
+            raise UserError(
+                f"featurize: {len(dropped)} sample(s) could not be read: {listing}{more}; "
+                "every other sample is cached, so a rerun after fixing them is quick (or set featurize.on_bad_input: skip)"
+            )
+        log.warning("featurize: dropped %d sample(s) that could not be read: %s%s", len(dropped), listing, more)
+    return dropped
+
+
 def build_features(params: Params, root: Path, out_dir: Path, progress: bool = True) -> dict:
     """The work of `run`: read the split manifests under `root`, encode (through the cache), write `out_dir`."""
     p = params.featurize
@@ -78,65 +137,50 @@ def build_features(params: Params, root: Path, out_dir: Path, progress: bool = T
     allrows = pd.concat([f.assign(_split=s) for s, f in frames.items()], ignore_index=True)
 
     arrays: dict[str, np.ndarray] = {}
+    presence: dict[str, np.ndarray] = {}
     modalities: dict[str, dict[str, Any]] = {}
     encoder_stats: dict[str, dict[str, Any]] = {}
     failed: dict[int, list[str]] = {}
     for modality, name in p.encoders.items():
-        encoder = create_encoder(name, device=p.device, batch_size=p.batch_size or None)
-        source = build_input(modality, root=root, background=params.clean.background, lowercase=params.clean.lowercase)
-        if source.column not in allrows.columns:
-            raise ValueError(f"featurize: modality {modality!r} needs a {source.column!r} column in the split manifests")
-        apply_featurize_runtime(encoder, p, modality, root, lambda: frames["train"][source.column].tolist(), source.content)
-        cache = FeatureCache(cache_root, f"{encoder.fingerprint}-{encoder.precision}", encoder.dim, encoder.describe(brief=True))
-        values = allrows[source.column].tolist()
-        result = extract_features(encoder, source, values, cache, num_workers=p.num_workers, progress=progress)
-        arrays[modality] = result.features
-        modalities[modality] = encoder.describe()
-        encoder_stats[modality] = result.stats
-        for row, reason in result.failed.items():
+        arrays[modality], presence[modality], bad, modalities[modality], encoder_stats[modality] = encode_modality(
+            modality, name, allrows, params, root, cache_root, progress
+        )
+        for row, reason in bad.items():
             failed.setdefault(row, []).append(f"{modality}: {reason}")
-        s = result.stats
-        log.info(
-            "featurize %s (%s): %d samples, %d unique, %d cache hits, %d encoded, %d failed, %d truncated, "
-            "%.1f s, %.1f samples/s (%s encoded/s on %s, batch %d)",
-            modality, name, s["samples"], s["unique"], s["cache_hits"], s["encoded"], s["failed"], s["truncated"],
-            s["seconds"], s["samples_per_s"] or 0.0, s["encoded_per_s"], s["device"], s["batch_size"],
-        )  # fmt: skip
-
-    dropped = [
-        {"split": allrows.at[row, "_split"], "id": allrows.at[row, "id"], "reason": "; ".join(reasons)}
-        for row, reasons in sorted(failed.items())
-    ]
-    if dropped:
-        listing = ", ".join(f"{d['split']}/{d['id']} ({d['reason']})" for d in dropped[:5])
-        more = f" and {len(dropped) - 5} more" if len(dropped) > 5 else ""
-        if p.on_bad_input == "fail":
-            raise ValueError(
-                f"featurize: {len(dropped)} sample(s) could not be read: {listing}{more}; "
-                "every other sample is cached, so a rerun after fixing them is quick (or set featurize.on_bad_input: skip)"
-            )
-        log.warning("featurize: dropped %d sample(s) that could not be read: %s%s", len(dropped), listing, more)
+    none_present = np.flatnonzero(~np.any(np.stack(list(presence.values())), axis=0))
+    for row in none_present:  # clean keeps no such row; an augmented view or a hand-edited split could
+        failed.setdefault(int(row), []).append("no modality present")
+    dropped = report_failed(allrows, failed, p.on_bad_input)
 
     out = fresh_dir(out_dir)
     keep = np.ones(len(allrows), dtype=bool)
     keep[list(failed)] = False
     dtype = STORAGE_DTYPES[p.storage_dtype]
     counts = {}
+    for m, has in presence.items():
+        allrows[presence_column(m)] = has.astype(int)
     for split in frames:
         mask = (allrows["_split"] == split).to_numpy() & keep
         columns = AUGMENTED_INDEX_COLUMNS if split == "augmented" else INDEX_COLUMNS
-        index = allrows.loc[mask, list(columns)].reset_index(drop=True)
+        index = allrows.loc[mask, list(columns) + [presence_column(m) for m in presence]].reset_index(drop=True)
         save_features(out, split, {m: a[mask].astype(dtype) for m, a in arrays.items()}, index)
         counts[split] = int(mask.sum())
     meta = {
         "modalities": modalities,
         "storage_dtype": p.storage_dtype,
         "splits": counts,
+        "missing": {m: int((~has & keep).sum()) for m, has in presence.items()},
         "dropped": dropped,
     }
     # meta.json last: its presence means features/ is complete.
     write_json(out / "meta.json", meta)
-    return {"splits": counts, "dropped": len(dropped), "encoders": encoder_stats, "cache_dir": str(cache_root)}
+    return {
+        "splits": counts,
+        "dropped": len(dropped),
+        "missing": meta["missing"],
+        "encoders": encoder_stats,
+        "cache_dir": str(cache_root),
+    }
 
 
 def main() -> int:

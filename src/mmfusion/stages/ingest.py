@@ -67,6 +67,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     if df.empty:
         raise UserError(f"ingest source {p.source!r} produced no samples")
     before = len(df)
+    ids_derived = bool(df.attrs.get("ids_derived", False))
     df = select_samples(df, p.min_class_count, p.limit)
     keep = set(df["image"])
     if p.feedback_dir:
@@ -84,6 +85,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         "label_field": p.label_field if p.source == "emoji" else p.manifest.label_column,
         "samples": int(len(df)),
         "feedback_samples": int((df["source"] == "feedback").sum()),
+        "ids": "derived from image path + text" if ids_derived else "from the manifest",
         "dropped_small_classes_or_limit": int(before - len(df)),
         "labels": {k: int(v) for k, v in df["label"].value_counts().sort_index().items()},
     }

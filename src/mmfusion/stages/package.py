@@ -96,12 +96,25 @@ def save_bento_model(model_dir: Path, name: str, info: dict) -> tuple[str, bool]
         "modalities": info["modalities"],
         "strategy": info["strategy"],
         "encoders": info["encoders"],
-        "metrics": json.loads(json.dumps(info["metrics"], default=float)),
+        "metrics": bento_metadata(json.loads(json.dumps(info["metrics"], default=float))),
     }
     with bentoml.models.create(tag, labels={"project": "mmfusion"}, metadata=metadata) as model:
         shutil.copytree(model_dir, model.path, dirs_exist_ok=True)
     log.info("package: saved model %s", tag)
     return tag, True
+
+
+def bento_metadata(value):
+    """`value` with every None left out (BentoML metadata takes basic types only, and None is not one).
+
+    A None in the metrics means "not applicable" (e.g. no winner-vs-unimodal comparison when the
+    winner is itself the best unimodal baseline), so dropping the key loses nothing.
+    """
+    if isinstance(value, dict):
+        return {str(k): bento_metadata(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [bento_metadata(v) for v in value if v is not None]
+    return value
 
 
 def build_bento(bentofile: Path, build_ctx: Path, args: dict, timeout_s: int = BUILD_TIMEOUT_S) -> str:

@@ -29,7 +29,8 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     out = fresh_dir(root / paths.SPLIT)
     # From here on image paths are relative to the project root (data/clean/images/...).
     for name, part in splits.items():
-        part = part.assign(image=[(paths.CLEAN / p).as_posix() for p in part["image"]])
+        # a text-only row (no image) keeps its empty path
+        part = part.assign(image=[(paths.CLEAN / p).as_posix() if p else "" for p in part["image"]])
         write_manifest(part, out / f"{name}.csv")
     table = split_counts(splits)
     table.to_csv(out / "class_counts.csv")

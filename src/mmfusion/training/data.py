@@ -20,6 +20,23 @@ class FeatureSet:
     x: dict[str, Tensor]
     y: Tensor
     ids: list[str]
+    # [N, M] bool, columns in `x` order: which modality each row really has (None: all of them).
+    # A missing modality's rows in `x` are zeros; only this mask says they are missing.
+    present: Tensor | None = None
+    groups: list[str] | None = None  # rows of one group stay in one cross-validation fold
+
+    def presence(self, modalities: tuple[str, ...] | list[str] | None = None) -> Tensor:
+        """The `[N, len(modalities)]` presence mask in the given column order (default: `x` order)."""
+        order = list(self.x)
+        modalities = list(modalities) if modalities is not None else order
+        if self.present is None:
+            return torch.ones(len(self), len(modalities), dtype=torch.bool)
+        return self.present[:, [order.index(m) for m in modalities]]
+
+    @property
+    def complete(self) -> bool:
+        """Every row has every modality."""
+        return self.present is None or bool(self.present.all())
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -31,10 +48,26 @@ class FeatureSet:
     def concat(self, other: FeatureSet) -> FeatureSet:
         if set(self.x) != set(other.x):
             raise ValueError(f"cannot join feature sets with modalities {sorted(self.x)} and {sorted(other.x)}")
+        present = None
+        if self.present is not None or other.present is not None:
+            present = torch.cat([self.presence(), other.presence(list(self.x))])
         return FeatureSet(
             x={m: torch.cat([self.x[m], other.x[m]]) for m in self.x},
             y=torch.cat([self.y, other.y]),
             ids=self.ids + other.ids,
+            present=present,
+            groups=(self.groups or self.ids) + (other.groups or other.ids),
+        )
+
+    def subset(self, rows: np.ndarray | list[int]) -> FeatureSet:
+        """The rows `rows` (indices), e.g. a cross-validation fold."""
+        idx = torch.as_tensor(np.asarray(rows, dtype=np.int64))
+        return FeatureSet(
+            x={m: a[idx] for m, a in self.x.items()},
+            y=self.y[idx],
+            ids=[self.ids[i] for i in idx.tolist()],
+            present=self.present[idx] if self.present is not None else None,
+            groups=[(self.groups or self.ids)[i] for i in idx.tolist()],
         )
 
 
@@ -46,7 +79,13 @@ def load_split(features_dir: Path, split: str, labels: list[str]) -> FeatureSet:
     if unknown:
         raise UserError(f"split {split!r} has labels not seen in training: {unknown[:5]}")
     y = torch.as_tensor(index["label"].map(to_idx).to_numpy(dtype=np.int64))
-    return FeatureSet(x={m: torch.from_numpy(np.ascontiguousarray(a)) for m, a in arrays.items()}, y=y, ids=list(index["id"]))
+    present = None
+    columns = [f"has_{m}" for m in arrays]  # written by featurize; absent in older features/ (all present)
+    if all(c in index.columns for c in columns):
+        present = torch.as_tensor(index[columns].astype(int).to_numpy() > 0)
+    x = {m: torch.from_numpy(np.ascontiguousarray(a)) for m, a in arrays.items()}
+    groups = list(index["group"]) if "group" in index.columns else list(index["id"])
+    return FeatureSet(x=x, y=y, ids=list(index["id"]), present=present, groups=groups)
 
 
 def training_labels(features_dir: Path) -> list[str]:

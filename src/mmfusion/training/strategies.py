@@ -14,8 +14,9 @@ from mmfusion.errors import UserError
 from mmfusion.fusion import create_head, list_heads
 from mmfusion.training.checkpoint import save_checkpoint
 from mmfusion.training.data import FeatureSet
-from mmfusion.training.loop import seed_everything, train_head
+from mmfusion.training.loop import TrainResult, seed_everything, train_head
 from mmfusion.training.plots import plot_curves
+from mmfusion.training.presence import mark_missing, presence_from_nan
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,43 @@ def check_strategies(names: tuple[str, ...], modalities: tuple[str, ...]) -> Non
         raise UserError(f"train.strategies repeats a name: {list(names)}")
 
 
+# Built by evaluate from the other strategies' predictions, not trained by gradient.
+BUILT_BY_EVALUATE = ("ensemble",)
+
+
+def train_strategy_head(
+    name: str,
+    train: FeatureSet,
+    val: FeatureSet,
+    labels: list[str],
+    encoders: dict[str, dict],
+    params: Params,
+    device: torch.device,
+) -> tuple[torch.nn.Module, TrainResult]:
+    """Build strategy `name`'s head from params and train it (early stopping on `val`); returns (head, result)."""
+    p = params.train
+    seed_everything(p.seed)
+    dims = {m: encoders[m]["dim"] if m in encoders else d for m, d in train.dims.items()}
+    head = create_head(name, dims=dims, num_classes=len(labels), **head_options(name, p))
+    if train.complete and val.complete:
+        result = train_head(head, train, val, p, device)
+    else:  # rows without a modality in the data: the loop must see them as missing, not as zeros
+        with presence_from_nan(head):
+            result = train_head(head, mark_missing(train), mark_missing(val), p, device)
+    return head, result
+
+
+def model_config(head, labels: list[str], encoders: dict[str, dict], params: Params) -> dict:
+    """The config.json fields beyond the head's own: label map, encoders, text normalisation, train params."""
+    return {
+        "labels": labels,
+        "encoders": {m: encoders.get(m, {}) for m in head.modalities},
+        # Serving must normalise raw text exactly as cleaning did before featurizing.
+        "text": {"lowercase": params.clean.lowercase},
+        "train": params_to_dict(params.train),
+    }
+
+
 def fit_strategy(
     name: str,
     train: FeatureSet,
@@ -56,17 +94,12 @@ def fit_strategy(
     device: torch.device,
 ) -> dict:
     """Train strategy `name` and write `out_dir` (weights, config, history.json, curves.png); returns its summary."""
-    p = params.train
-    seed_everything(p.seed)
-    dims = {m: encoders[m]["dim"] if m in encoders else d for m, d in train.dims.items()}
-    head = create_head(name, dims=dims, num_classes=len(labels), **head_options(name, p))
-    result = train_head(head, train, val, p, device)
+    if name in BUILT_BY_EVALUATE:
+        log.info("train %-16s built by evaluate from the other strategies' predictions", name)
+        return {"built_by": "evaluate"}
+    head, result = train_strategy_head(name, train, val, labels, encoders, params, device)
     config = {
-        "labels": labels,
-        "encoders": {m: encoders.get(m, {}) for m in head.modalities},
-        # Serving must normalise raw text exactly as cleaning did before featurizing.
-        "text": {"lowercase": params.clean.lowercase},
-        "train": params_to_dict(p),
+        **model_config(head, labels, encoders, params),
         "best_epoch": result.best_epoch,
         "best_val_macro_f1": result.best_val_macro_f1,
         "parameters": sum(t.numel() for t in head.parameters()),

@@ -1,0 +1,115 @@
+"""Bring your own data: generated datasets of awkward shapes, each through one real `dvc repro`
+(Prefect flows on a real server) to a built Bento, or to one clear error line naming the problem.
+
+Shapes covered (several share a dataset, to keep to one repro each): 2 classes; 50+ classes
+with some tiny ones; corrupt and missing images; rows with only one modality; long,
+multilingual and emoji-laden texts; JPEG, WebP, GIF and large images; a Parquet manifest;
+no group column; no id column; plus three that must stop early: one class, misnamed columns,
+no usable image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.e2e.byod_data import SHAPES
+from tests.e2e.test_pipeline import DVC, copy_project, server  # noqa: F401  (the server fixture)
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "augment": {"views": 0},
+    "train": {"strategies": ["text_only", "concat", "ensemble"], "epochs": 8, "hidden_dim": 32, "patience": 4,
+              "warmup_epochs": 1, "lr": 3e-3},
+    "evaluate": {"cv_folds": 3, "bootstrap": 100, "raw_check": 8},
+    "package": {"workers": 1},
+    "validate": {"min_per_class": 3},
+    "ingest": {"min_class_count": 1},
+    "split": {"val_fraction": 0.2, "test_fraction": 0.2},
+}  # fmt: skip
+
+
+def configure(proj: Path, manifest: Path, columns: dict, overrides: dict, cache: Path) -> None:
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    params["featurize"]["cache_dir"] = str(cache)
+    params["ingest"].update({"source": "manifest"})
+    params["ingest"]["manifest"].update({"path": str(manifest), **columns})
+    for section, values in overrides.items():
+        params[section].update(values)
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
+
+
+def repro(proj: Path, api_url: str, bentoml_home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PREFECT_API_URL": api_url, "BENTOML_HOME": str(bentoml_home)}
+    return subprocess.run([DVC, "repro"], cwd=proj, capture_output=True, text=True, env=env, timeout=1800)
+
+
+ERROR_LINE = re.compile(r"^(ingest|clean|validate|split|augment|featurize|train|evaluate|package): (error|failed): .+$",
+                        re.MULTILINE)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, server):  # noqa: F811
+    """Every shape through one `dvc repro` each; {shape: (project, completed process)}."""
+    base = tmp_path_factory.mktemp("byod")
+    out = {}
+    for name, (build, _) in SHAPES.items():
+        data = base / name / "userdata"
+        data.mkdir(parents=True)
+        manifest, columns, overrides = build(data)
+        proj = copy_project(base / name / "proj")
+        configure(proj, manifest, columns, overrides, base / "cache")
+        out[name] = (proj, repro(proj, server, base / "bentoml"))
+    return out
+
+
+@pytest.mark.parametrize("shape", [s for s, (_, want) in SHAPES.items() if want == "bento"])
+def test_shape_ends_in_a_built_bento(runs, shape):
+    proj, done = runs[shape]
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    package = json.loads((proj / "reports/package.json").read_text())
+    assert package["bento_tag"].startswith("mmfusion") and package["smoke_test"]["ok"]
+    metrics = json.loads((proj / "reports/evaluate/metrics.json").read_text())
+    assert metrics["selection"] == "cv"
+    assert set(metrics["strategies"]) == {"text_only", "concat", "ensemble"}
+    assert metrics["raw_check"]["agreement_with_cached_features"] >= 0.99
+
+
+@pytest.mark.parametrize("shape", [s for s, (_, want) in SHAPES.items() if want == "error"])
+def test_shape_ends_in_one_clear_error_line(runs, shape):
+    proj, done = runs[shape]
+    assert done.returncode != 0
+    lines = ERROR_LINE.findall(done.stderr)
+    assert len(lines) == 1, done.stderr[-4000:]
+    assert not (proj / "reports/package.json").exists()
+
+
+def test_what_each_shape_reports(runs):
+    """The details a user would check, shape by shape."""
+    proj, _ = runs["two_classes_parquet_mixed_formats_no_id"]
+    ingest = json.loads((proj / "reports/ingest.json").read_text())
+    assert ingest["ids"].startswith("derived") and len(ingest["labels"]) == 2
+    proj, _ = runs["partial_rows_multilingual_broken_no_group"]
+    clean = json.loads((proj / "reports/clean.json").read_text())
+    assert clean["dropped_by_reason"] == {"missing_image": 1, "undecodable_image": 1}
+    assert clean["kept_by_presence"]["image_only"] > 0 and clean["kept_by_presence"]["text_only"] > 0
+    metrics = json.loads((proj / "reports/evaluate/metrics.json").read_text())
+    assert {"image_only", "text_only"} <= set(metrics["strategies"]["concat"]["test"]["by_presence"])
+    featurize = json.loads((proj / "reports/featurize.json").read_text())
+    assert featurize["encoders"]["text"]["truncated"] > 0
+    proj, _ = runs["many_classes_some_tiny"]
+    ingest = json.loads((proj / "reports/ingest.json").read_text())
+    assert len(ingest["labels"]) == 52 and ingest["dropped_small_classes_or_limit"] == 4
+    _, done = runs["wrong_columns"]
+    assert "missing column(s) image" in done.stderr
+    _, done = runs["one_class_only"]
+    assert "class" in ERROR_LINE.search(done.stderr).group(0)

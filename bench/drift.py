@@ -161,7 +161,10 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     pairs_test = load_pairs([REPO / "data" / "split" / "test.csv"])
-    pairs_train = load_pairs([REPO / "data" / "split" / "train.csv"])[: args.train_items] if max(args.sizes) > len(pairs_test) else []
+    pairs_train = []
+    if max(args.sizes) > len(pairs_test):  # a seeded random sample: train.csv is ordered
+        pairs_train = load_pairs([REPO / "data" / "split" / "train.csv"])
+        pairs_train = [pairs_train[i] for i in np.random.default_rng(1).permutation(len(pairs_train))[: args.train_items]]
     render_s = time.perf_counter() - t0
     log_path = work / "inference.sqlite"
     send_s = None
@@ -194,34 +197,41 @@ def main(argv: list[str] | None = None) -> int:
     for size in args.sizes:
         clean_pool = pool[("twemoji", "test")]
         drift_pool = pool[("openmoji", "test")]
-        source = "test"
-        if size > len(clean_pool):
-            clean_pool, drift_pool = concat(clean_pool, pool[("twemoji", "train")]), concat(drift_pool, pool[("openmoji", "train")])
-            source = "test+train"
-        if size > len(clean_pool):
-            results[str(size)] = {"skipped": f"only {len(clean_pool)} distinct items"}
+        row = {"pool_rows": {"clean": len(clean_pool)}, "clean": [], "drifted": []}
+        if size > len(drift_pool):
+            drift_pool = concat(drift_pool, pool[("openmoji", "train")])
+        row["pool_rows"]["drifted"] = len(drift_pool)
+        if size <= len(clean_pool):
+            kinds = [("clean", clean_pool), ("drifted", drift_pool)]
+        else:  # train items are not exchangeable with held-out ones (the model saw them): no clean windows
+            row["clean_skipped"] = f"only {len(clean_pool)} distinct held-out items for {size}-row clean windows"
+            kinds = [("drifted", drift_pool)]
+        if size > len(drift_pool):
+            results[str(size)] = {"skipped": f"only {len(drift_pool)} distinct items"}
             continue
-        row = {"pool": source, "pool_rows": len(clean_pool), "clean": [], "drifted": []}
-        for kind, src in (("clean", clean_pool), ("drifted", drift_pool)):
+        for kind, src in kinds:
             for _ in range(args.windows):
                 window = src.take(np.sort(rng.choice(len(src), size=size, replace=False)))
                 v = check_window(window, reference, p)
                 scores = {c["name"]: c["score"] for c in v["checks"]}
                 row[kind].append({"verdict": v["verdict"], "flagged": v["flagged"], "seconds": v["check_seconds"],
                                   "image_auc": scores.get("embedding_drift[image]"), "text_auc": scores.get("embedding_drift[text]")})  # fmt: skip
-        n = args.windows
-        flagged = lambda kind, name: sum(name in w["flagged"] for w in row[kind]) / n  # noqa: E731
+        def rate(kind, test):
+            return round(sum(map(test, row[kind])) / len(row[kind]), 3) if row[kind] else None
+
+        def mean(kind, key):
+            return round(float(np.mean([w[key] for w in row[kind]])), 3) if row[kind] else None
+
         row["summary"] = {
-            "detection_rate": sum(w["verdict"] == "drift" for w in row["drifted"]) / n,
-            "image_flagged_in_drifted": flagged("drifted", "embedding_drift[image]"),
-            "text_flagged_in_drifted": flagged("drifted", "embedding_drift[text]"),
-            "false_alarm_rate": sum(w["verdict"] == "drift" for w in row["clean"]) / n,
-            "warning_rate_clean": sum(w["verdict"] == "warning" for w in row["clean"]) / n,
-            "image_flagged_in_clean": flagged("clean", "embedding_drift[image]"),
-            "text_flagged_in_clean": flagged("clean", "embedding_drift[text]"),
-            "mean_image_auc": {k: round(float(np.mean([w["image_auc"] for w in row[k]])), 3) for k in ("clean", "drifted")},
+            "detection_rate": rate("drifted", lambda w: w["verdict"] == "drift"),
+            "image_flagged_in_drifted": rate("drifted", lambda w: "embedding_drift[image]" in w["flagged"]),
+            "text_flagged_in_drifted": rate("drifted", lambda w: "embedding_drift[text]" in w["flagged"]),
+            "false_alarm_rate": rate("clean", lambda w: w["verdict"] == "drift"),
+            "warning_rate_clean": rate("clean", lambda w: w["verdict"] == "warning"),
+            "flagged_in_clean": {c: rate("clean", lambda w, c=c: c in w["flagged"]) for c in sorted({f for w in row["clean"] for f in w["flagged"]})},
+            "mean_auc": {k: {"image": mean(k, "image_auc"), "text": mean(k, "text_auc")} for k in ("clean", "drifted")},
             "mean_check_seconds": round(float(np.mean([w["seconds"] for w in row["clean"] + row["drifted"]])), 3),
-        }
+        }  # fmt: skip
         results[str(size)] = row
         print(f"window {size}: {json.dumps(row['summary'])}", flush=True)
 

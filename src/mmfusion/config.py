@@ -147,7 +147,6 @@ class TrainParams:
         "cross_attention",
         "late",
         "late_stacking",
-        "ensemble",
     )
     hidden_dim: int = 256
     dropout: float = 0.2

@@ -16,7 +16,7 @@ from mmfusion.stages import evaluate as evaluate_stage
 from mmfusion.stages import train as train_stage
 from mmfusion.training.data import load_split
 from mmfusion.training.presence import mark_missing, presence_from_nan
-from mmfusion.training.synthetic import write_synthetic_features
+from tests.code.synthetic import write_synthetic_features
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 FAST = {"hidden_dim": 16, "epochs": 6, "batch_size": 32, "patience": 6, "warmup_epochs": 1, "lr": 3e-3}

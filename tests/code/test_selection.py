@@ -17,7 +17,7 @@ from mmfusion.training.crossval import make_folds
 from mmfusion.training.data import load_split
 from mmfusion.training.ensemble_selection import crossfit_probs, greedy_selection
 from mmfusion.training.loop import predict_logits
-from mmfusion.training.synthetic import write_synthetic_features
+from tests.code.synthetic import write_synthetic_features
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 FAST = {"hidden_dim": 16, "epochs": 6, "batch_size": 32, "patience": 6, "warmup_epochs": 1, "lr": 3e-3}

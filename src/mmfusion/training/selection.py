@@ -25,7 +25,7 @@ from mmfusion.training.crossval import CVResult, bag, cross_validate, fold_score
 from mmfusion.training.data import FeatureSet
 from mmfusion.training.ensemble_selection import crossfit_probs, greedy_selection
 from mmfusion.training.evaluation import StrategyEvaluation, evaluate_from_logits, evaluate_head
-from mmfusion.training.loop import resolve_device
+from mmfusion.devices import resolve_device
 from mmfusion.training.metrics import softmax
 
 log = logging.getLogger(__name__)
@@ -83,8 +83,8 @@ def cv_candidates(
     folds = make_folds(trainval, p.cv_folds, p.seed)
     device = resolve_device(params.train.device)
     threads = torch.get_num_threads()
-    if device.type == "cpu" and params.train.threads > 0:
-        torch.set_num_threads(params.train.threads)
+    if device.type == "cpu" and params.train.cpu_threads > 0:
+        torch.set_num_threads(params.train.cpu_threads)
     out = []
     try:
         for d in dirs:

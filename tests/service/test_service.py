@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -67,7 +68,8 @@ def test_package_report(packaged):
     assert report["bento_tag"].startswith("mmfusion:")
     assert report["model_tag"] == f"mmfusion:{report['model_version']}"
     assert report["labels"] == LABELS and report["smoke_test"]["ok"]
-    assert report["metrics"]["val"]["macro_f1"] >= 0
+    written = json.loads((packaged["root"] / "models" / "best" / "metrics.json").read_text())
+    assert report["metrics"]["val"]["macro_f1"] == written["val"]["macro_f1"]  # the packaged model's own metrics
 
 
 def test_image_and_text(server):

@@ -69,3 +69,16 @@ def test_split_stage_keeps_a_text_only_row_without_an_image_path(tmp_path):
     out = pd.concat([read_manifest(tmp_path / f"data/split/{s}.csv") for s in ("train", "val", "test")])
     images = out.set_index("id")["image"]
     assert images["s0"] == "" and images["s1"] == "data/clean/images/s1.png"
+
+
+def test_every_label_of_val_and_test_is_in_train_with_few_groups_per_class():
+    """52 classes of 3 rows in 2 groups at a 1/3 + 1/3 split: the folds alone leave classes out of train."""
+    rows = [{"id": f"s{c}-{i}", "label": f"class_{c:02d}", "group": f"g{c}-{i // 2}"} for c in range(52) for i in range(3)]
+    df = pd.DataFrame(rows)
+    for seed in range(5):
+        parts = split_dataset(df, SplitParams(val_fraction=0.34, test_fraction=0.34, seed=seed))
+        train_labels = set(parts["train"]["label"])
+        assert set(parts["val"]["label"]) <= train_labels and set(parts["test"]["label"]) <= train_labels
+        assert sum(len(p) for p in parts.values()) == len(df)
+        groups = [set(p["group"]) for p in parts.values()]
+        assert not (groups[0] & groups[1] or groups[0] & groups[2] or groups[1] & groups[2])

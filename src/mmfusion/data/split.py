@@ -19,6 +19,23 @@ def _take_fold(df: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFra
     return df.iloc[rest_idx], df.iloc[fold_idx]
 
 
+def _cover_train_labels(parts: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """Every label val or test has must also be in train (a model cannot learn a class it never saw).
+
+    With only a few groups per class, the folds can leave a class out of train; then one of its
+    groups moves to train, from whichever of val/test holds more of it. Whole groups move, so no
+    group straddles splits; classes train already has are never touched (large data: no change).
+    """
+    missing = sorted((set(parts["val"]["label"]) | set(parts["test"]["label"])) - set(parts["train"]["label"]))
+    for label in missing:
+        donor = max(("val", "test"), key=lambda name: int((parts[name]["label"] == label).sum()))
+        group = parts[donor].loc[parts[donor]["label"] == label, "group"].iloc[0]
+        moving = parts[donor]["group"] == group
+        parts["train"] = pd.concat([parts["train"], parts[donor][moving]])
+        parts[donor] = parts[donor][~moving]
+    return parts
+
+
 def split_dataset(df: pd.DataFrame, params: SplitParams) -> dict[str, pd.DataFrame]:
     """Split a clean manifest into {'train', 'val', 'test'}, stratified by label, grouped by `group`.
 
@@ -33,7 +50,8 @@ def split_dataset(df: pd.DataFrame, params: SplitParams) -> dict[str, pd.DataFra
         rest, test = _take_fold(df, params.test_fraction, params.seed)
         val_share = params.val_fraction / (1 - params.test_fraction)
         train, val = _take_fold(rest, val_share, params.seed + 1)
-    return {name: part.sort_values("id").reset_index(drop=True) for name, part in (("train", train), ("val", val), ("test", test))}
+    parts = _cover_train_labels({"train": train, "val": val, "test": test})
+    return {name: part.sort_values("id").reset_index(drop=True) for name, part in parts.items()}
 
 
 def split_counts(splits: dict[str, pd.DataFrame]) -> pd.DataFrame:

@@ -16,6 +16,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -103,7 +104,12 @@ def test_what_each_shape_reports(runs):
     assert clean["dropped_by_reason"] == {"missing_image": 1, "undecodable_image": 1}
     assert clean["kept_by_presence"]["image_only"] > 0 and clean["kept_by_presence"]["text_only"] > 0
     metrics = json.loads((proj / "reports/evaluate/metrics.json").read_text())
-    assert {"image_only", "text_only"} <= set(metrics["strategies"]["concat"]["test"]["by_presence"])
+    test = pd.read_csv(proj / "data/split/test.csv", keep_default_na=False)
+    patterns = {"image+text" if (i and t) else ("image_only" if i else "text_only")
+                for i, t in zip(test["image"].str.strip().astype(bool), test["text"].str.strip().astype(bool))}  # fmt: skip
+    by_presence = metrics["strategies"]["concat"]["test"]["by_presence"]
+    assert set(by_presence) == patterns  # one accuracy per kind of row the test split has
+    assert sum(v["n"] for v in by_presence.values()) == len(test)
     featurize = json.loads((proj / "reports/featurize.json").read_text())
     assert featurize["encoders"]["text"]["truncated"] > 0
     proj, _ = runs["many_classes_some_tiny"]

@@ -131,7 +131,7 @@ def build_reference(model_dir: Path, features_dir: Path, split_dir: Path, splits
         present = {m: _presence(index, arrays[m], m) for m in modalities}
         results = predictor.predict_embeddings({m: arrays[m] for m in modalities}, present)
         manifest_path = Path(split_dir) / f"{split}.csv"
-        manifest = read_manifest(manifest_path) if manifest_path.exists() else pd.DataFrame(index=range(len(index)))
+        manifest = read_manifest(manifest_path, required=("id",)) if manifest_path.exists() else pd.DataFrame(index=range(len(index)))
         manifest = manifest.set_index("id").reindex(index["id"]).reset_index() if "id" in manifest else manifest
         frame = pd.DataFrame(
             {

@@ -9,7 +9,6 @@ Inputs are checked before Prefect starts: a missing log or reference is one line
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -20,9 +19,8 @@ from prefect import flow, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from mmfusion.config import ParamsError, load_params  # noqa: E402
-from mmfusion.monitoring.monitor import build_parser, exit_code, prepare, run_monitor, verdict_table  # noqa: E402
-from mmfusion.monitoring.reference import MonitorError  # noqa: E402
+from mmfusion.config import load_params  # noqa: E402
+from mmfusion.monitoring.monitor import cli, prepare, run_monitor, verdict_table  # noqa: E402
 
 monitor_task = task(run_monitor, name="check-windows", cache_policy=NO_CACHE, persist_result=False)
 
@@ -57,17 +55,13 @@ def maybe_retrain(params, root: str, params_path: str, model_version: str) -> di
     return {**decision, "promoted": result["promoted"], "decision": result["decision"]}
 
 
+def _run(args) -> dict:
+    prepare(load_params(args.params), Path(args.root))  # fail fast, before a Prefect server starts
+    return monitor(params_path=args.params, root=args.root, rescan=args.rescan)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser("python -m flows.monitor").parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        prepare(load_params(args.params), Path(args.root))  # fail fast, before a Prefect server starts
-        summary = monitor(params_path=args.params, root=args.root, rescan=args.rescan)
-    except (MonitorError, ParamsError) as exc:
-        print(f"monitor: error: {exc}", file=sys.stderr)
-        return 2
-    print(verdict_table(summary))
-    return exit_code(summary, args.fail_on_drift)
+    return cli(argv, "python -m flows.monitor", _run)
 
 
 if __name__ == "__main__":

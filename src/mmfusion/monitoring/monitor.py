@@ -259,16 +259,24 @@ def exit_code(summary: dict, fail_on_drift: bool) -> int:
     return 3 if fail_on_drift and summary["counts"].get("drift") else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def cli(argv: list[str] | None, prog: str, run) -> int:
+    """The monitor's command line (plain here, Prefect in flows/monitor.py): `run(args)` returns the summary."""
+    from mmfusion.config import ParamsError
+
+    args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        summary = run_monitor(load_params(args.params), Path(args.root), rescan=args.rescan)
-    except MonitorError as exc:
+        summary = run(args)
+    except (MonitorError, ParamsError) as exc:
         print(f"monitor: error: {exc}", file=sys.stderr)
         return 2
     print(verdict_table(summary))
     return exit_code(summary, args.fail_on_drift)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(argv, "python -m mmfusion.monitoring.monitor",
+               lambda a: run_monitor(load_params(a.params), Path(a.root), rescan=a.rescan))  # fmt: skip
 
 
 if __name__ == "__main__":

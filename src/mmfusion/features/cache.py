@@ -9,7 +9,8 @@ normalised text). So a new sample is a miss, an unchanged one a hit whatever its
 and a changed encoder or preprocessing lands in a fresh namespace: old entries stay valid for
 the old encoder and are never overwritten. Each entry is written to a temporary file and
 renamed into place, so a run killed mid-way leaves complete entries or none, and the next run
-resumes from what is there. An entry of the wrong size (a disk that filled up) is a miss.
+resumes from what is there. An entry of the wrong size (a disk that filled up) or that cannot be
+read is a miss.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ class FeatureCache:
         except FileNotFoundError:
             self.misses += 1
             return None
+        except OSError:  # an entry that cannot be read (a directory in its place, an I/O error) is a miss too
+            data = b""
         if len(data) != self.dim * 4:
             self.corrupt += 1
             self.misses += 1

@@ -345,7 +345,7 @@ class RetrainParams:
 class LocalClusterParams:
     """A temporary Dask LocalCluster, started for one flow run when `compute.address` is empty."""
 
-    workers: int = 2
+    workers: int = 2  # 0 = one per visible GPU (worker i takes cuda:i), 2 without a GPU
     threads_per_worker: int = 1  # one task at a time per worker: each holds its encoders and torch threads
     processes: bool = True  # workers are processes (no GIL sharing); false: threads of the flow's process
 

@@ -31,7 +31,7 @@ def file_hashes(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
     }  # fmt: skip
 
 
-def make_params(cache: Path, **compute):
+def make_params(cache: Path | str, **compute):
     return parse_params({"featurize": {**FEATURIZE, "cache_dir": str(cache)}, "train": TRAIN, "compute": compute})
 
 
@@ -66,7 +66,8 @@ def copy_data(local: dict, dest: Path) -> Path:
 
 def test_featurize_on_dask_is_byte_identical_and_a_cached_rerun_encodes_nothing(cluster, local, tmp_path):
     root = copy_data(local, tmp_path)
-    params = make_params(tmp_path / "cache", engine="dask", address=cluster, shard_size=4)
+    # the shared cache as an fsspec URL (an object store on a real cluster)
+    params = make_params(f"file://{tmp_path / 'cache'}", engine="dask", address=cluster, shard_size=4)
     summary = featurize.run(params, root)
     assert file_hashes(root / "features") == local["features"]
     for modality, stats in summary["encoders"].items():

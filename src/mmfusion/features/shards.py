@@ -26,7 +26,7 @@ from mmfusion.compute import TasksFailedError, map_tasks, worker_device, worker_
 from mmfusion.config import ComputeParams
 from mmfusion.encoders import create_encoder
 from mmfusion.encoders.base import Encoder
-from mmfusion.features.cache import FeatureCache
+from mmfusion.features.cache import open_cache
 from mmfusion.features.extract import build_input, encode_batches
 
 
@@ -43,7 +43,7 @@ class EncoderSpec:
     onnx_cache_dir: str
     cpu_threads: int  # featurize.cpu_threads: torch threads per worker process (0 = torch's default)
     num_workers: int  # image-decoding DataLoader workers inside each Dask worker
-    cache_root: str
+    cache_root: str  # a shared folder or an fsspec URL
     input: dict[str, Any] = field(default_factory=dict)  # build_input kwargs: root, background, lowercase
 
     def ident(self) -> str:
@@ -104,7 +104,7 @@ def encode_shard(shard: Shard) -> dict[str, Any]:
 
         torch.set_num_threads(spec.cpu_threads)
     source = build_input(spec.modality, **spec.input)
-    cache = FeatureCache(spec.cache_root, cache_namespace(encoder), encoder.dim)
+    cache = open_cache(spec.cache_root, cache_namespace(encoder), encoder.dim)
     encoded, failed = encode_batches(encoder, source, shard.keys, shard.values, cache, spec.num_workers, progress=False)
     return {
         "index": shard.index,

@@ -21,7 +21,7 @@ from mmfusion.config import FeaturizeParams, Params
 from mmfusion.data.manifest import read_manifest
 from mmfusion.encoders import create_encoder, encoder_modality
 from mmfusion.encoders.runtime import apply_featurize_runtime, check_featurize_runtime
-from mmfusion.features.cache import FeatureCache
+from mmfusion.features.cache import is_url, open_cache
 from mmfusion.features.extract import build_input, extract_features
 from mmfusion.features.shards import ClusterEncoder, EncoderSpec, ShardsFailedError, absolute, cache_namespace, describe_on_cluster
 from mmfusion.features.store import save_features
@@ -75,7 +75,7 @@ def presence_column(modality: str) -> str:
 
 
 def encode_modality(
-    modality: str, name: str, allrows: pd.DataFrame, params: Params, root: Path, cache_root: Path, progress: bool
+    modality: str, name: str, allrows: pd.DataFrame, params: Params, root: Path, cache_root: str, progress: bool
 ) -> tuple[np.ndarray, np.ndarray, dict[int, str], dict[str, Any], dict[str, Any]]:
     """One modality over every row: (embeddings [N, dim], presence [N], failed rows, encoder description, stats).
 
@@ -98,7 +98,8 @@ def encode_modality(
     if on_cluster:  # the workers say how they encode: namespace, meta entry, device, batch
         spec = EncoderSpec(
             modality, name, p.device, p.batch_size, encoder.describe()["runtime"], p.onnx_threads or p.cpu_threads,
-            absolute(p.onnx_cache_dir, root), p.cpu_threads, p.num_workers, str(cache_root.resolve()),
+            absolute(p.onnx_cache_dir, root), p.cpu_threads, p.num_workers,
+            cache_root if is_url(cache_root) else str(Path(cache_root).resolve()),
             {**inputs, "root": root.resolve()},
         )  # fmt: skip
         worker = describe_on_cluster(spec, params.compute)
@@ -106,7 +107,7 @@ def encode_modality(
         cluster = ClusterEncoder(spec, params.compute, worker["batch_size"])
     else:
         namespace, describe, brief = cache_namespace(encoder), encoder.describe(), encoder.describe(brief=True)
-    cache = FeatureCache(cache_root, namespace, encoder.dim, brief)
+    cache = open_cache(cache_root, namespace, encoder.dim, brief)
     present = np.array([bool(v.strip()) for v in values], dtype=bool)
     rows = np.flatnonzero(present)
     try:
@@ -188,7 +189,8 @@ def build_features(params: Params, root: Path, out_dir: Path, progress: bool = T
     if p.cpu_threads:
         torch.set_num_threads(p.cpu_threads)
     frames = read_splits(root)
-    cache_root = Path(p.cache_dir) if Path(p.cache_dir).is_absolute() else root / p.cache_dir
+    # a folder (relative to the project root) or an fsspec URL
+    cache_root = p.cache_dir if is_url(p.cache_dir) else str(root / p.cache_dir)  # root / an absolute path = it
     # Every split in one pass per encoder: one DataLoader, and duplicates across splits are encoded once.
     allrows = pd.concat([f.assign(_split=s) for s, f in frames.items()], ignore_index=True)
 
@@ -242,7 +244,7 @@ def build_features(params: Params, root: Path, out_dir: Path, progress: bool = T
         "dropped": len(dropped),
         "missing": meta["missing"],
         "encoders": encoder_stats,
-        "cache_dir": str(cache_root),
+        "cache_dir": cache_root,
     }
 
 

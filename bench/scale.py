@@ -79,7 +79,8 @@ def main() -> int:
     from mmfusion.compute import map_tasks, prefect_api_url
 
     data_root = Path(args.data_root)
-    base = {"featurize": {"encoders": {"image": "efficientnet_lite0"}, "device": "cpu", "num_workers": 0, "cpu_threads": 1}}
+    image_only = {"encoders": {"image": "efficientnet_lite0"}, "device": "cpu", "num_workers": 0, "cpu_threads": 1}
+    base = {"featurize": image_only}
     results: dict = {"n": args.n, "shard_size": args.shard_size, "cpus": os.cpu_count(), "platform": platform.platform(),
                      "load_before": os.getloadavg(), "runs": {}}  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="mmfusion-scale-"))
@@ -121,8 +122,9 @@ def main() -> int:
     print("| engine | wall s | images/s | per worker | per worker inside shards | shards | s per no-op task |")
     print("|---|---|---|---|---|---|---|")
     for name, r in results["runs"].items():
-        print(f"| {name} | {r['wall_s']} | {r['images_per_s']} | {r.get('images_per_s_per_worker', '')} | "
-              f"{r.get('in_shard_images_per_s_per_worker', '')} | {r['shards']} | {r.get('overhead_per_task_s', '')} |")  # fmt: skip
+        cells = [name, r["wall_s"], r["images_per_s"], r.get("images_per_s_per_worker", ""),
+                 r.get("in_shard_images_per_s_per_worker", ""), r["shards"], r.get("overhead_per_task_s", "")]  # fmt: skip
+        print("| " + " | ".join(str(c) for c in cells) + " |")
     print(f"wrote {out}")
     return 0
 

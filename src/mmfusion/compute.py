@@ -137,13 +137,17 @@ def _gather(futures: Sequence[Any], name: str) -> list[Any]:
             results[i] = future.result()
         else:
             error = state.result(raise_on_failure=False)
-            failures[i] = error if isinstance(error, BaseException) else RuntimeError(f"{state.type.value}: {state.message}")
+            if not isinstance(error, BaseException):  # crashed or cancelled: no exception, only the state
+                error = RuntimeError(f"{state.type.value}: {state.message}")
+            failures[i] = error
     if failures:
         raise TasksFailedError(name, results, failures)
     return [results[i] for i in range(len(futures))]
 
 
-def map_tasks(fn: Callable[..., Any], items: Sequence[Any], compute: ComputeParams, name: str, **fixed: Any) -> list[Any]:
+def map_tasks(
+    fn: Callable[..., Any], items: Sequence[Any], compute: ComputeParams, name: str, **fixed: Any
+) -> list[Any]:
     """`[fn(item, **fixed) for item in items]`, on the engine `compute` names.
 
     local: that loop, in this process (an error stops it at once). dask: one Prefect task per item on

@@ -85,7 +85,8 @@ def test_a_failing_shard_is_reported_with_its_rows_and_the_others_stay_cached(cl
 
     monkeypatch.setenv("MMFUSION_DASK_ADDRESS", cluster)  # the environment names the scheduler
     root = copy_data(local, tmp_path)
-    image_ns = next(p.parent.name for p in (local["root"] / "cache").glob("*/encoder.json") if "efficientnet" in p.read_text())
+    described = (local["root"] / "cache").glob("*/encoder.json")
+    image_ns = next(p.parent.name for p in described if "efficientnet" in p.read_text())
     key = hashlib.sha256((root / "data" / "clean" / "images" / "s4.png").read_bytes()).hexdigest()  # a val sample
     blocker = tmp_path / "cache" / image_ns / key[:2] / f"{key}.f32"
     (blocker / "in-the-way").mkdir(parents=True)  # a directory where the worker must write that entry
@@ -120,7 +121,8 @@ def test_training_trials_on_dask_through_the_stage_flow_match_the_local_engine(c
     monkeypatch.setenv("MMFUSION_DASK_ADDRESS", cluster)
     params = make_params(tmp_path / "cache", engine="dask")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_to_dict(params)))
-    summary = build_stage_flow("train", params.compute)(params_path=str(tmp_path / "params.yaml"), root=str(roots["dask"]))
+    stage_flow = build_stage_flow("train", params.compute)  # its task runner: the cluster's
+    summary = stage_flow(params_path=str(tmp_path / "params.yaml"), root=str(roots["dask"]))
 
     reports = {e: json.loads((r / "reports" / "train.json").read_text()) for e, r in roots.items()}
     for name in TRAIN["strategies"]:

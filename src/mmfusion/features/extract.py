@@ -184,7 +184,8 @@ def extract_features(
             vectors = cache.get_many(done)
             if len(vectors) != len(done):
                 lost = [k for k in done if k not in vectors][:3]
-                raise RuntimeError(f"{len(done) - len(vectors)} encoded entries are not in the cache {cache.dir} (e.g. {lost})")
+                missing = len(done) - len(vectors)
+                raise RuntimeError(f"{missing} encoded entries are not in the cache {cache.dir} (e.g. {lost})")
             for key, vec in vectors.items():
                 out[rows_by_key[key]] = vec
         for i, reason in bad.items():

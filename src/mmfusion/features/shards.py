@@ -47,8 +47,8 @@ class EncoderSpec:
     input: dict[str, Any] = field(default_factory=dict)  # build_input kwargs: root, background, lowercase
 
     def ident(self) -> str:
-        return json.dumps([self.name, self.device, self.batch_size, self.runtime, self.onnx_threads, self.onnx_cache_dir],
-                          sort_keys=True, default=str)  # fmt: skip
+        what = [self.name, self.device, self.batch_size, self.runtime, self.onnx_threads, self.onnx_cache_dir]
+        return json.dumps(what, sort_keys=True, default=str)
 
 
 @dataclass(frozen=True)

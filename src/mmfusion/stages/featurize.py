@@ -23,7 +23,14 @@ from mmfusion.encoders import create_encoder, encoder_modality
 from mmfusion.encoders.runtime import apply_featurize_runtime, check_featurize_runtime
 from mmfusion.features.cache import is_url, open_cache
 from mmfusion.features.extract import build_input, extract_features
-from mmfusion.features.shards import ClusterEncoder, EncoderSpec, ShardsFailedError, absolute, cache_namespace, describe_on_cluster
+from mmfusion.features.shards import (
+    ClusterEncoder,
+    EncoderSpec,
+    ShardsFailedError,
+    absolute,
+    cache_namespace,
+    describe_on_cluster,
+)
 from mmfusion.features.store import save_features
 from mmfusion.stages.common import fresh_dir, stage_main, write_json
 from mmfusion.errors import UserError

@@ -23,7 +23,6 @@ from prefect import flow, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from mmfusion.compute import SCALE_OUT_STAGES, build_task_runner  # noqa: E402
 from mmfusion.config import ComputeParams, load_params  # noqa: E402
 from mmfusion.errors import UserError  # noqa: E402
 from mmfusion.stages import STAGES  # noqa: E402
@@ -48,7 +47,9 @@ def build_stage_flow(name: str, compute: ComputeParams | None = None):
         raise UserError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     module = importlib.import_module(f"mmfusion.stages.{name}")
     stage_task = task(module.run, name=name, cache_policy=NO_CACHE, persist_result=False)
-    runner = build_task_runner(compute) if compute is not None and name in SCALE_OUT_STAGES else None
+    # only a stage that maps tasks has its own build_task_runner (the others would pay a cluster's start for nothing)
+    build_runner = getattr(module, "build_task_runner", None)
+    runner = build_runner(compute) if compute is not None and build_runner is not None else None
 
     @flow(name=name, description=(module.__doc__ or "").strip(), log_prints=True, persist_result=False,
           task_runner=runner)  # fmt: skip

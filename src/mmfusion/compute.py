@@ -22,8 +22,6 @@ from mmfusion.errors import UserError
 
 ENGINES = ("local", "dask")
 ADDRESS_ENV = "MMFUSION_DASK_ADDRESS"
-# Stages that map tasks: their flow gets the Dask task runner (the others would only pay its start-up).
-SCALE_OUT_STAGES = ("featurize", "train")
 
 
 class TasksFailedError(RuntimeError):

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from mmfusion import paths
-from mmfusion.compute import check_compute
+from mmfusion.compute import build_task_runner, check_compute  # noqa: F401 - flows/stages.py: this stage's runner
 from mmfusion.config import FeaturizeParams, Params
 from mmfusion.data.manifest import read_manifest
 from mmfusion.encoders import create_encoder, encoder_modality

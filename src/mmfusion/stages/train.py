@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from mmfusion import paths
-from mmfusion.compute import check_compute, map_tasks
+from mmfusion.compute import build_task_runner, check_compute, map_tasks  # noqa: F401 - flows/stages.py
 from mmfusion.config import Params
 from mmfusion.devices import resolve_device
 from mmfusion.features.store import load_meta

@@ -23,7 +23,7 @@ from prefect import flow, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from mmfusion.config import load_params  # noqa: E402
+from mmfusion.config import ComputeParams, load_params  # noqa: E402
 from mmfusion.errors import UserError  # noqa: E402
 from mmfusion.stages import STAGES  # noqa: E402
 from mmfusion.stages.common import USER_ERRORS, report_user_error  # noqa: E402
@@ -37,14 +37,22 @@ def _summary_markdown(name: str, summary: dict) -> str:
     return "\n".join(lines)
 
 
-def build_stage_flow(name: str):
-    """The Prefect flow for stage `name`: load params, run the stage task, attach a summary artifact."""
+def build_stage_flow(name: str, compute: ComputeParams | None = None):
+    """The Prefect flow for stage `name`: load params, run the stage task, attach a summary artifact.
+
+    A stage that maps tasks (featurize shards, training trials) gets its task runner from `compute`
+    (params.yaml's `compute:`): on `engine: dask` its tasks run on the Dask cluster.
+    """
     if name not in STAGES:
         raise UserError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     module = importlib.import_module(f"mmfusion.stages.{name}")
     stage_task = task(module.run, name=name, cache_policy=NO_CACHE, persist_result=False)
+    # only a stage that maps tasks has its own build_task_runner (the others would pay a cluster's start for nothing)
+    build_runner = getattr(module, "build_task_runner", None)
+    runner = build_runner(compute) if compute is not None and build_runner is not None else None
 
-    @flow(name=name, description=(module.__doc__ or "").strip(), log_prints=True, persist_result=False)
+    @flow(name=name, description=(module.__doc__ or "").strip(), log_prints=True, persist_result=False,
+          task_runner=runner)  # fmt: skip
     def stage_flow(params_path: str = "params.yaml", root: str = ".") -> dict:
         params = load_params(params_path)
         summary = stage_task(params, Path(root))
@@ -65,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     start = time.perf_counter()
     try:
-        build_stage_flow(args.stage)(params_path=args.params, root=args.root)
+        compute = load_params(args.params).compute
+        build_stage_flow(args.stage, compute)(params_path=args.params, root=args.root)
     except USER_ERRORS as exc:
         return report_user_error(args.stage, exc)
     except Exception as exc:  # a bug: the traceback, then one line saying which stage failed

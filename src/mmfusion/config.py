@@ -341,8 +341,34 @@ class RetrainParams:
     promotion: PromotionRule = field(default_factory=PromotionRule)
 
 
+@dataclass(frozen=True)
+class LocalClusterParams:
+    """A temporary Dask LocalCluster, started for one flow run when `compute.address` is empty."""
+
+    workers: int = 2  # 0 = one per visible GPU (worker i takes cuda:i), 2 without a GPU
+    threads_per_worker: int = 1  # one task at a time per worker: each holds its encoders and torch threads
+    processes: bool = True  # workers are processes (no GIL sharing); false: threads of the flow's process
+
+
+@dataclass(frozen=True)
+class ComputeParams:
+    """Where featurize shards and training trials run (mmfusion.compute). Never changes what they produce,
+    so no DVC stage depends on it: switching engines does not rerun anything."""
+
+    engine: str = "local"  # local (in the stage's process, as without Dask) | dask (Prefect's DaskTaskRunner)
+    # an existing scheduler, e.g. tcp://10.0.0.5:8786; empty: a temporary LocalCluster of `cluster`.
+    # The environment variable MMFUSION_DASK_ADDRESS overrides it.
+    address: str = ""
+    cluster: LocalClusterParams = field(default_factory=LocalClusterParams)
+    # featurize: cache misses per shard (one Prefect task), rounded up to a multiple of the encoder batch.
+    # Large shards keep the per-task overhead small (bench/scale.py).
+    shard_size: int = 512
+
+
 # Params sections of Prefect flows that are not DVC stages (flows/<name>.py); every other section is a stage.
 FLOW_SECTIONS = ("monitor", "retrain")
+# Sections that say how and where the work runs, not what it produces: no DVC stage depends on them.
+SETTINGS_SECTIONS = ("compute",)
 
 
 @dataclass(frozen=True)
@@ -358,6 +384,7 @@ class Params:
     package: PackageParams = field(default_factory=PackageParams)
     monitor: MonitorParams = field(default_factory=MonitorParams)
     retrain: RetrainParams = field(default_factory=RetrainParams)
+    compute: ComputeParams = field(default_factory=ComputeParams)
 
 
 def _build(cls: type, data: Any, where: str) -> Any:

@@ -198,3 +198,27 @@ def test_auto_workers_decode_in_process_on_cpu_and_in_workers_on_cuda():
     assert resolve_workers(-1, torch.device("cpu")) == 0
     assert resolve_workers(-1, torch.device("cuda")) >= 1
     assert resolve_workers(3, torch.device("cpu")) == 3
+
+
+@pytest.mark.parametrize("scheme", ["memory", "file"])
+def test_an_fsspec_url_holds_the_same_cache(tmp_path, scheme):
+    """featurize.cache_dir may be any fsspec URL (an object store on a cluster): the same hits, misses and vectors."""
+    from mmfusion.features.cache import FsspecFeatureCache, open_cache
+
+    url = f"memory://mmfusion-test-{tmp_path.name}/features" if scheme == "memory" else f"file://{tmp_path}/features"
+    enc = CountingTextEncoder()
+    opened = lambda: open_cache(url, f"{enc.fingerprint}-{enc.precision}", enc.dim, enc.describe())  # noqa: E731
+    assert isinstance(opened(), FsspecFeatureCache)
+    first = extract_features(enc, TextInput(), TEXTS, opened(), progress=False)
+    assert first.stats["encoded"] == 10 and len(opened()) == 10
+    enc.calls = 0
+    again = extract_features(enc, TextInput(), TEXTS, opened(), progress=False)
+    assert again.stats["cache_hits"] == 10 and enc.calls == 0
+    np.testing.assert_array_equal(again.features, first.features)
+    cache = opened()
+    key = next(iter(cache.fs.glob(f"{cache.dir}/*/*.f32"))).rsplit("/", 1)[1].removesuffix(".f32")
+    assert key in cache and cache.fs.exists(f"{cache.dir}/encoder.json")
+    cache.fs.pipe_file(cache.path(key), b"short")  # a damaged entry is a miss, re-encoded
+    assert key not in cache and cache.get(key) is None and cache.corrupt == 1
+    if scheme == "file":
+        assert (tmp_path / "features" / cache.namespace / key[:2] / f"{key}.f32").is_file()  # the local layout

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmfusion.config import FLOW_SECTIONS, Params
+from mmfusion.config import FLOW_SECTIONS, SETTINGS_SECTIONS, Params
 from mmfusion.stages import STAGES
 from tests.conftest import REPO
 
@@ -102,8 +102,9 @@ def test_stage_names_agree_everywhere():
     schema_sections = [f.name for f in dataclasses.fields(Params)]
     modules = {p.stem for p in (SRC / "mmfusion" / "stages").glob("*.py")} - {"__init__", "common"}
     assert list(DVC_STAGES) == list(STAGES)
-    assert params_sections == list(STAGES) + list(FLOW_SECTIONS)  # stages first, then the non-stage flows
-    assert schema_sections == list(STAGES) + list(FLOW_SECTIONS)
+    # stages first, then the non-stage flows, then settings of where the work runs
+    assert params_sections == list(STAGES) + list(FLOW_SECTIONS) + list(SETTINGS_SECTIONS)
+    assert schema_sections == list(STAGES) + list(FLOW_SECTIONS) + list(SETTINGS_SECTIONS)
     assert modules == set(STAGES)
     assert all((REPO / "flows" / f"{name}.py").exists() for name in FLOW_SECTIONS)
     assert not set(FLOW_SECTIONS) & set(DVC_STAGES)
@@ -113,3 +114,10 @@ def test_each_stage_depends_on_its_own_params_section():
     for name in STAGES:
         params = [p if isinstance(p, str) else next(iter(p)) for p in DVC_STAGES[name].get("params", [])]
         assert any(p == name or p.startswith(f"{name}.") for p in params), f"{name}: params {params}"
+
+
+def test_no_stage_depends_on_a_settings_section():
+    """Where the work runs (compute) never changes what a stage produces: switching it must rerun nothing."""
+    for name, stage in DVC_STAGES.items():
+        params = [p if isinstance(p, str) else next(iter(p)) for p in stage.get("params", [])]
+        assert not [p for p in params if p.split(".")[0] in SETTINGS_SECTIONS], name

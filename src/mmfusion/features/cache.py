@@ -1,6 +1,7 @@
 """A content-addressed embedding cache on disk: one small file per (encoder, content) pair.
 
 Layout:  <cache_dir>/<namespace>/<key[:2]>/<key>.f32   raw little-endian float32, `dim` values
+(`cache_dir` is a local folder or any fsspec URL, e.g. s3://bucket/features: `open_cache`)
          <cache_dir>/<namespace>/encoder.json         what made the entries (for people)
 
 The namespace is the encoder fingerprint (name + weights hash + preprocessing) plus its numeric
@@ -9,7 +10,8 @@ normalised text). So a new sample is a miss, an unchanged one a hit whatever its
 and a changed encoder or preprocessing lands in a fresh namespace: old entries stay valid for
 the old encoder and are never overwritten. Each entry is written to a temporary file and
 renamed into place, so a run killed mid-way leaves complete entries or none, and the next run
-resumes from what is there. An entry of the wrong size (a disk that filled up) is a miss.
+resumes from what is there. An entry of the wrong size (a disk that filled up) or that cannot be
+read is a miss.
 """
 
 from __future__ import annotations
@@ -45,9 +47,12 @@ class FeatureCache:
         self.writes = 0
         self.corrupt = 0
         self._ensure_writable()
+        self._describe(describe)
+        self._remove_stale_tmp()
+
+    def _describe(self, describe: dict[str, Any] | None) -> None:
         if describe is not None and not (self.dir / "encoder.json").exists():
             self._atomic_write(self.dir / "encoder.json", (json.dumps(describe, indent=2) + "\n").encode())
-        self._remove_stale_tmp()
 
     def _ensure_writable(self) -> None:
         try:
@@ -76,10 +81,12 @@ class FeatureCache:
     def get(self, key: str) -> np.ndarray | None:
         """The cached float32 vector for `key`, or None (a missing or damaged entry)."""
         try:
-            data = self.path(key).read_bytes()
+            data = self._read(self.path(key))
         except FileNotFoundError:
             self.misses += 1
             return None
+        except OSError:  # an entry that cannot be read (a directory in its place, an I/O error) is a miss too
+            data = b""
         if len(data) != self.dim * 4:
             self.corrupt += 1
             self.misses += 1
@@ -118,6 +125,10 @@ class FeatureCache:
         return {"hits": self.hits, "misses": self.misses, "writes": self.writes, "corrupt": self.corrupt}
 
     @staticmethod
+    def _read(path: Any) -> bytes:
+        return Path(path).read_bytes()
+
+    @staticmethod
     def _atomic_write(path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
@@ -128,3 +139,65 @@ class FeatureCache:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+
+def is_url(location: str | Path) -> bool:
+    """True for an fsspec URL (s3://bucket/cache, gs://..., file:///mnt/cache), False for a plain path."""
+    return isinstance(location, str) and "://" in location
+
+
+class FsspecFeatureCache(FeatureCache):
+    """The same cache on any fsspec filesystem (an object store, a network filesystem): one object per entry,
+    written whole in one put (atomic on object stores, so a killed run leaves whole entries or none)."""
+
+    def __init__(self, url: str, namespace: str, dim: int, describe: dict[str, Any] | None = None):
+        import fsspec
+
+        self.fs, base = fsspec.core.url_to_fs(url)
+        self.url = url
+        super().__init__(base, namespace, dim, describe)  # self.dir: a posix key prefix, not a local Path
+
+    def _ensure_writable(self) -> None:
+        self.dir = f"{str(self.root).rstrip('/')}/{self.namespace}"
+        probe = f"{self.dir}/.probe-{uuid.uuid4().hex}.tmp"
+        try:
+            self.fs.makedirs(self.dir, exist_ok=True)
+            self.fs.pipe_file(probe, b"")
+            self.fs.rm_file(probe)
+        except OSError as exc:
+            raise CacheNotWritableError(
+                f"feature cache {self.url} is not writable ({exc}); set featurize.cache_dir to a writable location"
+            ) from exc
+
+    def _describe(self, describe: dict[str, Any] | None) -> None:
+        if describe is not None and not self.fs.exists(f"{self.dir}/encoder.json"):
+            self.fs.pipe_file(f"{self.dir}/encoder.json", (json.dumps(describe, indent=2) + "\n").encode())
+
+    def _remove_stale_tmp(self) -> None:  # whole-object puts leave no temporary files
+        pass
+
+    def path(self, key: str) -> str:  # type: ignore[override]
+        return f"{self.dir}/{key[:2]}/{key}.f32"
+
+    def _read(self, path: str) -> bytes:  # type: ignore[override]
+        return self.fs.cat_file(path)
+
+    def _atomic_write(self, path: str, data: bytes) -> None:  # type: ignore[override]
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.pipe_file(path, data)
+
+    def __contains__(self, key: str) -> bool:
+        try:
+            return self.fs.size(self.path(key)) == self.dim * 4
+        except FileNotFoundError:
+            return False
+
+    def __len__(self) -> int:
+        return len(self.fs.glob(f"{self.dir}/*/*.f32"))
+
+
+def open_cache(location: str | Path, namespace: str, dim: int, describe: dict[str, Any] | None = None) -> FeatureCache:
+    """The cache at `location`: a local folder, or any fsspec URL (featurize.cache_dir)."""
+    if is_url(location):
+        return FsspecFeatureCache(str(location), namespace, dim, describe)
+    return FeatureCache(location, namespace, dim, describe)

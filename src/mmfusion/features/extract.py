@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -81,6 +82,9 @@ class TextInput(ModalityInput):
 
 MODALITY_INPUTS: dict[str, type[ModalityInput]] = {"image": ImageInput, "text": TextInput}
 
+# (miss keys, miss values, rows of each miss) -> (encoded, {miss index: reason}); see extract_features
+EncodeMisses = Callable[[list[str], list[str], list[list[int]]], tuple[int, dict[int, str]]]
+
 
 @dataclass
 class ExtractResult:
@@ -131,8 +135,14 @@ def extract_features(
     cache: FeatureCache | None,
     num_workers: int = -1,
     progress: bool = True,
+    encode_misses: EncodeMisses | None = None,
 ) -> ExtractResult:
-    """Embeddings for `values` (one manifest column), from the cache where possible, encoding the rest in batches."""
+    """Embeddings for `values` (one manifest column), from the cache where possible, encoding the rest in batches.
+
+    `encode_misses(keys, values, rows)`, when given, encodes the cache misses elsewhere (a cluster) into
+    `cache` and returns (encoded count, {miss index: reason} of those that failed); `rows[i]` are the
+    positions in `values` of miss `i`.
+    """
     start = time.perf_counter()
     n = len(values)
     out = np.zeros((n, encoder.dim), dtype=np.float32)
@@ -161,37 +171,26 @@ def extract_features(
     t_encode = time.perf_counter()
     encoded = 0
     if miss_keys:
-        workers = resolve_workers(num_workers, encoder.device) if source.parallel_load else 0
-        loader = DataLoader(
-            _MissDataset(miss_values, source, encoder),
-            batch_size=encoder.batch_size,
-            num_workers=workers,
-            collate_fn=_Collate(encoder),
-            pin_memory=encoder.device.type == "cuda",
-            prefetch_factor=4 if workers else None,
-            persistent_workers=False,
-        )
-        bar = tqdm(
-            total=len(miss_keys),
-            desc=f"featurize {encoder.modality} ({encoder.name})",
-            unit=encoder.modality,
-            disable=not progress,
-            mininterval=2,
-        )
-        with bar:
-            for idx, batch, bad in loader:
-                for i, reason in bad.items():
-                    for row in rows_by_key[miss_keys[i]]:
-                        failed[row] = reason
-                if batch is not None:
-                    feats = encoder.forward(batch).numpy()
-                    keys = [miss_keys[i] for i in idx]
-                    if cache is not None:
-                        cache.put_many(keys, feats)
-                    for key, vec in zip(keys, feats):
-                        out[rows_by_key[key]] = vec
-                    encoded += len(idx)
-                bar.update(len(idx) + len(bad))
+        if encode_misses is None:  # here, in batches, writing each batch to the cache and to `out`
+
+            def keep(keys: list[str], feats: np.ndarray) -> None:
+                for key, vec in zip(keys, feats):
+                    out[rows_by_key[key]] = vec
+
+            encoded, bad = encode_batches(encoder, source, miss_keys, miss_values, cache, num_workers, progress, keep)
+        else:  # elsewhere (mmfusion.features.shards): the vectors come back through the cache
+            encoded, bad = encode_misses(miss_keys, miss_values, [rows_by_key[k] for k in miss_keys])
+            done = [k for i, k in enumerate(miss_keys) if i not in bad]
+            vectors = cache.get_many(done)
+            if len(vectors) != len(done):
+                lost = [k for k in done if k not in vectors][:3]
+                missing = len(done) - len(vectors)
+                raise RuntimeError(f"{missing} encoded entries are not in the cache {cache.dir} (e.g. {lost})")
+            for key, vec in vectors.items():
+                out[rows_by_key[key]] = vec
+        for i, reason in bad.items():
+            for row in rows_by_key[miss_keys[i]]:
+                failed[row] = reason
     encode_s = time.perf_counter() - t_encode
 
     seconds = time.perf_counter() - start
@@ -213,6 +212,55 @@ def extract_features(
     if cache is not None and cache.corrupt:
         stats["corrupt_entries_replaced"] = cache.corrupt
     return ExtractResult(out, failed, stats)
+
+
+def encode_batches(
+    encoder: Encoder,
+    source: ModalityInput,
+    keys: list[str],
+    values: list[str],
+    cache: FeatureCache | None,
+    num_workers: int = -1,
+    progress: bool = True,
+    on_batch: Callable[[list[str], np.ndarray], Any] | None = None,
+) -> tuple[int, dict[int, str]]:
+    """Encode `values` (content keys `keys`) in the encoder's batches, in this order, putting each batch into
+    `cache` as soon as it is encoded; returns (encoded, {index: reason} of the items that failed to load).
+
+    The one encoding loop: the local engine runs it over every miss, a cluster worker over one shard.
+    """
+    workers = resolve_workers(num_workers, encoder.device) if source.parallel_load else 0
+    loader = DataLoader(
+        _MissDataset(values, source, encoder),
+        batch_size=encoder.batch_size,
+        num_workers=workers,
+        collate_fn=_Collate(encoder),
+        pin_memory=encoder.device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
+    bar = tqdm(
+        total=len(keys),
+        desc=f"featurize {encoder.modality} ({encoder.name})",
+        unit=encoder.modality,
+        disable=not progress,
+        mininterval=2,
+    )
+    encoded = 0
+    failed: dict[int, str] = {}
+    with bar:
+        for idx, batch, bad in loader:
+            failed.update(bad)
+            if batch is not None:
+                feats = encoder.forward(batch).numpy()
+                batch_keys = [keys[i] for i in idx]
+                if cache is not None:
+                    cache.put_many(batch_keys, feats)
+                if on_batch is not None:
+                    on_batch(batch_keys, feats)
+                encoded += len(idx)
+            bar.update(len(idx) + len(bad))
+    return encoded, failed
 
 
 def resolve_workers(num_workers: int, device: torch.device) -> int:

@@ -16,12 +16,21 @@ import pandas as pd
 import torch
 
 from mmfusion import paths
+from mmfusion.compute import build_task_runner, check_compute  # noqa: F401 - flows/stages.py: this stage's runner
 from mmfusion.config import FeaturizeParams, Params
 from mmfusion.data.manifest import read_manifest
 from mmfusion.encoders import create_encoder, encoder_modality
 from mmfusion.encoders.runtime import apply_featurize_runtime, check_featurize_runtime
-from mmfusion.features.cache import FeatureCache
+from mmfusion.features.cache import is_url, open_cache
 from mmfusion.features.extract import build_input, extract_features
+from mmfusion.features.shards import (
+    ClusterEncoder,
+    EncoderSpec,
+    ShardsFailedError,
+    absolute,
+    cache_namespace,
+    describe_on_cluster,
+)
 from mmfusion.features.store import save_features
 from mmfusion.stages.common import fresh_dir, stage_main, write_json
 from mmfusion.errors import UserError
@@ -73,7 +82,7 @@ def presence_column(modality: str) -> str:
 
 
 def encode_modality(
-    modality: str, name: str, allrows: pd.DataFrame, params: Params, root: Path, cache_root: Path, progress: bool
+    modality: str, name: str, allrows: pd.DataFrame, params: Params, root: Path, cache_root: str, progress: bool
 ) -> tuple[np.ndarray, np.ndarray, dict[int, str], dict[str, Any], dict[str, Any]]:
     """One modality over every row: (embeddings [N, dim], presence [N], failed rows, encoder description, stats).
 
@@ -81,22 +90,46 @@ def encode_modality(
     zeros and its presence is False. A row whose value cannot be read is `failed` (dropped later).
     """
     p = params.featurize
-    encoder = create_encoder(name, device=p.device, batch_size=p.batch_size or None)
-    source = build_input(modality, root=root, background=params.clean.background, lowercase=params.clean.lowercase)
+    on_cluster = params.compute.engine != "local"
+    # On a cluster the driver never encodes: its encoder only hashes, counts truncations and sets the runtime.
+    encoder = create_encoder(name, device="cpu" if on_cluster else p.device, batch_size=p.batch_size or None)
+    inputs = {"root": root, "background": params.clean.background, "lowercase": params.clean.lowercase}
+    source = build_input(modality, **inputs)
     if source.column not in allrows.columns:
         raise UserError(f"featurize: modality {modality!r} needs a {source.column!r} column in the split manifests")
     values = allrows[source.column].fillna("").astype(str).tolist()
     train_values = allrows.loc[allrows["_split"] == "train", source.column]  # int8 calibration: training inputs
     calibration = lambda: [v for v in train_values.fillna("").astype(str).tolist() if v.strip()]  # noqa: E731
     apply_featurize_runtime(encoder, p, modality, root, calibration, source.content)
-    cache = FeatureCache(cache_root, f"{encoder.fingerprint}-{encoder.precision}", encoder.dim, encoder.describe(brief=True))
+    cluster = None
+    if on_cluster:  # the workers say how they encode: namespace, meta entry, device, batch
+        spec = EncoderSpec(
+            modality, name, p.device, p.batch_size, encoder.describe()["runtime"], p.onnx_threads or p.cpu_threads,
+            absolute(p.onnx_cache_dir, root), p.cpu_threads, p.num_workers,
+            cache_root if is_url(cache_root) else str(Path(cache_root).resolve()),
+            {**inputs, "root": root.resolve()},
+        )  # fmt: skip
+        worker = describe_on_cluster(spec, params.compute)
+        namespace, describe, brief = worker["namespace"], worker["describe"], worker["brief"]
+        cluster = ClusterEncoder(spec, params.compute, worker["batch_size"])
+    else:
+        namespace, describe, brief = cache_namespace(encoder), encoder.describe(), encoder.describe(brief=True)
+    cache = open_cache(cache_root, namespace, encoder.dim, brief)
     present = np.array([bool(v.strip()) for v in values], dtype=bool)
     rows = np.flatnonzero(present)
-    result = extract_features(encoder, source, [values[i] for i in rows], cache, num_workers=p.num_workers, progress=progress)
+    try:
+        result = extract_features(
+            encoder, source, [values[i] for i in rows], cache, p.num_workers, progress, encode_misses=cluster
+        )
+    except ShardsFailedError as exc:  # positions among the present rows -> rows of allrows
+        exc.rows = [[int(rows[i]) for i in held] for held in exc.rows]
+        raise
     features = np.zeros((len(values), encoder.dim), dtype=np.float32)
     features[rows] = result.features
     failed = {int(rows[i]): reason for i, reason in result.failed.items()}
     stats = {**result.stats, "missing": int((~present).sum())}
+    if cluster is not None:
+        stats.update(device=worker["device"], batch_size=worker["batch_size"], **cluster.stats())
     s = stats
     log.info(
         "featurize %s (%s): %d samples, %d unique, %d cache hits, %d encoded, %d failed, %d truncated, "
@@ -104,7 +137,7 @@ def encode_modality(
         modality, name, s["samples"], s["unique"], s["cache_hits"], s["encoded"], s["failed"], s["truncated"],
         s["missing"], s["seconds"], s["samples_per_s"] or 0.0, s["encoded_per_s"], s["device"], s["batch_size"],
     )  # fmt: skip
-    return features, present, failed, encoder.describe(), stats
+    return features, present, failed, describe, stats
 
 
 def report_failed(allrows: pd.DataFrame, failed: dict[int, list[str]], policy: str) -> list[dict]:
@@ -125,14 +158,46 @@ def report_failed(allrows: pd.DataFrame, failed: dict[int, list[str]], policy: s
     return dropped
 
 
+class FeaturizeShardsError(RuntimeError):
+    """Shards failed on the cluster; `shards` lists each with its modality, error and rows (split, id)."""
+
+    def __init__(self, message: str, shards: list[dict[str, Any]]):
+        super().__init__(message)
+        self.shards = shards
+
+
+def raise_shard_failures(allrows: pd.DataFrame, failures: list[ShardsFailedError]) -> None:
+    """One error naming every failed shard with the rows it held; the cache keeps every other shard."""
+    shards = [
+        {"modality": exc.modality, "shard": shard.index, "error": f"{type(error).__name__}: {error}",
+         "rows": [f"{allrows.at[r, '_split']}/{allrows.at[r, 'id']}" for r in held]}
+        for exc in failures for (shard, error), held in zip(exc.failed, exc.rows)
+    ]  # fmt: skip
+    for s in shards:
+        log.error("featurize: %s shard %d failed (%s) holding %d rows: %s", s["modality"], s["shard"], s["error"],
+                  len(s["rows"]), ", ".join(s["rows"]))  # fmt: skip
+    listing = "; ".join(
+        f"{s['modality']} shard {s['shard']} ({len(s['rows'])} rows: {', '.join(s['rows'][:5])}"
+        f"{' ...' if len(s['rows']) > 5 else ''}) {s['error']}"
+        for s in shards
+    )
+    raise FeaturizeShardsError(
+        f"featurize: {len(shards)} shard(s) failed on the cluster: {listing}; every other shard is cached, "
+        "so a rerun encodes only these rows",
+        shards,
+    )
+
+
 def build_features(params: Params, root: Path, out_dir: Path, progress: bool = True) -> dict:
     """The work of `run`: read the split manifests under `root`, encode (through the cache), write `out_dir`."""
     p = params.featurize
     check_params(p)
+    check_compute(params.compute)
     if p.cpu_threads:
         torch.set_num_threads(p.cpu_threads)
     frames = read_splits(root)
-    cache_root = Path(p.cache_dir) if Path(p.cache_dir).is_absolute() else root / p.cache_dir
+    # a folder (relative to the project root) or an fsspec URL
+    cache_root = p.cache_dir if is_url(p.cache_dir) else str(root / p.cache_dir)  # root / an absolute path = it
     # Every split in one pass per encoder: one DataLoader, and duplicates across splits are encoded once.
     allrows = pd.concat([f.assign(_split=s) for s, f in frames.items()], ignore_index=True)
 
@@ -141,12 +206,19 @@ def build_features(params: Params, root: Path, out_dir: Path, progress: bool = T
     modalities: dict[str, dict[str, Any]] = {}
     encoder_stats: dict[str, dict[str, Any]] = {}
     failed: dict[int, list[str]] = {}
+    shard_failures: list[ShardsFailedError] = []
     for modality, name in p.encoders.items():
-        arrays[modality], presence[modality], bad, modalities[modality], encoder_stats[modality] = encode_modality(
-            modality, name, allrows, params, root, cache_root, progress
-        )
+        try:
+            arrays[modality], presence[modality], bad, modalities[modality], encoder_stats[modality] = encode_modality(
+                modality, name, allrows, params, root, cache_root, progress
+            )
+        except ShardsFailedError as exc:  # the other modalities still fill the cache
+            shard_failures.append(exc)
+            continue
         for row, reason in bad.items():
             failed.setdefault(row, []).append(f"{modality}: {reason}")
+    if shard_failures:
+        raise_shard_failures(allrows, shard_failures)
     none_present = np.flatnonzero(~np.any(np.stack(list(presence.values())), axis=0))
     for row in none_present:  # clean keeps no such row; an augmented view or a hand-edited split could
         failed.setdefault(int(row), []).append("no modality present")
@@ -179,7 +251,7 @@ def build_features(params: Params, root: Path, out_dir: Path, progress: bool = T
         "dropped": len(dropped),
         "missing": meta["missing"],
         "encoders": encoder_stats,
-        "cache_dir": str(cache_root),
+        "cache_dir": cache_root,
     }
 
 

@@ -10,12 +10,13 @@ from pathlib import Path
 import torch
 
 from mmfusion import paths
+from mmfusion.compute import build_task_runner, check_compute, map_tasks  # noqa: F401 - flows/stages.py
 from mmfusion.config import Params
 from mmfusion.devices import resolve_device
 from mmfusion.features.store import load_meta
 from mmfusion.stages.common import fresh_dir, stage_main, write_json
 from mmfusion.training.data import load_training_data
-from mmfusion.training.strategies import check_strategies, fit_strategy
+from mmfusion.training.strategies import check_strategies, fit_strategy, fit_strategy_from_files
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     features = root / paths.FEATURES
     encoders = load_meta(features).get("modalities", {})
     check_strategies(p.strategies, tuple(encoders))
+    check_compute(params.compute)
     device = resolve_device(p.device)
     train, val, labels = load_training_data(features, p.use_augmented)
     out = fresh_dir(root / paths.STRATEGIES)
@@ -35,8 +37,13 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     start = time.perf_counter()
     strategies = {}
     try:
-        for name in p.strategies:
-            strategies[name] = fit_strategy(name, train, val, labels, encoders, params, out / name, device)
+        if params.compute.engine == "local":
+            for name in p.strategies:
+                strategies[name] = fit_strategy(name, train, val, labels, encoders, params, out / name, device)
+        else:  # one Prefect task per strategy on the cluster; each worker reads features/ and writes its folder
+            fitted = map_tasks(fit_strategy_from_files, list(p.strategies), params.compute, "train-strategy",
+                               params=params, root=str(root.resolve()))  # fmt: skip
+            strategies = dict(zip(p.strategies, fitted))
     finally:
         used_threads = torch.get_num_threads()
         torch.set_num_threads(threads)

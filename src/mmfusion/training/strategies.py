@@ -118,3 +118,27 @@ def fit_strategy(
         "seconds": round(result.seconds, 2),
         "parameters": config["parameters"],
     }
+
+
+def fit_strategy_from_files(name: str, params: Params, root: str) -> dict:
+    """`fit_strategy` as one training trial on a cluster worker: reads `root`/features, writes
+    `root`/models/strategies/<name>/ (a shared path) under train.cpu_threads; returns the summary only."""
+    from mmfusion import paths
+    from mmfusion.compute import worker_device
+    from mmfusion.devices import resolve_device
+    from mmfusion.features.store import load_meta
+    from mmfusion.training.data import load_training_data
+
+    p = params.train
+    features = Path(root) / paths.FEATURES
+    device = resolve_device(worker_device(p.device))
+    train, val, labels = load_training_data(features, p.use_augmented)
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and p.cpu_threads > 0:
+        torch.set_num_threads(p.cpu_threads)
+    try:
+        encoders = load_meta(features).get("modalities", {})
+        out = Path(root) / paths.STRATEGIES / name
+        return fit_strategy(name, train, val, labels, encoders, params, out, device)
+    finally:
+        torch.set_num_threads(threads)

@@ -1,0 +1,172 @@
+"""Where the work runs: in the stage's own process (`compute.engine: local`) or on a Dask cluster
+through Prefect's own integration (`engine: dask`, prefect-dask's DaskTaskRunner).
+
+Stages stay engine-agnostic: they hand a function and its items to `map_tasks`, which runs them
+in-process on the local engine (exactly as a plain loop) or as mapped Prefect tasks on the
+cluster. Inside a stage flow whose task runner is already the Dask one (flows/stages.py builds it
+from `build_task_runner`), the tasks go to that runner; a stage called directly
+(`stage.run(params, root)`) with `engine: dask` runs them in a small flow of its own.
+
+The cluster is an existing scheduler (`compute.address`, or the MMFUSION_DASK_ADDRESS environment
+variable, which wins) or a temporary LocalCluster of `compute.cluster` for one flow run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from mmfusion.config import ComputeParams
+from mmfusion.errors import UserError
+
+ENGINES = ("local", "dask")
+ADDRESS_ENV = "MMFUSION_DASK_ADDRESS"
+
+
+class TasksFailedError(RuntimeError):
+    """Some mapped tasks failed; every other task ran to its end. `failures` and `results` are by item index."""
+
+    def __init__(self, name: str, results: dict[int, Any], failures: dict[int, BaseException]):
+        self.name, self.results, self.failures = name, results, failures
+        first = next(iter(failures.values()))
+        super().__init__(
+            f"{len(failures)} of {len(results) + len(failures)} {name} task(s) failed "
+            f"(items {sorted(failures)}); first: {type(first).__name__}: {first}"
+        )
+
+
+def check_compute(c: ComputeParams) -> None:
+    """Fail before any work on compute params that cannot run."""
+    if c.engine not in ENGINES:
+        raise UserError(f"compute.engine must be one of {', '.join(ENGINES)}, got {c.engine!r}")
+    if c.cluster.workers < 0 or c.cluster.threads_per_worker < 1 or c.shard_size < 1:
+        raise UserError("compute.cluster.workers must be >= 0 (0 = auto), threads_per_worker and shard_size >= 1")
+
+
+def scheduler_address(c: ComputeParams) -> str:
+    """The existing scheduler to use ('' = a temporary LocalCluster); the environment variable wins."""
+    return os.environ.get(ADDRESS_ENV, "").strip() or c.address.strip()
+
+
+def local_cluster_kwargs(c: ComputeParams) -> dict[str, Any]:
+    """LocalCluster arguments: `workers: 0` is one worker per visible GPU (else 2); no dashboard (offline, no port)."""
+    workers = c.cluster.workers or max(gpu_count(), 1) * (1 if gpu_count() else 2)
+    return {
+        "n_workers": workers,
+        "threads_per_worker": c.cluster.threads_per_worker,
+        "processes": c.cluster.processes,
+        "dashboard_address": None,
+        # Workers report their task runs to this process's Prefect API; without it each worker process
+        # would start an ephemeral server of its own (seconds each, and runs missing from the UI).
+        "env": {"PREFECT_API_URL": prefect_api_url()},
+    }
+
+
+def prefect_api_url() -> str:
+    """The Prefect API this process reports to: PREFECT_API_URL, else its ephemeral server (started now, the
+    same one every flow run of this process uses)."""
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    if url:
+        return str(url)
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    return server.api_url
+
+
+def gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - no torch or no driver: no GPU
+        return 0
+
+
+def build_task_runner(c: ComputeParams):
+    """The Prefect task runner for `c`: None on the local engine (Prefect's default), else a DaskTaskRunner."""
+    check_compute(c)
+    if c.engine == "local":
+        return None
+    from prefect_dask import DaskTaskRunner
+
+    address = scheduler_address(c)
+    if address:
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=local_cluster_kwargs(c))
+
+
+def worker_device(device: str) -> str:
+    """On a Dask worker of a multi-GPU machine, `auto`/`cuda` becomes this worker's own GPU (worker name i ->
+    cuda:i mod GPUs): one worker per GPU. Workers started one per GPU with CUDA_VISIBLE_DEVICES see one GPU."""
+    if device not in ("auto", "cuda") or gpu_count() < 2:
+        return device
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):  # not on a worker
+        return device
+    return f"cuda:{int(name) % gpu_count()}" if str(name).isdigit() else device
+
+
+def worker_name() -> str:
+    """The Dask worker this runs on ('local' outside a worker)."""
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().name)
+    except (ImportError, ValueError):
+        return "local"
+
+
+def _gather(futures: Sequence[Any], name: str) -> list[Any]:
+    """Results in item order once every future has finished; failed items raise TasksFailedError at the end."""
+    results: dict[int, Any] = {}
+    failures: dict[int, BaseException] = {}
+    for i, future in enumerate(futures):
+        future.wait()
+        state = future.state
+        if state.is_completed():
+            results[i] = future.result()
+        else:
+            error = state.result(raise_on_failure=False)
+            if not isinstance(error, BaseException):  # crashed or cancelled: no exception, only the state
+                error = RuntimeError(f"{state.type.value}: {state.message}")
+            failures[i] = error
+    if failures:
+        raise TasksFailedError(name, results, failures)
+    return [results[i] for i in range(len(futures))]
+
+
+def map_tasks(
+    fn: Callable[..., Any], items: Sequence[Any], compute: ComputeParams, name: str, **fixed: Any
+) -> list[Any]:
+    """`[fn(item, **fixed) for item in items]`, on the engine `compute` names.
+
+    local: that loop, in this process (an error stops it at once). dask: one Prefect task per item on
+    the cluster; every task runs to its end, then a TasksFailedError carries the failures and the
+    other results. `fn` must be importable on the workers (a module-level function of mmfusion).
+    """
+    check_compute(compute)
+    if compute.engine == "local" or not items:
+        return [fn(item, **fixed) for item in items]
+    from prefect import flow, task, unmapped
+    from prefect.cache_policies import NO_CACHE
+    from prefect.context import FlowRunContext
+    from prefect_dask import DaskTaskRunner
+
+    mapped = task(fn, name=name, cache_policy=NO_CACHE, persist_result=False, retries=0)
+    kwargs = {k: unmapped(v) for k, v in fixed.items()}
+
+    def run_mapped() -> list[Any]:
+        return _gather(mapped.map(list(items), **kwargs), name)
+
+    context = FlowRunContext.get()
+    if context is not None and isinstance(context.task_runner, DaskTaskRunner):
+        return run_mapped()
+    return flow(name=f"{name}-map", task_runner=build_task_runner(compute), persist_result=False)(run_mapped)()

@@ -1,0 +1,148 @@
+"""compute.engine: dask on a real Dask cluster (a LocalCluster of 2 worker processes, used as an existing
+scheduler), through Prefect's DaskTaskRunner: featurize shards and training trials give exactly the local
+engine's outputs, a cached rerun encodes nothing, and a failing shard is reported with its rows while the
+other shards stay cached."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmfusion.config import params_to_dict, parse_params
+from mmfusion.stages import featurize, train
+from tests.code.test_featurize import write_split_fixture
+
+# Worker processes import torch and load both encoders: about 4 min on a loaded 2-core machine.
+pytestmark = pytest.mark.slow
+
+FEATURIZE = {"device": "cpu", "num_workers": 0, "batch_size": 2, "cpu_threads": 1}  # batch 2: several shards
+TRAIN = {"strategies": ["image_only", "concat", "late"], "epochs": 3, "patience": 2, "hidden_dim": 16, "cpu_threads": 1}
+
+
+def file_hashes(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in skip
+    }  # fmt: skip
+
+
+def make_params(cache: Path | str, **compute):
+    return parse_params({"featurize": {**FEATURIZE, "cache_dir": str(cache)}, "train": TRAIN, "compute": compute})
+
+
+@pytest.fixture(scope="module")
+def cluster(prefect_harness):
+    """A real scheduler with 2 worker processes, reporting task runs to the test Prefect API."""
+    from distributed import LocalCluster
+
+    from mmfusion.compute import prefect_api_url
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      env={"PREFECT_API_URL": prefect_api_url()}) as c:  # fmt: skip
+        yield c.scheduler_address
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory):
+    """The tiny split data and what the local engine makes of it (features, its cache, the test's thread count kept)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    root = write_split_fixture(tmp_path_factory.mktemp("local"), per_split=3)
+    summary = featurize.run(make_params(root / "cache"), root)
+    torch.set_num_threads(threads)
+    return {"root": root, "summary": summary, "features": file_hashes(root / "features")}
+
+
+def copy_data(local: dict, dest: Path) -> Path:
+    shutil.copytree(local["root"] / "data", dest / "data")
+    return dest
+
+
+def test_featurize_on_dask_is_byte_identical_and_a_cached_rerun_encodes_nothing(cluster, local, tmp_path):
+    root = copy_data(local, tmp_path)
+    # the shared cache as an fsspec URL (an object store on a real cluster)
+    params = make_params(f"file://{tmp_path / 'cache'}", engine="dask", address=cluster, shard_size=4)
+    summary = featurize.run(params, root)
+    assert file_hashes(root / "features") == local["features"]
+    for modality, stats in summary["encoders"].items():
+        assert stats["encoded"] == local["summary"]["encoders"][modality]["encoded"] > 0
+        assert stats["shards"] == -(-stats["encoded"] // 4) >= 3, modality  # misses in shards of 4 (2 batches)
+
+    again = featurize.run(params, root)
+    for stats in again["encoders"].values():
+        assert stats["encoded"] == 0 and stats["shards"] == 0 and stats["cache_hits"] == stats["unique"]
+    assert file_hashes(root / "features") == local["features"]
+
+
+def test_a_failing_shard_is_reported_with_its_rows_and_the_others_stay_cached(cluster, local, tmp_path, monkeypatch):
+    from mmfusion.stages.featurize import FeaturizeShardsError
+
+    monkeypatch.setenv("MMFUSION_DASK_ADDRESS", cluster)  # the environment names the scheduler
+    root = copy_data(local, tmp_path)
+    described = (local["root"] / "cache").glob("*/encoder.json")
+    image_ns = next(p.parent.name for p in described if "efficientnet" in p.read_text())
+    key = hashlib.sha256((root / "data" / "clean" / "images" / "s4.png").read_bytes()).hexdigest()  # a val sample
+    blocker = tmp_path / "cache" / image_ns / key[:2] / f"{key}.f32"
+    (blocker / "in-the-way").mkdir(parents=True)  # a directory where the worker must write that entry
+    params = make_params(tmp_path / "cache", engine="dask", shard_size=4)
+
+    with pytest.raises(FeaturizeShardsError, match="image shard .*val/s4") as err:
+        featurize.run(params, root)
+    [shard] = err.value.shards
+    assert shard["modality"] == "image" and "val/s4" in shard["rows"] and len(shard["rows"]) == 4
+    assert "Is a directory" in shard["error"] or "IsADirectoryError" in shard["error"]
+    images = local["summary"]["encoders"]["image"]["unique"]
+    cached = len(list((tmp_path / "cache" / image_ns).glob("*/*.f32"))) - 1  # less the blocker
+    assert images - 4 <= cached < images  # every other shard kept
+    text_ns = next(p.parent for p in (tmp_path / "cache").glob("*/encoder.json") if "minilm" in p.read_text())
+    assert len(list(text_ns.glob("*/*.f32"))) == local["summary"]["encoders"]["text"]["unique"]  # text went on
+
+    shutil.rmtree(blocker)
+    rerun = featurize.run(params, root)
+    assert 1 <= rerun["encoders"]["image"]["encoded"] == images - cached <= 4  # only the failed shard
+    assert rerun["encoders"]["text"]["encoded"] == 0
+    assert file_hashes(root / "features") == local["features"]
+
+
+def test_training_trials_on_dask_through_the_stage_flow_match_the_local_engine(cluster, local, tmp_path, monkeypatch):
+    from flows.stages import build_stage_flow
+
+    roots = {}
+    for engine in ("local", "dask"):
+        roots[engine] = tmp_path / engine
+        shutil.copytree(local["root"] / "features", roots[engine] / "features")
+    train.run(make_params(tmp_path / "cache"), roots["local"])
+    monkeypatch.setenv("MMFUSION_DASK_ADDRESS", cluster)
+    params = make_params(tmp_path / "cache", engine="dask")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_to_dict(params)))
+    stage_flow = build_stage_flow("train", params.compute)  # its task runner: the cluster's
+    summary = stage_flow(params_path=str(tmp_path / "params.yaml"), root=str(roots["dask"]))
+
+    reports = {e: json.loads((r / "reports" / "train.json").read_text()) for e, r in roots.items()}
+    for name in TRAIN["strategies"]:
+        for key in ("best_epoch", "epochs_run", "val_macro_f1", "parameters"):
+            assert summary["strategies"][name][key] == reports["local"]["strategies"][name][key], (name, key)
+    weights = {e: file_hashes(r / "models" / "strategies", skip=("curves.png",)) for e, r in roots.items()}
+    assert len(weights["local"]) >= 3 * len(TRAIN["strategies"]) and weights["dask"] == weights["local"]
+
+
+def test_task_runner_from_params():
+    from prefect_dask import DaskTaskRunner
+
+    from mmfusion.compute import build_task_runner
+    from mmfusion.errors import UserError
+
+    assert build_task_runner(parse_params({}).compute) is None  # local: Prefect's default runner
+    runner = build_task_runner(parse_params({"compute": {"engine": "dask", "cluster": {"workers": 3}}}).compute)
+    assert isinstance(runner, DaskTaskRunner) and runner.address is None
+    assert runner.cluster_kwargs["n_workers"] == 3 and runner.cluster_kwargs["processes"] is True
+    runner = build_task_runner(parse_params({"compute": {"engine": "dask", "address": "tcp://10.0.0.5:8786"}}).compute)
+    assert runner.address == "tcp://10.0.0.5:8786"
+    with pytest.raises(UserError, match="compute.engine"):
+        build_task_runner(parse_params({"compute": {"engine": "ray"}}).compute)

@@ -9,7 +9,7 @@ drawn in OpenMoji's style (bench/drift.py's shift). This script does what the RE
 models copied; the feature cache shared), every step a real command:
 
 1. `dvc repro` (a Prefect server records the stage flows), then `promotion compare`: the champion.
-2. `bentoml serve <live tag>` with raw-image logging on; OpenMoji renderings of train+val items come
+2. `bentoml serve <live tag>` with raw-image logging on; OpenMoji renderings of train items come
    in through /classify_batch and each gets its true label through /feedback.
 3. `python -m flows.retrain` (= `make retrain`): export, a new raw data version, `dvc repro`,
    champion vs challenger, promotion.
@@ -116,7 +116,7 @@ def accuracy(url: str, pairs: list[dict], style: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench/loop.py", description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="", help="folder for the project copy (default: a new temp dir)")
-    parser.add_argument("--feedback", type=int, default=0, help="OpenMoji train+val items sent with feedback (0: all)")
+    parser.add_argument("--feedback", type=int, default=0, help="OpenMoji train items sent with feedback (0: all)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "loop.json"))
     args = parser.parse_args(argv)
 
@@ -154,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         champion = tr.run("live_tag", [py, "-m", "mmfusion.serving.promotion", "live-tag"], proj, env).strip()
 
         test = load_pairs([proj / "data" / "split" / "test.csv"])
-        pool = load_pairs([proj / "data" / "split" / "train.csv", proj / "data" / "split" / "val.csv"])
+        # production traffic: train items in the new style. Not val (feedback trains, so val would no longer be
+        # unseen and selection would be biased) and never test (scored below).
+        pool = load_pairs([proj / "data" / "split" / "train.csv"])
         pool = [pool[i] for i in np.random.default_rng(0).permutation(len(pool))]  # the order production sends them in
         if args.feedback:
             pool = pool[: args.feedback]

@@ -182,7 +182,8 @@ def test_cv_folds_on_dask_through_the_evaluate_flow_match_the_local_engine(clust
     state = stage_flow(params_path=str(tmp_path / "params.yaml"), root=str(roots["dask"]), return_state=True)
     assert state.is_completed()
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        this_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        runs = client.read_task_runs(flow_run_filter=this_run)
     assert sum(r.name.startswith("cv-fold") for r in runs) == 2 * 3  # the trained strategies x folds
     metrics = {e: json.loads((r / "reports/evaluate/metrics.json").read_text()) for e, r in roots.items()}
     for key in ("winner", "selection", "strategies", "winner_vs_best_unimodal"):

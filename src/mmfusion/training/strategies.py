@@ -50,7 +50,7 @@ def check_strategies(names: tuple[str, ...], modalities: tuple[str, ...]) -> Non
 
 @contextmanager
 def torch_threads(device: torch.device, threads: int) -> Iterator[None]:
-    """torch's CPU threads set to `threads` (train.cpu_threads; 0 keeps torch's default) on a CPU device, restored after."""
+    """torch's CPU threads set to `threads` (train.cpu_threads; 0: torch's default) on a CPU device, restored after."""
     before = torch.get_num_threads()
     if device.type == "cpu" and threads > 0:
         torch.set_num_threads(threads)

@@ -1,7 +1,7 @@
 """compute.engine: dask on a real Dask cluster (a LocalCluster of 2 worker processes, used as an existing
-scheduler), through Prefect's DaskTaskRunner: featurize shards and training trials give exactly the local
-engine's outputs, a cached rerun encodes nothing, and a failing shard is reported with its rows while the
-other shards stay cached."""
+scheduler), through Prefect's DaskTaskRunner: featurize shards, training trials and the folds of
+cross-validated selection give exactly the local engine's outputs, a cached rerun encodes nothing, and a
+failing shard is reported with its rows while the other shards stay cached."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from mmfusion.config import params_to_dict, parse_params
-from mmfusion.stages import featurize, train
+from mmfusion.stages import evaluate, featurize, train
+from tests.code.synthetic import write_synthetic_features
 from tests.code.test_featurize import write_split_fixture
 
 # Worker processes import torch and load both encoders: about 4 min on a loaded 2-core machine.
@@ -130,6 +131,66 @@ def test_training_trials_on_dask_through_the_stage_flow_match_the_local_engine(c
             assert summary["strategies"][name][key] == reports["local"]["strategies"][name][key], (name, key)
     weights = {e: file_hashes(r / "models" / "strategies", skip=("curves.png",)) for e, r in roots.items()}
     assert len(weights["local"]) >= 3 * len(TRAIN["strategies"]) and weights["dask"] == weights["local"]
+
+
+def test_cv_folds_on_dask_through_the_evaluate_flow_match_the_local_engine(cluster, tmp_path, monkeypatch):
+    """Each (strategy, fold) trial is a task run of the evaluate flow; OOF logits, fold scores, fold heads and
+    the winner are the local engine's, to the bit."""
+    import numpy as np
+    import torch
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect_dask import DaskTaskRunner
+
+    from flows.stages import build_stage_flow
+    from mmfusion.training.crossval import cross_validate, make_folds
+    from mmfusion.training.data import load_split
+
+    labels = [f"class_{i}" for i in range(4)]
+    strategies = ["image_only", "late_stacking", "ensemble"]
+    sections = {"train": {"strategies": strategies, "hidden_dim": 8, "epochs": 3, "patience": 3, "batch_size": 16,
+                          "cpu_threads": 1},
+                "evaluate": {"raw_check": 0, "bootstrap": 20, "cv_folds": 3, "selection": "cv"}}  # fmt: skip
+    local_params = parse_params(sections)
+    monkeypatch.setenv("MMFUSION_DASK_ADDRESS", cluster)
+    dask_params = parse_params({**sections, "compute": {"engine": "dask"}})
+    roots = {e: tmp_path / e for e in ("local", "dask")}
+    write_synthetic_features(roots["local"] / "features", per_class={"train": 6, "val": 3, "test": 3, "augmented": 0})
+    threads = torch.get_num_threads()
+    train.run(local_params, roots["local"])
+    shutil.copytree(roots["local"], roots["dask"])
+    evaluate.run(local_params, roots["local"])
+    torch.set_num_threads(threads)
+
+    # the fold trials themselves, on each engine
+    data = load_split(roots["local"] / "features", "train", labels).concat(
+        load_split(roots["local"] / "features", "val", labels))
+    folds = make_folds(data, 3, seed=0)
+    encoders = json.loads((roots["local"] / "features" / "meta.json").read_text())["modalities"]
+    results = {e: cross_validate(strategies[:2], data, folds, labels, encoders, p, "macro_f1")
+               for e, p in (("local", local_params), ("dask", dask_params))}  # fmt: skip
+    for here, there in zip(results["local"], results["dask"]):
+        assert here.name == there.name and np.array_equal(here.oof_logits, there.oof_logits)
+        assert here.fold_scores == there.fold_scores and here.best_epochs == there.best_epochs
+        for a, b in zip(here.heads, there.heads):
+            assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+
+    # the evaluate stage flow: its task runner is the cluster's, one task run per strategy and fold
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_to_dict(dask_params)))
+    stage_flow = build_stage_flow("evaluate", dask_params.compute)
+    assert isinstance(stage_flow.task_runner, DaskTaskRunner)
+    state = stage_flow(params_path=str(tmp_path / "params.yaml"), root=str(roots["dask"]), return_state=True)
+    assert state.is_completed()
+    with get_client(sync_client=True) as client:
+        this_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        runs = client.read_task_runs(flow_run_filter=this_run)
+    assert sum(r.name.startswith("cv-fold") for r in runs) == 2 * 3  # the trained strategies x folds
+    metrics = {e: json.loads((r / "reports/evaluate/metrics.json").read_text()) for e, r in roots.items()}
+    for key in ("winner", "selection", "strategies", "winner_vs_best_unimodal"):
+        assert metrics["dask"][key] == metrics["local"][key], key
+    assert metrics["dask"]["selection"] == "cv" and set(metrics["dask"]["strategies"]) == set(strategies)
+    best = {e: file_hashes(r / "models" / "best") for e, r in roots.items()}
+    assert best["dask"] == best["local"] and any(k.endswith(".safetensors") or k.endswith(".pt") for k in best["local"])
 
 
 def test_task_runner_from_params():

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from mmfusion import paths
+from mmfusion.compute import build_task_runner, check_compute  # noqa: F401 - flows/stages.py: CV folds as tasks
 from mmfusion.config import Params
 from mmfusion.data.images import decode_image
 from mmfusion.data.manifest import read_manifest
@@ -171,6 +172,7 @@ def write_best(root: Path, winner: Candidate, entry: dict, comparison: dict | No
 def run(params: Params, root: Path = Path(".")) -> dict:
     """Evaluate every strategy, pick the winner on val (or by CV on small data), report test, write reports and models/best."""
     p = params.evaluate
+    check_compute(params.compute)
     mode, candidates, labels, test, y_heldout = load_candidates(params, root)
     results = [c.evaluation for c in candidates]
     y_test = test.y.numpy()

@@ -4,6 +4,11 @@ Each strategy is trained k times (early stopping on its held-out fold, as AutoGl
 does), giving out-of-fold (OOF) logits for every train+val row and one score per fold. The k
 fold models of a strategy, averaged, are its refit model (a *bag*): what is tested once on
 test and served. `late_stacking`'s meta-classifier is refitted on the experts' OOF outputs.
+
+Every (strategy, fold) trial is one `fit_fold` call, mapped through `compute.map_tasks`: in
+this process on the local engine (strategy by strategy, fold by fold), one Prefect task per
+trial on the Dask cluster. Each trial seeds itself (train.seed, as `train_strategy_head` does)
+and runs under train.cpu_threads, so a worker gives the local engine's numbers.
 """
 
 from __future__ import annotations
@@ -17,13 +22,15 @@ import torch
 from sklearn.model_selection import StratifiedGroupKFold
 from torch import nn
 
+from mmfusion.compute import map_tasks, worker_device
 from mmfusion.config import Params
+from mmfusion.devices import resolve_device
 from mmfusion.fusion import FusionHead, create_head
 from mmfusion.training.data import FeatureSet
 from mmfusion.training.ensemble_selection import score
 from mmfusion.training.loop import predict_logits
 from mmfusion.training.metrics import softmax
-from mmfusion.training.strategies import train_strategy_head
+from mmfusion.training.strategies import torch_threads, train_strategy_head
 
 log = logging.getLogger(__name__)
 
@@ -75,26 +82,63 @@ def fold_scores(oof_logits: np.ndarray, y: np.ndarray, folds: list[np.ndarray], 
     return [score(softmax(oof_logits[h]), y[h], metric) for h in folds]
 
 
-def cross_validate(
-    name: str,
+@dataclass
+class FoldFit:
+    """What one (strategy, fold) trial sends back: small (a head of a few MB at most, the fold's logits)."""
+
+    head: FusionHead  # on CPU, in eval mode
+    oof_logits: np.ndarray  # [len(held), C]: the fold's held-out rows
+    best_epoch: int
+
+
+def fit_fold(
+    trial: tuple[str, int],
     data: FeatureSet,
     folds: list[np.ndarray],
     labels: list[str],
     encoders: dict[str, dict],
     params: Params,
-    device: torch.device,
-    metric: str,
-) -> CVResult:
-    """Train `name` on each fold's complement, predict its held-out rows; OOF logits and per-fold scores."""
-    oof = np.zeros((len(data), len(labels)), dtype=np.float32)
-    heads, epochs = [], []
-    everything = np.arange(len(data))
-    for held in folds:
-        fit, out = data.subset(np.setdiff1d(everything, held)), data.subset(held)
+) -> FoldFit:
+    """Train strategy `trial[0]` on the complement of fold `trial[1]`, predict that fold's rows.
+
+    One CV trial, in this process or as a task on a cluster worker (there on the worker's device and
+    under train.cpu_threads). `data` travels with the task: CV runs on small data only (train+val
+    below evaluate.cv_max_rows), and the worker then trains on exactly the rows the driver's folds index.
+    """
+    name, k = trial
+    device = resolve_device(worker_device(params.train.device))
+    held = folds[k]
+    fit, out = data.subset(np.setdiff1d(np.arange(len(data)), held)), data.subset(held)
+    with torch_threads(device, params.train.cpu_threads):
         head, result = train_strategy_head(name, fit, out, labels, encoders, params, device)
-        oof[held] = predict_logits(head.cpu(), out, present=out.presence(head.modalities))
-        heads.append(head.cpu().eval())
-        epochs.append(result.best_epoch)
+        logits = predict_logits(head.cpu(), out, present=out.presence(head.modalities))
+    return FoldFit(head.cpu().eval(), logits, result.best_epoch)
+
+
+def cross_validate(
+    names: list[str],
+    data: FeatureSet,
+    folds: list[np.ndarray],
+    labels: list[str],
+    encoders: dict[str, dict],
+    params: Params,
+    metric: str,
+) -> list[CVResult]:
+    """Each strategy of `names` trained on each fold's complement (one trial per strategy and fold, on the
+    engine params.compute names); per strategy, its OOF logits over `data` and per-fold scores."""
+    trials = [(name, k) for name in names for k in range(len(folds))]
+    fits = map_tasks(fit_fold, trials, params.compute, "cv-fold",
+                     data=data, folds=folds, labels=labels, encoders=encoders, params=params)  # fmt: skip
+    k = len(folds)
+    return [collect_folds(name, fits[i * k : (i + 1) * k], data, folds, metric) for i, name in enumerate(names)]
+
+
+def collect_folds(name: str, fits: list[FoldFit], data: FeatureSet, folds: list[np.ndarray], metric: str) -> CVResult:
+    """One strategy's fold trials as its CVResult (late_stacking: its meta-classifier refitted on the OOF outputs)."""
+    oof = np.zeros((len(data), fits[0].oof_logits.shape[1]), dtype=np.float32)
+    for fitted, held in zip(fits, folds):
+        oof[held] = fitted.oof_logits
+    heads, epochs = [f.head for f in fits], [f.best_epoch for f in fits]
     cv = CVResult(name, oof, fold_scores(oof, data.y.numpy(), folds, metric), heads, epochs)
     if name == "late_stacking":
         refit_stacking_meta(cv, data, folds, metric)

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from sklearn.model_selection import StratifiedKFold
 
 from mmfusion.config import Params
@@ -27,6 +26,7 @@ from mmfusion.training.ensemble_selection import crossfit_probs, greedy_selectio
 from mmfusion.training.evaluation import StrategyEvaluation, evaluate_from_logits, evaluate_head
 from mmfusion.devices import resolve_device
 from mmfusion.training.metrics import softmax
+from mmfusion.training.strategies import torch_threads
 
 log = logging.getLogger(__name__)
 SELECTIONS = ("auto", "cv", "holdout")
@@ -78,20 +78,13 @@ def cv_candidates(
     encoders: dict[str, dict],
     params: Params,
 ) -> tuple[list[Candidate], list[np.ndarray]]:
-    """Each strategy cross-validated over train+val; its bag of fold models tested on test. Also returns the folds."""
+    """Each strategy cross-validated over train+val (its fold trials on params.compute's engine); its bag of fold
+    models tested on test. Also returns the folds."""
     p = params.evaluate
     folds = make_folds(trainval, p.cv_folds, p.seed)
-    device = resolve_device(params.train.device)
-    threads = torch.get_num_threads()
-    if device.type == "cpu" and params.train.cpu_threads > 0:
-        torch.set_num_threads(params.train.cpu_threads)
-    out = []
-    try:
-        for d in dirs:
-            cv = cross_validate(d.name, trainval, folds, labels, encoders, params, device, p.selection_metric)
-            out.append(_cv_candidate(cv, d, labels, trainval, test, folds, params))
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(resolve_device(params.train.device), params.train.cpu_threads):
+        results = cross_validate([d.name for d in dirs], trainval, folds, labels, encoders, params, p.selection_metric)
+        out = [_cv_candidate(cv, d, labels, trainval, test, folds, params) for cv, d in zip(results, dirs)]
     return out, folds
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,18 @@ def check_strategies(names: tuple[str, ...], modalities: tuple[str, ...]) -> Non
         raise UserError(f"unknown strategy {unknown[0]!r} in train.strategies; registered: {', '.join(known)}")
     if len(set(names)) != len(names):
         raise UserError(f"train.strategies repeats a name: {list(names)}")
+
+
+@contextmanager
+def torch_threads(device: torch.device, threads: int) -> Iterator[None]:
+    """torch's CPU threads set to `threads` (train.cpu_threads; 0: torch's default) on a CPU device, restored after."""
+    before = torch.get_num_threads()
+    if device.type == "cpu" and threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # Built by evaluate from the other strategies' predictions, not trained by gradient.
@@ -133,12 +147,7 @@ def fit_strategy_from_files(name: str, params: Params, root: str) -> dict:
     features = Path(root) / paths.FEATURES
     device = resolve_device(worker_device(p.device))
     train, val, labels = load_training_data(features, p.use_augmented)
-    threads = torch.get_num_threads()
-    if device.type == "cpu" and p.cpu_threads > 0:
-        torch.set_num_threads(p.cpu_threads)
-    try:
+    with torch_threads(device, p.cpu_threads):
         encoders = load_meta(features).get("modalities", {})
         out = Path(root) / paths.STRATEGIES / name
         return fit_strategy(name, train, val, labels, encoders, params, out, device)
-    finally:
-        torch.set_num_threads(threads)

@@ -113,12 +113,40 @@ def accuracy(url: str, pairs: list[dict], style: str) -> float:
     return round(sum(p[2] == q["label"] for p, q in zip(preds, pairs)) / len(pairs), 4)
 
 
+def score(tag: str, proj: Path, env: dict, work: Path, test: list[dict]) -> dict[str, float]:
+    """Test-split accuracy of Bento `tag`, served over HTTP, in each style (a log of its own)."""
+    proc, url = serve(tag, proj, env, work / f"eval-{tag.replace(':', '-')}.sqlite")
+    try:
+        return {style: accuracy(url, test, style) for style in ("twemoji", "openmoji")}
+    finally:
+        stop_process_group(proc)
+
+
+def rescore(work: Path, out_path: Path) -> int:
+    """Score the challenger of a finished loop (its project under `work`) into an existing result JSON."""
+    result = json.loads(out_path.read_text())
+    proj = work / "proj"
+    env = {**os.environ, "BENTOML_HOME": str(work / "bentoml"), "PYTHONPATH": f"{proj / 'src'}{os.pathsep}{proj}"}
+    test = load_pairs([proj / "data" / "split" / "test.csv"])
+    acc = result["accuracy_on_test"]
+    acc["challenger_tag"] = json.loads((proj / "reports" / "package.json").read_text())["bento_tag"]
+    acc["challenger"] = score(acc["challenger_tag"], proj, env, work, test)
+    acc.pop("promoted", None)
+    acc["live_after"] = acc.pop("promoted_tag", acc.get("live_after"))
+    out_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(json.dumps(acc, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench/loop.py", description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="", help="folder for the project copy (default: a new temp dir)")
     parser.add_argument("--feedback", type=int, default=0, help="OpenMoji train items sent with feedback (0: all)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "loop.json"))
+    parser.add_argument("--rescore", action="store_true", help="only score the challenger of the finished loop in --work")
     args = parser.parse_args(argv)
+    if args.rescore:
+        return rescore(Path(args.work), Path(args.out))
 
     import httpx
     import numpy as np
@@ -184,16 +212,12 @@ def main(argv: list[str] | None = None) -> int:
         tr.run("retrain", [py, "-m", "flows.retrain"], proj, env)
         tr.run("live", [py, "-m", "mmfusion.serving.promotion", "show"], proj, env)
         retrain = json.loads((proj / "reports" / "retrain" / "latest.json").read_text())
-        new = tr.run("live_tag_after", [py, "-m", "mmfusion.serving.promotion", "live-tag"], proj, env).strip()
+        live_after = tr.run("live_tag_after", [py, "-m", "mmfusion.serving.promotion", "live-tag"], proj, env).strip()
         result["promotion"] = {k: retrain.get(k) for k in ("promoted", "decision", "scores")}
-        after = None
-        if new != champion:
-            proc, url = serve(new, proj, env, work / "eval-after.sqlite")
-            try:
-                after = {style: accuracy(url, test, style) for style in ("twemoji", "openmoji")}
-            finally:
-                stop_process_group(proc)
-        result["accuracy_on_test"] = {"champion": before, "promoted": after, "champion_tag": champion, "promoted_tag": new}
+        # the challenger is scored whether or not it was promoted: what did the feedback buy, at what cost?
+        challenger = json.loads((proj / "reports" / "package.json").read_text())["bento_tag"]
+        result["accuracy_on_test"] = {"champion": before, "champion_tag": champion, "challenger_tag": challenger,
+                                      "challenger": score(challenger, proj, env, work, test), "live_after": live_after}  # fmt: skip
         raw = __import__("pandas").read_csv(proj / "data" / "raw" / "manifest.csv")
         result["raw_rows"] = {str(k): int(v) for k, v in raw["source"].value_counts().items()} if "source" in raw else len(raw)
     finally:

@@ -7,6 +7,7 @@ An unknown or misspelled key is an error that names the key and the allowed ones
 from __future__ import annotations
 
 import dataclasses
+import posixpath
 import tempfile
 import types
 import typing
@@ -452,7 +453,20 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 
 def parse_params(data: dict[str, Any]) -> Params:
     """Validate a params mapping (as read from YAML) into `Params`."""
-    return _build(Params, data, "")
+    params = _build(Params, data, "")
+    _check_agreement(params)
+    return params
+
+
+def _check_agreement(p: Params) -> None:
+    """Settings that name one thing in two sections must agree, or a part silently reads nothing."""
+    exported = posixpath.normpath(posixpath.join(p.retrain.export_dir, "train"))
+    if p.ingest.feedback_dir and posixpath.normpath(p.ingest.feedback_dir) != exported:
+        raise ParamsError(
+            f"ingest.feedback_dir ({p.ingest.feedback_dir}) must be retrain.export_dir/train ({exported}): "
+            "the export writes the feedback there and ingest reads it from there; set both (and the ingest "
+            "dep in dvc.yaml), or ingest.feedback_dir: '' to ingest no feedback"
+        )
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

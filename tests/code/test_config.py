@@ -100,3 +100,11 @@ def test_params_are_frozen_and_coerced():
     assert isinstance(params.augment.rotation, float)
     with pytest.raises(Exception):
         params.augment.views = 5  # type: ignore[misc]
+
+
+def test_the_feedback_folder_is_named_once_or_the_same_twice(tmp_path):
+    """export writes retrain.export_dir/train and ingest reads ingest.feedback_dir: they must be one folder."""
+    with pytest.raises(ParamsError, match=r"ingest.feedback_dir \(feedback/train\) must be retrain.export_dir/train"):
+        parse_params({"retrain": {"export_dir": "labels"}})
+    assert parse_params({"retrain": {"export_dir": "labels/"}, "ingest": {"feedback_dir": "labels/train"}})
+    assert parse_params({"retrain": {"export_dir": "labels"}, "ingest": {"feedback_dir": ""}})  # no feedback ingested

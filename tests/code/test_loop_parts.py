@@ -74,7 +74,8 @@ def test_export_holds_out_the_newest_and_writes_an_ingestable_manifest(logged, t
     for i in range(5):
         add_feedback(logged, f"r{i}", 0, "water" if i % 2 else "fruit", LABELS, now=3000.0 + i)
     add_feedback(logged, "r5", 0, "fruit", LABELS, now=3010.0)  # stored, not usable
-    params = parse_params({"retrain": {"holdout_fraction": 0.4, "export_dir": str(tmp_path / "fb")}})
+    params = parse_params({"retrain": {"holdout_fraction": 0.4, "export_dir": str(tmp_path / "fb")},
+                           "ingest": {"feedback_dir": str(tmp_path / "fb" / "train")}})
     summary = export_feedback(params, tmp_path, log_path=logged)
     assert (summary["usable"], summary["train"], summary["holdout"]) == (5, 3, 2)
     assert summary["not_usable"] == {"image_not_kept": 1}

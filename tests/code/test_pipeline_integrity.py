@@ -121,3 +121,14 @@ def test_no_stage_depends_on_a_settings_section():
     for name, stage in DVC_STAGES.items():
         params = [p if isinstance(p, str) else next(iter(p)) for p in stage.get("params", [])]
         assert not [p for p in params if p.split(".")[0] in SETTINGS_SECTIONS], name
+
+
+def test_input_folders_named_in_params_are_deps_of_the_stage_that_reads_them():
+    """A folder a stage reads by a param must be a DVC dep of that stage (or new files there rerun nothing)."""
+    from mmfusion.config import load_params
+
+    params = load_params(REPO / "params.yaml")
+    read_by = {"ingest": [params.ingest.feedback_dir]}
+    for stage, folders in read_by.items():
+        for folder in filter(None, folders):
+            assert folder in DVC_STAGES[stage]["deps"], f"dvc.yaml: {stage} reads {folder} but does not depend on it"

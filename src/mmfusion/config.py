@@ -117,7 +117,7 @@ class FeaturizeParams:
     cache_dir: str = ".cache/features"  # content-addressed embedding cache, relative to the project root
     on_bad_input: str = "skip"  # skip (drop the row, report it) | fail (stop after caching the rest)
     # encoder runtime for every modality: auto (each encoder's measured default per device) | torch | onnx | onnx-int8
-    runtime: str = "torch"  # auto: onnx-int8 images + onnx texts on CPU (README: Encoder runtimes)
+    runtime: str = "auto"  # auto: onnx-int8 images + onnx texts on CPU, torch on CUDA (README: Encoder runtimes)
     runtimes: dict[str, str] = field(default_factory=dict)  # modality -> runtime, overrides `runtime`
     onnx_threads: int = 0  # ONNX Runtime intra-op threads; 0 = cpu_threads, else one per core
     onnx_cache_dir: str = ".cache/onnx"  # exported ONNX files, content-addressed by encoder fingerprint
@@ -182,7 +182,7 @@ class EvaluateParams:
     device: str = "auto"  # for the raw check's encoders
     selection: str = "auto"  # auto (cv when train+val has fewer than cv_max_rows rows) | cv | holdout
     cv_folds: int = 5  # grouped, stratified folds over train+val
-    cv_max_rows: int = 1000  # auto: below this many train+val rows, select by cross-validation
+    cv_max_rows: int = 2000  # auto: below this many train+val rows, select by cross-validation
     ensemble_size: int = 25  # greedy ensemble selection rounds (the `ensemble` strategy)
 
 

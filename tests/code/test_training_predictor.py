@@ -123,3 +123,57 @@ def test_an_encoder_with_another_fingerprint_is_refused(trained):
     wrong = dict(encoders, text=LookupEncoder("text", encoders["text"].table, "another-model"))
     with pytest.raises(ValueError, match="fingerprint"):
         Predictor.from_dir(root / "models/best", device="cpu", encoders=wrong)
+
+
+class ThreadRecordingEncoder(LookupEncoder):
+    """A LookupEncoder that records which thread ran each call."""
+
+    def __init__(self, base):
+        super().__init__(base.modality, base.table, base.fingerprint)
+        self.threads = []
+
+    def encode(self, values):
+        import threading
+
+        self.threads.append(threading.current_thread().name)
+        return super().encode(values)
+
+
+def test_small_batches_encode_modalities_concurrently_with_the_same_answers(trained):
+    root, encoders, index = trained
+    rec = {m: ThreadRecordingEncoder(e) for m, e in encoders.items()}
+    p = Predictor.from_dir(root / "models/best", device="cpu", encoders=rec)
+    items = [{"image": _image(i), "text": i} for i in index["id"][:6]] + [{"image": None, "text": index["id"][6]}]
+    batched = p.predict(items)  # 7 items > parallel_max_items: the encoders run on this thread, in turn
+    assert all(not name.startswith("encoder") for e in rec.values() for name in e.threads)
+    singles = [p.predict([it])[0] for it in items]  # a lone item: each encoder on its own thread
+    assert p.parallel_max_items >= 1
+    for e in rec.values():
+        assert any(name.startswith("encoder") for name in e.threads)
+    for one, many in zip(singles, batched):  # the same answers (to float rounding of a batch of 1 vs 7)
+        assert one["label"] == many["label"] and one["embeddings"] == many["embeddings"]
+        for key in ("probabilities", "contributions"):
+            assert np.allclose(list(one[key].values()), list(many[key].values()), atol=1e-5)
+    p.parallel_max_items = 0  # concurrency off: still the same answers
+    assert [p.predict([it])[0] for it in items] == singles  # bit-identical: same batch size
+
+
+def test_ablation_contributions_are_the_drops_when_each_modality_is_hidden(trained):
+    """The batched ablation (one head call for every hidden modality) equals hiding each in turn."""
+    root, encoders, index = trained
+    p = Predictor.from_dir(root / "models/strategies/concat", device="cpu", encoders=encoders)
+    items = [{"image": _image(i), "text": i} for i in index["id"][:5]]
+    results = p.predict(items)
+    x = {m: torch.as_tensor(v) for m, v in p.embed(items).items()}
+    probs, _ = p._probs(x, torch.ones(5, 2, dtype=torch.bool))
+    pred = probs.argmax(axis=1)
+    drops = []
+    for j in range(2):
+        mask = torch.ones(5, 2, dtype=torch.bool)
+        mask[:, j] = False
+        without, _ = p._probs(x, mask)
+        drops.append(np.clip(probs[np.arange(5), pred] - without[np.arange(5), pred], 0, None))
+    drops = np.stack(drops, axis=1)
+    for r, d in zip(results, drops):
+        want = d / d.sum() if d.sum() > 0 else np.full(2, 0.5)
+        assert np.allclose([r["contributions"]["image"], r["contributions"]["text"]], want, atol=1e-6)

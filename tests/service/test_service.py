@@ -77,6 +77,7 @@ def test_image_and_text(server):
     assert resp.status_code == 200, resp.text
     assert_answer(resp.json(), ["image", "text"])
     assert resp.headers["x-request-id"] == resp.json()["request_id"]
+    assert resp.headers["content-type"] == "application/json"
 
 
 def test_image_only_and_text_only(server):
@@ -158,7 +159,9 @@ def test_batch_errors_name_the_item(server):
 
 
 def test_metadata_and_health(server):
-    meta = post(server, "/metadata").json()
+    resp = post(server, "/metadata")
+    assert resp.headers["content-type"] == "application/json"  # every endpoint declares it (service.JSON)
+    meta = resp.json()
     assert meta["labels"] == LABELS and meta["strategy"] == "concat"
     assert meta["encoders"] == {"image": "efficientnet_lite0", "text": "minilm_l6"}
     assert meta["model_version"] == server.package_report["model_version"]

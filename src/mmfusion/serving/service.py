@@ -35,6 +35,7 @@ from pathlib import Path
 
 import anyio
 import bentoml
+from bentoml.validators import ContentType
 from pydantic import BaseModel, BeforeValidator, Field
 from typing_extensions import Annotated
 
@@ -64,6 +65,9 @@ def _as_text(value: t.Any) -> t.Any:
 
 
 Text = Annotated[t.Optional[str], BeforeValidator(_as_text)]
+# Every answer is a JSON object. Saying so up front spares BentoML building the output's JSON
+# schema on every response to find its media type (~3 ms of a ~30 ms request, bench/serve.py).
+JSON = Annotated[dict, ContentType("application/json")]
 
 
 class BatchItem(BaseModel):
@@ -192,7 +196,7 @@ class MMFusion:
         return exc.to_json()
 
     @bentoml.api
-    async def classify(self, ctx: bentoml.Context, image: Path = None, text: Text = None) -> dict:  # type: ignore[assignment]
+    async def classify(self, ctx: bentoml.Context, image: Path = None, text: Text = None) -> JSON:  # type: ignore[assignment]
         """Classify one sample: a multipart image file and/or a text field (at least one)."""
         t0 = time.perf_counter()
         ids = self._start(ctx)
@@ -210,7 +214,7 @@ class MMFusion:
         return {**self._answer(result, item), **self._done(ids, "classify", [item], [result], t0)}
 
     @bentoml.api
-    async def classify_batch(self, ctx: bentoml.Context, items: list[BatchItem]) -> dict:
+    async def classify_batch(self, ctx: bentoml.Context, items: list[BatchItem]) -> JSON:
         """Classify a JSON list of items, each with a base64 `image` and/or a `text`; all or nothing."""
         t0 = time.perf_counter()
         ids = self._start(ctx)
@@ -245,7 +249,7 @@ class MMFusion:
         return checked
 
     @bentoml.api
-    async def metadata(self) -> dict:
+    async def metadata(self) -> JSON:
         """Model version, labels, modalities, encoders, the winner's metrics, and the input limits."""
         return {
             **self.info,
@@ -269,7 +273,7 @@ class MMFusion:
         }
 
     @bentoml.api
-    async def health(self) -> dict:
+    async def health(self) -> JSON:
         """Service-wide counts read from the inference log, and this worker's own counters."""
         from bentoml._internal.context import server_context
 
@@ -292,7 +296,7 @@ class MMFusion:
         }
 
     @bentoml.api
-    async def feedback(self, ctx: bentoml.Context, request_id: str = "", label: str = "", item: int = 0) -> dict:
+    async def feedback(self, ctx: bentoml.Context, request_id: str = "", label: str = "", item: int = 0) -> JSON:
         """The true label of an answered request (`item`: its index in a classify_batch request), stored next
         to the logged rows it labels; says whether it is usable for retraining (the raw image was kept)."""
         from mmfusion.monitoring.feedback import FeedbackError, add_feedback

@@ -26,7 +26,6 @@ import argparse
 import base64
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,29 +38,7 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 from drift import load_pairs  # noqa: E402
 
 from mmfusion.procs import free_port, start_until_ready, stop_process_group  # noqa: E402
-
-COPY = ("data", "features", "models", "reports", "dvc.lock")
-
-
-def copy_project(dest: Path) -> Path:
-    """The repo's files (tracked + untracked-not-ignored) plus the pipeline outputs, as a fresh git + DVC project."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
-                           check=True).stdout.decode().split("\0")  # fmt: skip
-    for rel in filter(None, files):
-        if (REPO / rel).is_file() and not rel.startswith(COPY):
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, dest / rel)
-    for rel in COPY:
-        src = REPO / rel
-        if src.is_dir():
-            shutil.copytree(src, dest / rel, symlinks=False)
-        elif src.exists():
-            shutil.copy2(src, dest / rel)
-    for cmd in (["git", "init", "-q"], ["git", "config", "user.name", "bench"], ["git", "config", "user.email", "b@b"],
-                ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):  # fmt: skip
-        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
-    return dest
-
+from mmfusion.project import copy_project, project_env  # noqa: E402
 
 class Transcript:
     def __init__(self, path: Path):
@@ -126,7 +103,7 @@ def rescore(work: Path, out_path: Path) -> int:
     """Score the challenger of a finished loop (its project under `work`) into an existing result JSON."""
     result = json.loads(out_path.read_text())
     proj = work / "proj"
-    env = {**os.environ, "BENTOML_HOME": str(work / "bentoml"), "PYTHONPATH": f"{proj / 'src'}{os.pathsep}{proj}"}
+    env = project_env(proj, BENTOML_HOME=work / "bentoml")
     test = load_pairs([proj / "data" / "split" / "test.csv"])
     acc = result["accuracy_on_test"]
     acc["challenger_tag"] = json.loads((proj / "reports" / "package.json").read_text())["bento_tag"]
@@ -159,16 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tr = Transcript(out_path.with_name("loop-transcript.txt"))
-    proj = copy_project(work / "proj")
+    proj = copy_project(REPO, work / "proj", include_outputs=True)
     params = yaml.safe_load((proj / "params.yaml").read_text())
     cache = proj / params["featurize"]["cache_dir"]  # the feature cache is content-addressed: share this project's
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.symlink_to((REPO / params["featurize"]["cache_dir"]).resolve(), target_is_directory=True)
     py, dvc = sys.executable, str(Path(sys.executable).with_name("dvc"))
     prefect, api_url = start_server(free_port(), timeout=300, log_path=str(work / "prefect-server.log"))
-    env = {**os.environ, "PREFECT_API_URL": api_url, "BENTOML_HOME": str(work / "bentoml"),
-           "PYTHONPATH": f"{proj / 'src'}{os.pathsep}{proj}",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # dvc.yaml says `python`  # fmt: skip
+    env = project_env(proj, PREFECT_API_URL=api_url, BENTOML_HOME=work / "bentoml",
+                      PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")  # dvc.yaml says `python`
     for key in ("MMFUSION_MODEL", "MMFUSION_INFERENCE_LOG", "MMFUSION_PARAMS"):
         env.pop(key, None)
     result: dict = {"work": str(work)}

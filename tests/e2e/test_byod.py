@@ -30,6 +30,9 @@ TINY = {
     "train": {"strategies": ["text_only", "concat", "ensemble"], "epochs": 8, "hidden_dim": 32, "patience": 4,
               "warmup_epochs": 1, "lr": 3e-3},
     "evaluate": {"cv_folds": 3, "bootstrap": 100, "raw_check": 8},
+    # The matrix is about data shapes: torch encoders, so no shape pays its own int8 calibration
+    # (test_pipeline runs the default runtime, auto, end to end).
+    "featurize": {"runtime": "torch"},
     "package": {"workers": 1},
     "validate": {"min_per_class": 3},
     "ingest": {"min_class_count": 1},

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import yaml
 
 from mmfusion.procs import free_port, start_until_ready, stop_process_group
 from tests.conftest import CLASSES, draw_sample, write_tiny_dataset
+from mmfusion.project import project_env
 from tests.e2e.test_pipeline import copy_project
 
 pytestmark = pytest.mark.slow
@@ -44,6 +44,7 @@ def loop(tmp_path_factory):
     params["validate"]["min_per_class"] = 3
     params["split"].update({"val_fraction": 0.2, "test_fraction": 0.2})
     params["augment"]["views"] = 0
+    params["featurize"]["runtime"] = "torch"  # each retrain's new train set would calibrate int8 again
     params["train"].update({"strategies": ["concat"], "epochs": 25, "patience": 25, "hidden_dim": 32, "batch_size": 16})
     params["evaluate"].update({"bootstrap": 50, "raw_check": 0})
     params["package"].update({"workers": 1, "smoke_test": False})
@@ -52,7 +53,7 @@ def loop(tmp_path_factory):
     params["retrain"]["promotion"].update({"test_tolerance": 0.05, "holdout_tolerance": 0.05})
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     proc, api_url = start_server(free_port(), timeout=300, log_path=str(root / "prefect-server.log"))
-    env = {**os.environ, "PREFECT_API_URL": api_url, "BENTOML_HOME": str(root / "bentoml"), "PYTHONPATH": f"{proj / 'src'}{os.pathsep}{proj}"}
+    env = project_env(proj, PREFECT_API_URL=api_url, BENTOML_HOME=root / "bentoml")
     for key in ("MMFUSION_MODEL", "MMFUSION_INFERENCE_LOG", "MMFUSION_PARAMS"):
         env.pop(key, None)
     yield {"proj": proj, "env": env}

@@ -6,8 +6,6 @@ The tests share one project but not an order: each brings the data stages up to 
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -17,6 +15,8 @@ import pytest
 import yaml
 
 from mmfusion.procs import stop_process_group
+from mmfusion.project import copy_project as _copy_project
+from mmfusion.project import project_env as _project_env
 from tests.conftest import REPO, write_tiny_dataset
 
 pytestmark = pytest.mark.slow
@@ -25,21 +25,8 @@ DATA_STAGES = ["ingest", "clean", "validate", "split", "augment"]
 
 
 def copy_project(dest: Path) -> Path:
-    """The repo's tracked and untracked-not-ignored files, as a fresh git + DVC project."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
-                           check=True).stdout.decode().split("\0")
-    for rel in filter(None, files):
-        src = REPO / rel
-        if src.is_file() and not rel.startswith(("data/", "reports/", "features/", "models/")) and rel != "dvc.lock":
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    for key, value in (("user.name", "t"), ("user.email", "t@t")):  # dvc exp commits need an identity
-        subprocess.run(["git", "config", key, value], cwd=dest, check=True)
-    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
-    subprocess.run(["git", "commit", "-qm", "copy"], cwd=dest, check=True, env=env)
-    return dest
+    """The repo's code (no pipeline outputs) as a fresh git + DVC project: every stage will run."""
+    return _copy_project(REPO, dest)
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +64,7 @@ def set_param(project: Path, section: str, key: str, value):
 
 def project_env(project: Path, server: str) -> dict:
     """The environment of a process in the project: its own copy of the code, reporting to `server`."""
-    path = os.pathsep.join([str(project / "src"), str(project)])
-    return {**os.environ, "PREFECT_API_URL": server, "PYTHONPATH": path}
+    return _project_env(project, PREFECT_API_URL=server)
 
 
 def dvc(project: Path, server: str, *args: str) -> subprocess.CompletedProcess:

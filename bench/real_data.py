@@ -1,0 +1,127 @@
+"""A real public dataset, not emoji, through the whole pipeline as a user would bring it: a manifest.
+
+    python bench/real_data.py                        # GIMP manual figures, 14 filter categories
+    python bench/real_data.py --label chapter        # the same manual, 10 chapters (1,663 rows)
+    python bench/real_data.py --work /tmp/gimp       # keep the project copy there (to look, or rerun)
+
+Steps, each a real command (the transcript is written next to the result):
+  1. `bench/datasets/gimp_help.py` builds the manifest (image, text, label, group; no id column)
+     from the Debian package `gimp-help-en` (apt-get download; GFDL-1.2+), unless it is there.
+  2. A copy of this project (code only) points `ingest` at that manifest; nothing else changes:
+     every other param is the default (all strategies, selection auto: CV below cv_max_rows).
+  3. `python -m flows.server -- dvc repro` there: one Prefect server, every stage a flow run, to a
+     built Bento, as `make run` does.
+  4. The result: the leaderboard (CV mean and spread per strategy, test accuracy with its bootstrap
+     interval, per presence pattern) and the fusion gain, copied to bench/results/real-<name>/ and
+     summarised in bench/results/real-<name>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "src"), str(REPO)]
+
+from mmfusion.project import copy_project, project_env  # noqa: E402
+
+DATASETS = {"gimp_help": REPO / "bench" / "datasets" / "gimp_help.py"}
+
+
+def run(cmd: list[str], cwd: Path, env: dict, log: Path, timeout: float = 7200) -> float:
+    """Run `cmd`, appending its output to `log`; raise with the tail of it when it fails."""
+    t0 = time.perf_counter()
+    with log.open("a") as fh:
+        fh.write(f"$ {' '.join(cmd)}\n")
+        fh.flush()
+        proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}); see {log}:\n" + log.read_text()[-3000:])
+    return round(time.perf_counter() - t0, 1)
+
+
+def summarise(proj: Path, dataset: dict) -> dict:
+    """The numbers a reader wants, from the project's own reports (nothing recomputed here)."""
+    metrics = json.loads((proj / "reports" / "evaluate" / "metrics.json").read_text())
+    package = json.loads((proj / "reports" / "package.json").read_text())
+    return {
+        "dataset": dataset,
+        "selection": metrics["selection"],
+        "winner": metrics["winner"],
+        "best_unimodal": metrics["best_unimodal"],
+        "winner_vs_best_unimodal": metrics["winner_vs_best_unimodal"],  # paired bootstrap: test and held-out
+        "strategies": metrics["strategies"],  # CV mean/spread (cv), val, test (+ by presence pattern), CI
+        "raw_check": metrics.get("raw_check"),
+        "bento_tag": package.get("bento_tag"),
+        "reports": {k: json.loads((proj / "reports" / f"{k}.json").read_text()) for k in ("ingest", "clean", "split")},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench/real_data.py", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)  # fmt: skip
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="gimp_help")
+    parser.add_argument("--label", default="filter-category", help="the dataset script's --label (gimp_help: filter-category | chapter)")
+    parser.add_argument("--cache", default="/tmp/mmfusion-datasets", help="where datasets are downloaded and built")
+    parser.add_argument("--work", default="", help="folder for the project copy (default: a new temp dir)")
+    parser.add_argument("--out", default="", help="result JSON (default bench/results/real-<dataset>[-<label>].json)")
+    args = parser.parse_args(argv)
+
+    import yaml
+
+    name = args.dataset if args.label == "filter-category" else f"{args.dataset}-{args.label}"
+    data_dir = Path(args.cache) / name.replace("-", "_")
+    out = Path(args.out) if args.out else REPO / "bench" / "results" / f"real-{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix=f"mmfusion-{name}-"))
+    work.mkdir(parents=True, exist_ok=True)
+    log = out.with_name(f"real-{name}-transcript.txt")
+    log.write_text("")
+    seconds = {}
+
+    py = sys.executable
+    if not (data_dir / "manifest.csv").exists():
+        seconds["build_manifest"] = run([py, str(DATASETS[args.dataset]), "--cache", args.cache, "--label", args.label,
+                                         "--out", str(data_dir)], REPO, dict(os.environ), log)  # fmt: skip
+    dataset = json.loads((data_dir / "summary.json").read_text())
+
+    proj = work / "proj"
+    if proj.exists():
+        shutil.rmtree(proj)
+    copy_project(REPO, proj)
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["ingest"]["source"] = "manifest"
+    params["ingest"]["manifest"].update({"path": str(data_dir / "manifest.csv"), "image_root": str(data_dir),
+                                         "id_column": "", "group_column": "group"})  # fmt: skip
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
+    env = project_env(proj, BENTOML_HOME=work / "bentoml",
+                      PATH=f"{Path(py).parent}{os.pathsep}{os.environ.get('PATH', '')}")  # dvc.yaml says `python`
+    for key in ("MMFUSION_MODEL", "MMFUSION_INFERENCE_LOG", "MMFUSION_PARAMS", "PREFECT_API_URL"):
+        env.pop(key, None)
+    print(f"{name}: {dataset['rows']} rows, {dataset['classes']} classes; project {proj}; log {log}", flush=True)
+    seconds["dvc_repro"] = run([py, "-m", "flows.server", "--", str(Path(py).with_name("dvc")), "repro"], proj, env, log)
+
+    result = {"benchmark": "real_data", "command": " ".join([Path(py).name, *sys.argv]), "work": str(work),
+              "seconds": seconds, "cpu_count": os.cpu_count(), **summarise(proj, dataset)}  # fmt: skip
+    folder = out.with_suffix("")
+    folder.mkdir(exist_ok=True)
+    for rel in ("leaderboard.md", "metrics.json", "per_class.json"):
+        src = proj / "reports" / "evaluate" / rel
+        if src.exists():
+            shutil.copy2(src, folder / rel)
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print((proj / "reports" / "evaluate" / "leaderboard.md").read_text())
+    print(f"wrote {out} and {folder}/ in {sum(seconds.values()):.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -3,12 +3,14 @@
     python bench/real_data.py                        # GIMP manual figures, 14 filter categories
     python bench/real_data.py --label chapter        # the same manual, 10 chapters (1,663 rows)
     python bench/real_data.py --work /tmp/gimp       # keep the project copy there (to look, or rerun)
+    python bench/real_data.py --label chapter --set validate.max_imbalance=60   # params as `dvc exp run -S`
 
 Steps, each a real command (the transcript is written next to the result):
   1. `bench/datasets/gimp_help.py` builds the manifest (image, text, label, group; no id column)
      from the Debian package `gimp-help-en` (apt-get download; GFDL-1.2+), unless it is there.
   2. A copy of this project (code only) points `ingest` at that manifest; nothing else changes:
-     every other param is the default (all strategies, selection auto: CV below cv_max_rows).
+     every other param is the default (all strategies, selection auto: CV below cv_max_rows),
+     unless `--set` changes it.
   3. `python -m flows.server -- dvc repro` there: one Prefect server, every stage a flow run, to a
      built Bento, as `make run` does.
   4. The result: the leaderboard (CV mean and spread per strategy, test accuracy with its bootstrap
@@ -73,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default="/tmp/mmfusion-datasets", help="where datasets are downloaded and built")
     parser.add_argument("--work", default="", help="folder for the project copy (default: a new temp dir)")
     parser.add_argument("--out", default="", help="result JSON (default bench/results/real-<dataset>[-<label>].json)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="params for the run, as `dvc exp run -S` takes them (validate.max_imbalance=60)")
     args = parser.parse_args(argv)
 
     import yaml
@@ -101,6 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     params["ingest"]["source"] = "manifest"
     params["ingest"]["manifest"].update({"path": str(data_dir / "manifest.csv"), "image_root": str(data_dir),
                                          "id_column": "", "group_column": "group"})  # fmt: skip
+    from mmfusion.config import ParamsError, apply_overrides, parse_params
+
+    try:
+        params = apply_overrides(params, list(args.set))
+        parse_params(params)
+    except ParamsError as exc:
+        print(f"bench/real_data.py: error: {exc}", file=sys.stderr)
+        return 2
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
     env = project_env(proj, BENTOML_HOME=work / "bentoml",
                       PATH=f"{Path(py).parent}{os.pathsep}{os.environ.get('PATH', '')}")  # dvc.yaml says `python`
@@ -109,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{name}: {dataset['rows']} rows, {dataset['classes']} classes; project {proj}; log {log}", flush=True)
     seconds["dvc_repro"] = run([py, "-m", "flows.server", "--", str(Path(py).with_name("dvc")), "repro"], proj, env, log)
 
-    result = {"benchmark": "real_data", "command": " ".join([Path(py).name, *sys.argv]), "work": str(work),
+    result = {"benchmark": "real_data", "command": " ".join([Path(py).name, *sys.argv]), "work": str(work), "set": args.set,
               "seconds": seconds, "cpu_count": os.cpu_count(), **summarise(proj, dataset)}  # fmt: skip
     folder = out.with_suffix("")
     folder.mkdir(exist_ok=True)

@@ -144,16 +144,26 @@ def _gather(futures: Sequence[Any], name: str) -> list[Any]:
 
 
 def map_tasks(
-    fn: Callable[..., Any], items: Sequence[Any], compute: ComputeParams, name: str, **fixed: Any
+    fn: Callable[..., Any],
+    items: Sequence[Any],
+    compute: ComputeParams,
+    name: str,
+    progress: str = "",
+    **fixed: Any,
 ) -> list[Any]:
     """`[fn(item, **fixed) for item in items]`, on the engine `compute` names.
 
-    local: that loop, in this process (an error stops it at once). dask: one Prefect task per item on
-    the cluster; every task runs to its end, then a TasksFailedError carries the failures and the
+    local: that loop, in this process (an error stops it at once), with a progress bar labelled
+    `progress` when one is given. dask: one Prefect task per item on the cluster (the Prefect UI
+    shows them); every task runs to its end, then a TasksFailedError carries the failures and the
     other results. `fn` must be importable on the workers (a module-level function of mmfusion).
     """
     check_compute(compute)
     if compute.engine == "local" or not items:
+        if progress and len(items) > 1:
+            from tqdm.auto import tqdm
+
+            return [fn(item, **fixed) for item in tqdm(items, desc=progress, unit="task", dynamic_ncols=True)]
         return [fn(item, **fixed) for item in items]
     from prefect import flow, task, unmapped
     from prefect.cache_policies import NO_CACHE

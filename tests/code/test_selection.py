@@ -87,6 +87,10 @@ def test_the_served_model_is_the_refit_bag_and_reproduces_the_reported_test_scor
     assert acc == pytest.approx(metrics["strategies"][metrics["winner"]]["test"]["accuracy"], abs=1e-6)
     if metrics["winner"] == "ensemble":
         assert json.loads((best / "members.json").read_text())["members"] == config["members"]
+    # a bag is served at temperature 1 (a temperature from single fold models over-softens it)
+    calibration = json.loads((best / "calibration.json").read_text())
+    assert calibration["temperature"] == 1.0 and calibration["fitted_on"].startswith("none")
+    assert all(s["temperature"] == 1.0 for s in metrics["strategies"].values())
 
 
 def test_ensemble_records_its_members_and_loads_through_the_checkpoint(evaluated, tmp_path):
@@ -98,6 +102,7 @@ def test_ensemble_records_its_members_and_loads_through_the_checkpoint(evaluated
     mode, candidates, _, test, _ = load_candidates(params, evaluated)
     ens = candidates[-1]
     assert mode == "holdout" and ens.evaluation.name == "ensemble" and ens.evaluation.cv is None
+    assert all(c.evaluation.temperature != 1.0 for c in candidates)  # holdout: fitted on val, for every strategy
     assert set(ens.members) <= {"image_only", "text_only", "late_stacking"}
     assert sum(ens.members.values()) == pytest.approx(1.0, abs=1e-3)
     save_checkpoint(tmp_path / "m", ens.head, ens.config)

@@ -163,7 +163,10 @@ def test_ablation_contributions_are_the_drops_when_each_modality_is_hidden(train
     root, encoders, index = trained
     p = Predictor.from_dir(root / "models/strategies/concat", device="cpu", encoders=encoders)
     items = [{"image": _image(i), "text": i} for i in index["id"][:5]]
-    results = p.predict(items)
+    first = p.predict(items)  # learns that the head gives no weights of its own
+    assert p._head_weighs is False
+    results = p.predict(items)  # from now on the prediction and its ablations share one head call
+    assert [r["label"] for r in results] == [r["label"] for r in first]
     x = {m: torch.as_tensor(v) for m, v in p.embed(items).items()}
     probs, _ = p._probs(x, torch.ones(5, 2, dtype=torch.bool))
     pred = probs.argmax(axis=1)
@@ -174,6 +177,8 @@ def test_ablation_contributions_are_the_drops_when_each_modality_is_hidden(train
         without, _ = p._probs(x, mask)
         drops.append(np.clip(probs[np.arange(5), pred] - without[np.arange(5), pred], 0, None))
     drops = np.stack(drops, axis=1)
-    for r, d in zip(results, drops):
+    for i, (r0, r, d) in enumerate(zip(first, results, drops)):
         want = d / d.sum() if d.sum() > 0 else np.full(2, 0.5)
+        assert np.allclose([r0["contributions"]["image"], r0["contributions"]["text"]], want, atol=1e-6)
         assert np.allclose([r["contributions"]["image"], r["contributions"]["text"]], want, atol=1e-6)
+        assert np.allclose(list(r["probabilities"].values()), probs[i], atol=1e-6)

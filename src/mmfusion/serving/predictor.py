@@ -63,6 +63,7 @@ class Predictor:
         # and torch release the GIL), so their latency is the slowest encoder's, not the sum; larger
         # batches (a loaded server, whose cores are all busy anyway) run them one after the other.
         self.parallel_max_items = PARALLEL_MAX_ITEMS
+        self._head_weighs: bool | None = None  # whether the head gives its own modality weights (set on first use)
         self._pool: ThreadPoolExecutor | None = None
 
     @classmethod
@@ -190,11 +191,14 @@ class Predictor:
         mask_np = np.stack(cols, axis=1)
         if not mask_np.any(axis=1).all():
             raise ValueError("every item needs at least one modality present")
-        mask = torch.as_tensor(mask_np, device=self.device)
-        probs, weights = self._probs(x, mask)
+        if self._head_weighs is False:  # known to need ablations: the prediction and its ablations in one head call
+            probs, weights = self._probs_with_ablations(x, mask_np)
+        else:
+            probs, weights = self._probs(x, torch.as_tensor(mask_np, device=self.device))
+            self._head_weighs = weights is not None
+            if weights is None:
+                weights = self._ablation_contributions(x, mask_np, probs, probs.argmax(axis=1))
         pred = probs.argmax(axis=1)
-        if weights is None:
-            weights = self._ablation_contributions(x, mask_np, probs, pred)
         results = []
         for i in range(n):
             results.append(
@@ -209,29 +213,47 @@ class Predictor:
             )
         return results
 
-    def _ablation_contributions(self, x, mask_np: np.ndarray, probs: np.ndarray, pred: np.ndarray) -> np.ndarray:
-        """Per modality, the drop of the predicted class's probability when it is hidden (one head call for all)."""
-        n, k = mask_np.shape
-        rows = np.arange(n)
-        deltas = np.zeros(mask_np.shape, dtype=np.float64)
-        hidden_masks, oks = [], []
-        for j in range(k):
+    def _hidden_masks(self, mask_np: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """(modality index, mask with it hidden, rows where hiding it leaves something) per modality that has such rows."""
+        out = []
+        for j in range(mask_np.shape[1]):
             hidden = mask_np.copy()
             hidden[:, j] = False
             ok = mask_np[:, j] & hidden.any(axis=1)  # only where hiding it leaves something
-            hidden_masks.append(np.where(hidden.any(axis=1, keepdims=True), hidden, mask_np))
-            oks.append(ok)
-        todo = [j for j in range(k) if oks[j].any()]
-        if todo:
-            xs = {m: v.repeat(len(todo), *([1] * (v.dim() - 1))) for m, v in x.items()}
-            masks = torch.as_tensor(np.concatenate([hidden_masks[j] for j in todo]), device=self.device)
-            p_all, _ = self._probs(xs, masks)
-            for t, j in enumerate(todo):
-                p_without = p_all[t * n : (t + 1) * n]
-                deltas[oks[j], j] = np.clip(probs[rows, pred] - p_without[rows, pred], 0, None)[oks[j]]
+            if ok.any():
+                out.append((j, np.where(hidden.any(axis=1, keepdims=True), hidden, mask_np), ok))
+        return out
+
+    def _contributions(self, mask_np, probs, pred, hidden, p_hidden) -> np.ndarray:
+        """Per modality, the drop of the predicted class's probability when it is hidden, normalised to sum to 1."""
+        n = len(pred)
+        rows = np.arange(n)
+        deltas = np.zeros(mask_np.shape, dtype=np.float64)
+        for t, (j, _, ok) in enumerate(hidden):
+            p_without = p_hidden[t * n : (t + 1) * n]
+            deltas[ok, j] = np.clip(probs[rows, pred] - p_without[rows, pred], 0, None)[ok]
         totals = deltas.sum(axis=1, keepdims=True)
         uniform = mask_np / mask_np.sum(axis=1, keepdims=True)
         return np.where(totals > 0, deltas / np.where(totals > 0, totals, 1), uniform)
+
+    def _stacked(self, x: dict[str, torch.Tensor], masks: list[np.ndarray]):
+        """The inputs repeated once per mask, and the masks one after the other: one head call for all."""
+        xs = {m: v.repeat(len(masks), *([1] * (v.dim() - 1))) for m, v in x.items()}
+        return xs, torch.as_tensor(np.concatenate(masks), device=self.device)
+
+    def _ablation_contributions(self, x, mask_np: np.ndarray, probs: np.ndarray, pred: np.ndarray) -> np.ndarray:
+        """Ablation contributions of a prediction already made (one head call for every hidden modality)."""
+        hidden = self._hidden_masks(mask_np)
+        p_hidden = self._probs(*self._stacked(x, [h for _, h, _ in hidden]))[0] if hidden else None
+        return self._contributions(mask_np, probs, pred, hidden, p_hidden)
+
+    def _probs_with_ablations(self, x, mask_np: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities and ablation contributions from one head call (a head without its own weights)."""
+        n = len(mask_np)
+        hidden = self._hidden_masks(mask_np)
+        p_all, _ = self._probs(*self._stacked(x, [mask_np] + [h for _, h, _ in hidden]))
+        probs = p_all[:n]
+        return probs, self._contributions(mask_np, probs, probs.argmax(axis=1), hidden, p_all[n:])
 
     def predict(self, items: Sequence[dict]) -> list[dict]:
         """Label, calibrated probabilities, per-modality contributions and embeddings for each item."""

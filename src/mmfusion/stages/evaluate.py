@@ -22,7 +22,14 @@ from mmfusion.features.store import load_meta
 from mmfusion.training.checkpoint import CALIBRATION, METRICS, read_config, save_checkpoint
 from mmfusion.training.data import FeatureSet, load_split
 from mmfusion.training.evaluation import StrategyEvaluation, accuracy_interval, correct_vector, select_winner
-from mmfusion.training.selection import Candidate, cv_candidates, ensemble_candidate, holdout_candidates, selection_mode
+from mmfusion.training.selection import (
+    BAG_TEMPERATURE,
+    Candidate,
+    cv_candidates,
+    ensemble_candidate,
+    holdout_candidates,
+    selection_mode,
+)
 from mmfusion.training.strategies import BUILT_BY_EVALUATE
 from mmfusion.training.metrics import confusion_matrix, paired_bootstrap, reliability_bins, softmax
 from mmfusion.training.plots import plot_confusion, plot_leaderboard, plot_reliability
@@ -164,7 +171,7 @@ def write_best(root: Path, winner: Candidate, entry: dict, comparison: dict | No
         if winner.members:
             write_json(best / "members.json", {"members": winner.members, "selection": winner.config.get("selection")})
     ev = winner.evaluation
-    fitted_on = "out-of-fold predictions on train+val" if ev.cv else "val"
+    fitted_on = BAG_TEMPERATURE if ev.cv else "val"
     write_json(best / CALIBRATION, {"temperature": ev.temperature, "fitted_on": fitted_on})
     write_json(best / METRICS, {"strategy": ev.name, **entry, "vs_best_unimodal": comparison})
 

@@ -127,7 +127,7 @@ def cross_validate(
     """Each strategy of `names` trained on each fold's complement (one trial per strategy and fold, on the
     engine params.compute names); per strategy, its OOF logits over `data` and per-fold scores."""
     trials = [(name, k) for name in names for k in range(len(folds))]
-    fits = map_tasks(fit_fold, trials, params.compute, "cv-fold",
+    fits = map_tasks(fit_fold, trials, params.compute, "cv-fold", progress=f"cv: {len(names)} strategies x {len(folds)} folds",
                      data=data, folds=folds, labels=labels, encoders=encoders, params=params)  # fmt: skip
     k = len(folds)
     return [collect_folds(name, fits[i * k : (i + 1) * k], data, folds, metric) for i, name in enumerate(names)]

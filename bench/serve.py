@@ -12,7 +12,10 @@ shares the CPU with the server; the load average before and after is recorded.
 With `--runtimes torch onnx onnx-int8` every point is repeated per encoder runtime, in the
 same run on the same inputs: each runtime serves a bench copy of the model folder whose
 encoders record that runtime (the head's weights are the model's; only speed is measured here,
-accuracy per runtime is the accuracy guard's job: README "Encoder runtimes").
+accuracy per runtime is the accuracy guard's job: README "Encoder runtimes"). The fusion head
+runs under `package.head_runtime` (auto: ONNX Runtime on CPU), except for `torch`, the
+all-torch path, whose head is torch too; `ENCODERS/HEAD` names both (`recorded/torch`: the
+model's encoders with an eager head), so a head change is measured in the same run.
 Writes bench/results/serve-<device>.json.
 """
 
@@ -141,7 +144,7 @@ def with_runtime(model_dir: Path, runtime: str, out_dir: Path) -> Path:
     return out_dir
 
 
-def bench_predictor(model_dir: Path, inputs: list[tuple[bytes, str]], device: str, seconds: float) -> dict:
+def bench_predictor(model_dir: Path, inputs: list[tuple[bytes, str]], device: str, seconds: float, head_runtime: str) -> dict:
     """The bare Predictor on the same (decoded) inputs: items/s per thread count and batch size.
 
     The best of all is the limit a server can approach (the server's own thread setting is a param).
@@ -155,7 +158,7 @@ def bench_predictor(model_dir: Path, inputs: list[tuple[bytes, str]], device: st
     grid = {}
     for threads in sorted({1, os.cpu_count() or 1}):
         torch.set_num_threads(threads)
-        predictor = Predictor.from_dir(model_dir, device=device)
+        predictor = Predictor.from_dir(model_dir, device=device, head_runtime=head_runtime)
         predictor.predict(items[:4])  # load weights / sessions
         for bs in (1, 4, 8, 16, 32):
             n = 0
@@ -170,28 +173,37 @@ def bench_predictor(model_dir: Path, inputs: list[tuple[bytes, str]], device: st
                 "ms_per_batch": round(elapsed / n * 1000, 2),
             }
     best = max(grid, key=lambda k: grid[k]["items_per_s"])
-    return {"grid": grid, "best": best, "best_items_per_s": grid[best]["items_per_s"]}
+    return {"grid": grid, "best": best, "best_items_per_s": grid[best]["items_per_s"], "head_runtime": predictor.head_runtime}
+
+
+def split_runtime(entry: str) -> tuple[str, str | None]:
+    """`ENCODERS[/HEAD]` -> (encoder runtime, head runtime or None for the default: torch for torch, else the package's)."""
+    encoders, _, head = entry.partition("/")
+    return encoders, head or ("torch" if encoders == "torch" else None)
 
 
 def run_runtime(args, work: Path, model_dir: Path, model_tag: str, inputs, device: str, runtime: str) -> dict:
     """Served points (per batching mode and concurrency) and the in-process limit of one model folder."""
     import yaml
 
-    result: dict = {"served": {}}
-    for mode in args.modes:
-        params_file = work / f"params-{runtime}-{mode}.yaml"
-        from mmfusion.config import PackageParams, apply_overrides, params_to_dict
+    from mmfusion.config import PackageParams, apply_overrides, params_to_dict, parse_params
 
+    result: dict = {"served": {}}
+    name = runtime.replace("/", "-")
+    head = split_runtime(runtime)[1]
+    overrides = ([f"package.head_runtime={head}"] if head else []) + [f"package.{a}" for a in args.set]
+    for mode in args.modes:
+        params_file = work / f"params-{name}-{mode}.yaml"
         package = params_to_dict(PackageParams())
         package["batching"]["enabled"] = "true" if mode == "on" else "false"
-        params_file.write_text(yaml.safe_dump(apply_overrides({"package": package}, [f"package.{a}" for a in args.set])))
+        params_file.write_text(yaml.safe_dump(apply_overrides({"package": package}, overrides)))
         env = {
             **os.environ,
             "MMFUSION_PARAMS": str(params_file),
             "MMFUSION_MODEL": model_tag,
-            "MMFUSION_INFERENCE_LOG": str(work / f"inference-{runtime}-{mode}.sqlite"),
+            "MMFUSION_INFERENCE_LOG": str(work / f"inference-{name}-{mode}.sqlite"),
         }
-        proc, url = start_server(env, work / f"serve-{runtime}-{mode}.log")
+        proc, url = start_server(env, work / f"serve-{name}-{mode}.log")
         try:
             points = []
             for c in args.concurrency:
@@ -205,7 +217,8 @@ def run_runtime(args, work: Path, model_dir: Path, model_tag: str, inputs, devic
     if args.no_in_process:
         result["in_process"] = {"skipped": True, "best": None, "best_items_per_s": None}
     else:
-        result["in_process"] = bench_predictor(model_dir, inputs, device, max(3.0, args.seconds / 2))
+        head_runtime = parse_params(apply_overrides({"package": params_to_dict(PackageParams())}, overrides)).package.head_runtime
+        result["in_process"] = bench_predictor(model_dir, inputs, device, max(3.0, args.seconds / 2), head_runtime)
     limit = result["in_process"]["best_items_per_s"]
     result["summary"] = {
         mode: {
@@ -234,13 +247,15 @@ def main(argv: list[str] | None = None) -> int:
         help="package params for the served runs, as `dvc exp run -S` takes them without `package.` "
         "(cpu_threads=2 batching.max_batch_size=16)",
     )
-    parser.add_argument("--runtimes", nargs="+", default=["recorded"], help="encoder runtimes to compare: recorded (the model's own), torch, onnx, onnx-int8, auto (each encoder's default)")
+    parser.add_argument("--runtimes", nargs="+", default=["recorded"], help="encoder runtimes to compare: recorded (the model's own), torch, onnx, onnx-int8, auto (each encoder's default); "
+        "ENCODERS/HEAD also names the head runtime (recorded/torch, recorded/onnx)")
     parser.add_argument("--no-in-process", action="store_true", help="skip the in-process limit (quick A/B of server settings)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
     from mmfusion import paths
     from mmfusion.config import PackageParams, ParamsError, apply_overrides, params_to_dict, parse_params
+    from mmfusion.errors import UserError
 
     model_dir = Path(args.model_dir)
     model_kind = str(model_dir)
@@ -252,7 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [f"package.{item}" for item in args.set]
     try:
         parse_params(apply_overrides({"package": params_to_dict(PackageParams())}, overrides))
-    except ParamsError as exc:
+        from mmfusion.fusion.runtime import check_head_runtime
+
+        for entry in args.runtimes:
+            if split_runtime(entry)[1]:
+                check_head_runtime(split_runtime(entry)[1], f"--runtimes {entry}")
+    except (ParamsError, UserError) as exc:
         print(f"bench/serve.py: error: {exc}", file=sys.stderr)
         return 2
 
@@ -288,7 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     result["runtimes"] = {}
     for runtime in args.runtimes:
-        rt_dir = model_dir if runtime == "recorded" else with_runtime(model_dir, runtime, work / f"model-{runtime}")
+        encoders = split_runtime(runtime)[0]
+        rt_dir = model_dir if encoders == "recorded" else work / f"model-{encoders}"
+        if not rt_dir.exists():
+            with_runtime(model_dir, encoders, rt_dir)
         rt_info = describe_model(rt_dir, PackageParams(smoke_test=False))
         rt_tag, _ = save_bento_model(rt_dir, "mmfusion", rt_info)
         print(f"runtime {runtime}: {rt_tag}", file=sys.stderr)

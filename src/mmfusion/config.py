@@ -228,6 +228,7 @@ class PackageParams:
     smoke_test: bool = True  # load models/best and classify one item before packaging
     device: str = "auto"  # serving device: auto | cpu | cuda
     workers: int = 2  # service processes, each with its own Predictor (encoders) and in-process batcher
+    head_runtime: str = "auto"  # fusion head: auto (ONNX Runtime on CPU, torch on CUDA) | torch | onnx (mmfusion.fusion.runtime)
     cpu_threads: int = 1  # torch intra-op threads per process on CPU; 0 = torch's default (all cores).
     # 2 workers x 1 thread beat 1 worker x 2 threads on a 2-core CPU (53 vs 40 req/s at concurrency 32,
     # bench/serve.py): no OpenMP barrier stalls when the HTTP side preempts a model thread

@@ -163,10 +163,10 @@ def test_ablation_contributions_are_the_drops_when_each_modality_is_hidden(train
     root, encoders, index = trained
     p = Predictor.from_dir(root / "models/strategies/concat", device="cpu", encoders=encoders)
     items = [{"image": _image(i), "text": i} for i in index["id"][:5]]
-    first = p.predict(items)  # learns that the head gives no weights of its own
-    assert p._head_weighs is False
-    results = p.predict(items)  # from now on the prediction and its ablations share one head call
-    assert [r["label"] for r in results] == [r["label"] for r in first]
+    assert p._head.gives_weights is False  # known when it loads: concat has no modality weights of its own
+    first = p.predict(items)  # the prediction and its ablations share one head call
+    results = p.predict(items)
+    assert results == first
     x = {m: torch.as_tensor(v) for m, v in p.embed(items).items()}
     probs, _ = p._probs(x, torch.ones(5, 2, dtype=torch.bool))
     pred = probs.argmax(axis=1)
@@ -182,3 +182,17 @@ def test_ablation_contributions_are_the_drops_when_each_modality_is_hidden(train
         assert np.allclose([r0["contributions"]["image"], r0["contributions"]["text"]], want, atol=1e-6)
         assert np.allclose([r["contributions"]["image"], r["contributions"]["text"]], want, atol=1e-6)
         assert np.allclose(list(r["probabilities"].values()), probs[i], atol=1e-6)
+
+
+@pytest.mark.parametrize("model", ["models/best", "models/strategies/concat", "models/strategies/attention"])
+def test_the_onnx_head_answers_as_the_torch_head(trained, model):
+    """The head runtime changes speed, not answers: labels, probabilities and contributions match torch's."""
+    root, encoders, index = trained
+    items = [{"image": _image(i), "text": i} for i in index["id"][:9]] + [{"image": None, "text": index["id"][9]}]
+    eager = Predictor.from_dir(root / model, device="cpu", encoders=encoders, head_runtime="torch")
+    fast = Predictor.from_dir(root / model, device="cpu", encoders=encoders)  # auto: ONNX Runtime on CPU
+    assert (eager.describe()["head_runtime"], fast.describe()["head_runtime"]) == ("torch", "onnx")
+    for want, got in zip(eager.predict(items), fast.predict(items)):
+        assert got["label"] == want["label"] and got["embeddings"] == want["embeddings"]
+        for key in ("probabilities", "contributions"):
+            assert np.allclose(list(got[key].values()), list(want[key].values()), atol=1e-5), key

@@ -164,6 +164,7 @@ def test_metadata_and_health(server):
     meta = resp.json()
     assert meta["labels"] == LABELS and meta["strategy"] == "concat"
     assert meta["encoders"] == {"image": "efficientnet_lite0", "text": "minilm_l6"}
+    assert meta["head_runtime"] == "onnx"  # package.head_runtime auto on CPU: the head's export passed its check
     assert meta["model_version"] == server.package_report["model_version"]
     assert meta["limits"]["max_text_chars"] == TEST_LIMITS["max_text_chars"]
     assert "val" in meta["metrics"]

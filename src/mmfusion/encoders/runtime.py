@@ -245,8 +245,8 @@ def providers_for(device_type: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def create_session(path: Path, threads: int, device_type: str = "cpu"):
-    """An InferenceSession with `threads` intra-op threads, one inter-op thread, full graph optimisation."""
+def create_session_options(threads: int):
+    """`threads` intra-op threads, one inter-op thread, sequential execution, full graph optimisation."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -255,7 +255,14 @@ def create_session(path: Path, threads: int, device_type: str = "cpu"):
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=providers_for(device_type))
+    return so
+
+
+def create_session(path: Path, threads: int, device_type: str = "cpu"):
+    """An InferenceSession of the file at `path` with `create_session_options(threads)`."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), create_session_options(threads), providers=providers_for(device_type))
 
 
 def build_onnx_file(encoder: Encoder, cache_dir: Path) -> Path:

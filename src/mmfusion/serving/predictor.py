@@ -26,6 +26,7 @@ import torch
 
 from mmfusion.data.text import text_or_none
 from mmfusion.devices import resolve_device
+from mmfusion.fusion.runtime import compile_head
 from mmfusion.training.checkpoint import CALIBRATION, METRICS, load_checkpoint, weights_hash
 
 # Encoders run concurrently for batches up to this size (bench/serve.py, 2 cores: a lone request's
@@ -45,6 +46,7 @@ class Predictor:
         metrics: dict | None = None,
         version: str = "",
         device: torch.device | str = "cpu",
+        head_runtime: str = "torch",
     ):
         self.head = head.eval()
         self.config = config
@@ -63,7 +65,10 @@ class Predictor:
         # and torch release the GIL), so their latency is the slowest encoder's, not the sum; larger
         # batches (a loaded server, whose cores are all busy anyway) run them one after the other.
         self.parallel_max_items = PARALLEL_MAX_ITEMS
-        self._head_weighs: bool | None = None  # whether the head gives its own modality weights (set on first use)
+        # the head under its runtime (mmfusion.fusion.runtime: auto = ONNX Runtime on CPU), which also
+        # says whether the head gives its own modality weights or needs ablations for contributions
+        self._head = compile_head(self.head, head_runtime, self.device, threads=max(1, torch.get_num_threads()))
+        self.head_runtime = self._head.runtime
         self._pool: ThreadPoolExecutor | None = None
 
     @classmethod
@@ -73,6 +78,7 @@ class Predictor:
         device: str = "auto",
         encoders: dict[str, Any] | None = None,
         onnx_cache_dir: str | Path | None = None,
+        head_runtime: str = "auto",
     ) -> Predictor:
         """Rebuild a predictor from `model_dir`; `encoders` ({modality: encoder}) overrides creation by name (tests).
 
@@ -81,6 +87,8 @@ class Predictor:
         .cache/onnx by default), rebuilt offline when missing. ONNX Runtime gets torch's current
         thread count. Each encoder's fingerprint must match the one the head was trained on: a
         different encoder, preprocessing or runtime would feed the head embeddings it has never seen.
+        The fusion head runs under `head_runtime` (`mmfusion.fusion.runtime`: auto is ONNX Runtime on
+        CPU, checked against torch when it loads).
         """
         model_dir = Path(model_dir)
         dev = resolve_device(device)
@@ -110,7 +118,7 @@ class Predictor:
             temperature = float(json.loads((model_dir / CALIBRATION).read_text())["temperature"])
         metrics = json.loads((model_dir / METRICS).read_text()) if (model_dir / METRICS).exists() else {}
         version = f"{config['strategy']}-{weights_hash(model_dir)[:12]}"
-        return cls(head, config, encoders, temperature, metrics, version, dev)
+        return cls(head, config, encoders, temperature, metrics, version, dev, head_runtime)
 
     # -- inputs ---------------------------------------------------------------------------------
 
@@ -163,10 +171,9 @@ class Predictor:
 
     @torch.no_grad()
     def _probs(self, x: dict[str, torch.Tensor], mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
-        out = self.head(x, mask)
-        probs = torch.softmax(out.logits.float() / self.temperature, dim=-1).cpu().numpy()
-        weights = out.weights.float().cpu().numpy() if out.weights is not None else None
-        return probs, weights
+        logits, weights = self._head(x, mask)
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1).cpu().numpy()
+        return probs, weights.float().cpu().numpy() if weights is not None else None
 
     def predict_embeddings(
         self, embeddings: dict[str, np.ndarray], present: dict[str, Sequence[bool]] | None = None
@@ -191,13 +198,10 @@ class Predictor:
         mask_np = np.stack(cols, axis=1)
         if not mask_np.any(axis=1).all():
             raise ValueError("every item needs at least one modality present")
-        if self._head_weighs is False:  # known to need ablations: the prediction and its ablations in one head call
-            probs, weights = self._probs_with_ablations(x, mask_np)
-        else:
+        if self._head.gives_weights:
             probs, weights = self._probs(x, torch.as_tensor(mask_np, device=self.device))
-            self._head_weighs = weights is not None
-            if weights is None:
-                weights = self._ablation_contributions(x, mask_np, probs, probs.argmax(axis=1))
+        else:  # ablations: the prediction and every hidden-modality variant in one head call
+            probs, weights = self._probs_with_ablations(x, mask_np)
         pred = probs.argmax(axis=1)
         results = []
         for i in range(n):
@@ -241,12 +245,6 @@ class Predictor:
         xs = {m: v.repeat(len(masks), *([1] * (v.dim() - 1))) for m, v in x.items()}
         return xs, torch.as_tensor(np.concatenate(masks), device=self.device)
 
-    def _ablation_contributions(self, x, mask_np: np.ndarray, probs: np.ndarray, pred: np.ndarray) -> np.ndarray:
-        """Ablation contributions of a prediction already made (one head call for every hidden modality)."""
-        hidden = self._hidden_masks(mask_np)
-        p_hidden = self._probs(*self._stacked(x, [h for _, h, _ in hidden]))[0] if hidden else None
-        return self._contributions(mask_np, probs, pred, hidden, p_hidden)
-
     def _probs_with_ablations(self, x, mask_np: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities and ablation contributions from one head call (a head without its own weights)."""
         n = len(mask_np)
@@ -271,6 +269,7 @@ class Predictor:
             "modalities": list(self.modalities),
             "encoders": dict(self.encoders),
             "runtimes": self.runtimes,
+            "head_runtime": self.head_runtime,
             "temperature": self.temperature,
             "metrics": self.metrics,
         }

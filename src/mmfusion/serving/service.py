@@ -103,7 +103,7 @@ class MMFusion:
             import torch
 
             torch.set_num_threads(PARAMS.cpu_threads)
-        self.predictor = Predictor.from_dir(self.bento_model.path, device=PARAMS.device)
+        self.predictor = Predictor.from_dir(self.bento_model.path, device=PARAMS.device, head_runtime=PARAMS.head_runtime)
         self.modalities = list(self.predictor.modalities)
         supported(self.modalities)
         self.check_ctx = CheckContext(LIMITS, lowercase=self.predictor.lowercase, keep_bytes=PARAMS.log.log_images)

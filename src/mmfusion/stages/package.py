@@ -57,7 +57,7 @@ def describe_model(model_dir: Path, params: PackageParams) -> dict:
     from mmfusion.serving.predictor import Predictor
 
     start = time.perf_counter()
-    predictor = Predictor.from_dir(model_dir, device="cpu")
+    predictor = Predictor.from_dir(model_dir, device="cpu", head_runtime=params.head_runtime)
     info = {**predictor.describe(), "load_s": round(time.perf_counter() - start, 2)}
     if params.smoke_test:
         item = {"image": Image.new("RGB", (72, 72), (220, 40, 40)), "text": "red apple"}

@@ -86,6 +86,8 @@ def test_shape_ends_in_a_built_bento(runs, shape):
     assert metrics["selection"] == "cv"
     assert set(metrics["strategies"]) == {"text_only", "concat", "ensemble"}
     assert metrics["raw_check"]["agreement_with_cached_features"] >= 0.99
+    # the head ran under ONNX Runtime in the raw check and the package smoke test (CPU, head_runtime auto)
+    assert metrics["raw_check"]["runtimes"]["head"] == package["runtimes"]["head"] == "onnx"
 
 
 @pytest.mark.parametrize("shape", [s for s, (_, want) in SHAPES.items() if want == "error"])

@@ -118,6 +118,7 @@ def raw_check(params: Params, root: Path, winner: StrategyEvaluation, labels: li
         "agreement_with_cached_features": float(np.mean([a == b for a, b in zip(raw_pred, cached_pred)])),
         "accuracy": float(np.mean([a == b for a, b in zip(raw_pred, truth)])),
         "version": predictor.version,
+        "runtimes": {"encoders": dict(predictor.runtimes), "head": predictor.head_runtime},
     }
 
 

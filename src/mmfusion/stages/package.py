@@ -159,6 +159,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         "strategy": info["strategy"],
         "labels": info["labels"],
         "encoders": info["encoders"],
+        "runtimes": {"encoders": info["runtimes"], "head": info["head_runtime"]},
         "metrics": info["metrics"],
         "smoke_test": info.get("smoke_test"),
         "serve": {"command": f"bentoml serve {bento_tag} --host 127.0.0.1 --port 3000"},

@@ -222,3 +222,19 @@ def test_an_fsspec_url_holds_the_same_cache(tmp_path, scheme):
     assert key not in cache and cache.get(key) is None and cache.corrupt == 1
     if scheme == "file":
         assert (tmp_path / "features" / cache.namespace / key[:2] / f"{key}.f32").is_file()  # the local layout
+
+
+def test_a_cache_folder_removed_during_a_run_is_made_again(tmp_path):
+    """Folders are made once per cache instance; one deleted behind its back must not lose a write."""
+    import shutil
+
+    import numpy as np
+
+    from mmfusion.features.cache import FeatureCache
+
+    cache = FeatureCache(tmp_path, "enc@1", 3)
+    key = "ab" + "0" * 62
+    cache.put(key, np.ones(3, dtype=np.float32))
+    shutil.rmtree(cache.path(key).parent)
+    cache.put(key, np.full(3, 2.0, dtype=np.float32))
+    assert cache.get(key).tolist() == [2.0, 2.0, 2.0]

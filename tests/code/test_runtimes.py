@@ -211,3 +211,26 @@ def test_text_onnx_matches_torch_over_padded_batches_of_any_length(onnx_cache):
         onnx_enc.batch_size = bs
         cos = torch.nn.functional.cosine_similarity(onnx_enc.encode(texts), ref)
         assert cos.min() > 0.9999
+
+
+def test_the_batch_size_never_changes_an_output(image_encoders, images):
+    """The feature cache is not keyed by batch size, so under ONNX Runtime the batch must not change any output."""
+    for name in ("onnx", "onnx-int8"):
+        enc = image_encoders[name]
+        before = enc.batch_size
+        try:
+            enc.batch_size = 1
+            one_by_one = enc.encode(images)
+            enc.batch_size = len(images)
+            together = enc.encode(images)
+        finally:
+            enc.batch_size = before
+        assert torch.equal(one_by_one, together), name
+
+
+def test_image_collate_is_a_contiguous_copy_of_the_stack(image_encoders, images):
+    enc = image_encoders["torch"]
+    prepared = [enc.prepare(img) for img in images[:3]]
+    batch = enc.collate(prepared)
+    assert batch.is_contiguous() and batch.dtype == torch.uint8
+    assert torch.equal(batch, torch.stack(prepared))

@@ -55,7 +55,10 @@ class ImageEncoder(Encoder):
         return resize_center_crop(item, self.size, self.interpolation)
 
     def collate(self, prepared: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack(prepared)
+        # In numpy, not torch.stack: torch copies the CHW views in its intra-op thread pool, which
+        # fights ONNX Runtime's spinning threads for the same cores. Measured through the featurize
+        # path on 2 cores, onnx-int8 at batch 4: 213-282 -> 401-432 img/s; torch unchanged.
+        return torch.from_numpy(np.ascontiguousarray(np.stack([p.numpy() for p in prepared])))
 
     def export_spec(self):
         """The whole forward (uint8 NCHW in: normalisation, CNN, pooling) as one ONNX graph."""

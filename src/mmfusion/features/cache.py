@@ -46,6 +46,7 @@ class FeatureCache:
         self.misses = 0
         self.writes = 0
         self.corrupt = 0
+        self._made_dirs: set[Path] = set()  # folders this instance has made (or found) already
         self._ensure_writable()
         self._describe(describe)
         self._remove_stale_tmp()
@@ -128,12 +129,20 @@ class FeatureCache:
     def _read(path: Any) -> bytes:
         return Path(path).read_bytes()
 
-    @staticmethod
-    def _atomic_write(path: Path, data: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def _atomic_write(self, path: Path, data: bytes) -> None:
+        # mkdir once per folder, not per entry: a syscall that cost 0.6 ms a call on these VMs, a third
+        # of the featurize path's time per image under onnx-int8; a folder removed since is made again
+        if path.parent not in self._made_dirs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._made_dirs.add(path.parent)
         tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         try:
-            with open(tmp, "wb") as fh:
+            try:
+                fh = open(tmp, "wb")
+            except FileNotFoundError:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fh = open(tmp, "wb")
+            with fh:
                 fh.write(data)
             os.replace(tmp, path)
         except BaseException:

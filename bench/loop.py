@@ -26,7 +26,6 @@ import argparse
 import base64
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,29 +35,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 from drift import load_pairs  # noqa: E402
+from transcript import Transcript  # noqa: E402
 
 from mmfusion.procs import free_port, start_until_ready, stop_process_group  # noqa: E402
 from mmfusion.project import copy_project, project_env  # noqa: E402
-
-class Transcript:
-    def __init__(self, path: Path):
-        self.path = path
-        self.lines: list[str] = []
-        self.seconds: dict[str, float] = {}
-
-    def run(self, name: str, cmd: list[str], cwd: Path, env: dict, timeout: float = 3600) -> str:
-        shown = " ".join(Path(c).name if i == 0 else c for i, c in enumerate(cmd))
-        print(f"$ {shown}", flush=True)
-        t0 = time.perf_counter()
-        out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-        self.seconds[name] = round(time.perf_counter() - t0, 1)
-        text = (out.stdout + out.stderr).strip()
-        self.lines += [f"$ {shown}", text, ""]
-        self.path.write_text("\n".join(self.lines) + "\n")
-        if out.returncode != 0:
-            raise RuntimeError(f"{shown} failed ({out.returncode}):\n{text[-4000:]}")
-        return out.stdout
-
 
 def serve(tag: str, proj: Path, env: dict, log: Path):
     port = free_port()

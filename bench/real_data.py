@@ -24,30 +24,18 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "src"), str(REPO)]
+sys.path[:0] = [str(REPO / "src"), str(REPO), str(REPO / "bench")]
+
+from transcript import CommandFailed, Transcript  # noqa: E402
 
 from mmfusion.project import copy_project, project_env  # noqa: E402
 
 DATASETS = {"gimp_help": REPO / "bench" / "datasets" / "gimp_help.py"}
-
-
-def run(cmd: list[str], cwd: Path, env: dict, log: Path, timeout: float = 7200) -> float:
-    """Run `cmd`, appending its output to `log`; raise with the tail of it when it fails."""
-    t0 = time.perf_counter()
-    with log.open("a") as fh:
-        fh.write(f"$ {' '.join(cmd)}\n")
-        fh.flush()
-        proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}); see {log}:\n" + log.read_text()[-3000:])
-    return round(time.perf_counter() - t0, 1)
 
 
 def summarise(proj: Path, dataset: dict) -> dict:
@@ -87,14 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix=f"mmfusion-{name}-"))
     work.mkdir(parents=True, exist_ok=True)
-    log = out.with_name(f"real-{name}-transcript.txt")
-    log.write_text("")
-    seconds = {}
+    tr = Transcript(out.with_name(f"real-{name}-transcript.txt"))
+    log = tr.path
 
     py = sys.executable
     if not (data_dir / "manifest.csv").exists():
-        seconds["build_manifest"] = run([py, str(DATASETS[args.dataset]), "--cache", args.cache, "--label", args.label,
-                                         "--out", str(data_dir)], REPO, dict(os.environ), log)  # fmt: skip
+        tr.run("build_manifest", [py, str(DATASETS[args.dataset]), "--cache", args.cache, "--label", args.label,
+                                  "--out", str(data_dir)], REPO, dict(os.environ), timeout=7200)  # fmt: skip
     dataset = json.loads((data_dir / "summary.json").read_text())
 
     proj = work / "proj"
@@ -119,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("MMFUSION_MODEL", "MMFUSION_INFERENCE_LOG", "MMFUSION_PARAMS", "PREFECT_API_URL"):
         env.pop(key, None)
     print(f"{name}: {dataset['rows']} rows, {dataset['classes']} classes; project {proj}; log {log}", flush=True)
-    seconds["dvc_repro"] = run([py, "-m", "flows.server", "--", str(Path(py).with_name("dvc")), "repro"], proj, env, log)
+    tr.run("dvc_repro", [py, "-m", "flows.server", "--", str(Path(py).with_name("dvc")), "repro"], proj, env, timeout=7200)
+    seconds = tr.seconds
 
     result = {"benchmark": "real_data", "command": " ".join([Path(py).name, *sys.argv]), "work": str(work), "set": args.set,
               "seconds": seconds, "cpu_count": os.cpu_count(), **summarise(proj, dataset)}  # fmt: skip
@@ -136,4 +124,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except CommandFailed as exc:  # the command's own output is the message (and in the transcript)
+        print(f"bench/real_data.py: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None

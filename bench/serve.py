@@ -192,11 +192,12 @@ def run_runtime(args, work: Path, model_dir: Path, model_tag: str, inputs, devic
     name = runtime.replace("/", "-")
     head = split_runtime(runtime)[1]
     overrides = ([f"package.head_runtime={head}"] if head else []) + [f"package.{a}" for a in args.set]
+    served = parse_params(apply_overrides({"package": params_to_dict(PackageParams())}, overrides)).package
     for mode in args.modes:
         params_file = work / f"params-{name}-{mode}.yaml"
-        package = params_to_dict(PackageParams())
+        package = params_to_dict(served)
         package["batching"]["enabled"] = "true" if mode == "on" else "false"
-        params_file.write_text(yaml.safe_dump(apply_overrides({"package": package}, overrides)))
+        params_file.write_text(yaml.safe_dump({"package": package}))
         env = {
             **os.environ,
             "MMFUSION_PARAMS": str(params_file),
@@ -217,8 +218,7 @@ def run_runtime(args, work: Path, model_dir: Path, model_tag: str, inputs, devic
     if args.no_in_process:
         result["in_process"] = {"skipped": True, "best": None, "best_items_per_s": None}
     else:
-        head_runtime = parse_params(apply_overrides({"package": params_to_dict(PackageParams())}, overrides)).package.head_runtime
-        result["in_process"] = bench_predictor(model_dir, inputs, device, max(3.0, args.seconds / 2), head_runtime)
+        result["in_process"] = bench_predictor(model_dir, inputs, device, max(3.0, args.seconds / 2), served.head_runtime)
     limit = result["in_process"]["best_items_per_s"]
     result["summary"] = {
         mode: {
@@ -270,8 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         from mmfusion.fusion.runtime import check_head_runtime
 
         for entry in args.runtimes:
-            if split_runtime(entry)[1]:
-                check_head_runtime(split_runtime(entry)[1], f"--runtimes {entry}")
+            head = split_runtime(entry)[1]
+            if head:
+                check_head_runtime(head, f"--runtimes {entry}")
     except (ParamsError, UserError) as exc:
         print(f"bench/serve.py: error: {exc}", file=sys.stderr)
         return 2

@@ -166,6 +166,7 @@ def compile_head(head: nn.Module, runtime: str = AUTO, device: torch.device | st
     runtime = check_head_runtime(runtime)
     device = torch.device(device)
     head = head.eval()
+    name = getattr(head, "name", type(head).__name__)
     gives_weights = _gives_weights(head, device)
     torch_runner = HeadRunner(head, "torch", gives_weights)
     if runtime == "torch" or (runtime == AUTO and device.type != "cpu"):
@@ -179,8 +180,8 @@ def compile_head(head: nn.Module, runtime: str = AUTO, device: torch.device | st
     except Exception as exc:  # noqa: BLE001 - any export failure is the same decision: torch, or a clear error
         reason = exc if isinstance(exc, HeadExportError) else f"{type(exc).__name__}: {exc}"
         if runtime == AUTO:
-            log.warning("fusion head %s runs in torch: its ONNX export is unusable (%s)", getattr(head, "name", "?"), reason)
+            log.warning("fusion head %s runs in torch: its ONNX export is unusable (%s)", name, reason)
             return torch_runner
-        raise HeadExportError(f"fusion head {getattr(head, 'name', '?')} cannot run under ONNX Runtime: {reason}") from exc
-    log.info("fusion head %s runs in ONNX Runtime (max |diff| to torch %.2g)", getattr(head, "name", "?"), diff)
+        raise HeadExportError(f"fusion head {name} cannot run under ONNX Runtime: {reason}") from exc
+    log.info("fusion head %s runs in ONNX Runtime (max |diff| to torch %.2g)", name, diff)
     return runner

@@ -57,7 +57,7 @@ DEFAULT_REASONS = {
     503: "unavailable",
     504: "timeout",
 }
-_REASON_PREFIX = re.compile(r"^\[([a-z_]+)\] ")
+_REASON_PREFIX = re.compile(r"^\[([a-z0-9_]+)\] ")
 
 
 def client_error(reason: str, message: str) -> BadInput:
@@ -285,9 +285,13 @@ def _normalise_error(start: Message, body: bytes, method: str = "?", path: str =
         found = _REASON_PREFIX.match(message)
         if found:
             data["reason"], message = found.group(1), message[found.end():]
-    if status == 405:
+    # An answer that already carries a reason is the service's own (RequestError, FeedbackError, client_error):
+    # its message says what happened (`/feedback` -> 404 unknown_request), so it is kept as it is. Only the
+    # router's bare 404/405 get a message of ours.
+    routed = "reason" not in data
+    if status == 405 and routed:
         message = f"{method} is not allowed on {path}: use POST"
-    elif status == 404:
+    elif status == 404 and routed:
         message = f"no endpoint {path}"
     elif not message or message in ("Method Not Allowed", "Not Found"):
         message = f"{HTTPStatus(status).phrase}" if status in HTTPStatus._value2member_map_ else "error"

@@ -50,8 +50,9 @@ lock: ## re-freeze requirements.lock from the current .venv
 	$(VENV)/bin/uv pip freeze --python $(PY) --exclude-editable > requirements.lock
 
 .PHONY: serve live rollback promote retrain export-feedback
-serve: setup ## serve the live Bento (reports/live.json; before any promotion the last built one) on 127.0.0.1:3000
-	@tag="$$($(PY) -m mmfusion.serving.promotion live-tag)" && $(PY) -m bentoml serve "$$tag" --host 127.0.0.1 --port 3000
+PORT ?= 3000
+serve: setup ## serve the live Bento (reports/live.json, else the last built; imported from bentos/ if needed) on 127.0.0.1:3000 (PORT=...)
+	@tag="$$($(PY) -m mmfusion.serving.promotion live-tag)" && $(PY) -m bentoml serve "$$tag" --host 127.0.0.1 --port $(PORT)
 
 live: setup ## which Bento is live, and the ones before it
 	@$(PY) -m mmfusion.serving.promotion show

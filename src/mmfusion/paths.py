@@ -30,3 +30,4 @@ TRAIN_REPORT = REPORTS / "train.json"
 PACKAGE_REPORT = REPORTS / "package.json"
 BENTOFILE = Path("bentofile.yaml")
 BENTO_BUILD_CTX = Path("src")  # the Bento carries its own copy of the mmfusion package
+BENTOS = Path("bentos")  # package: the built Bento exported as <name>.bento, a DVC out (serving/bentos.py)

@@ -3,7 +3,7 @@
     python -m mmfusion.serving.promotion show        # the live Bento and the ones before it (`make live`)
     python -m mmfusion.serving.promotion compare     # last packaged Bento vs the live one; promote if not worse
     python -m mmfusion.serving.promotion rollback    # the previous Bento becomes live again (`make rollback`)
-    python -m mmfusion.serving.promotion live-tag    # the tag `make serve` serves
+    python -m mmfusion.serving.promotion live-tag    # the tag `make serve` serves (imported from bentos/ if needed)
 
 The live pointer is `retrain.live_path` (reports/live.json): {"live": {...}, "previous": [...newest first],
 "rolled_back": [...]}. Without one, the last packaged Bento (reports/package.json) is what is served.
@@ -11,6 +11,10 @@ The comparison runs both models (Predictor.from_dir on the BentoML store's copie
 on the same rows: the fixed test split (source rows only: feedback always trains) and the held-out
 newest feedback (retrain.export_dir/holdout), and applies `retrain.promotion`. A rejected challenger
 changes nothing that is served.
+
+A Bento named here may be missing from the local BentoML store (a fresh clone, another BENTOML_HOME):
+serving, comparing and rolling back import it from its exported archive (`serving/bentos.py`), and
+`show` says which named Bento cannot be served here and why.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import pandas as pd
 
 from mmfusion import paths
 from mmfusion.config import Params, PromotionRule, load_params
+from mmfusion.serving.bentos import BentoMissing, bento_model_dir, ensure_bento, missing_note
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +78,6 @@ def live_entry(params: Params, root: Path) -> dict | None:
     return read_live(params, root)["live"] or packaged(root)
 
 
-def model_path(tag: str) -> Path:
-    import bentoml
-
-    return Path(bentoml.models.get(tag).path)
-
-
 def promote(params: Params, root: Path, entry: dict, reason: str) -> dict:
     """Make `entry` live; the live one becomes the newest `previous`."""
     state = read_live(params, root)
@@ -92,16 +91,14 @@ def promote(params: Params, root: Path, entry: dict, reason: str) -> dict:
 
 def rollback(params: Params, root: Path) -> dict:
     """The newest previous Bento becomes live again; the rolled-back one is kept in `rolled_back`."""
-    import bentoml
-
     state = read_live(params, root)
     if not state["previous"]:
         raise PromotionError("nothing to roll back to: no previous live Bento in " + params.retrain.live_path)
     target = state["previous"][0]
     try:
-        bentoml.get(target["bento_tag"])
-    except bentoml.exceptions.NotFound as exc:
-        raise PromotionError(f"previous Bento {target['bento_tag']} is no longer in the Bento store") from exc
+        ensure_bento(target["bento_tag"], root)
+    except BentoMissing as exc:
+        raise PromotionError(f"cannot roll back to the previous Bento: {exc}") from exc
     state["previous"].pop(0)
     if state["live"] is not None:
         state["rolled_back"].insert(0, {**state["live"], "rolled_back_at": time.time()})
@@ -201,7 +198,8 @@ def compare_and_promote(params: Params, root: Path = Path("."), challenger: dict
         sets = comparison_sets(params, root)
         bg = tuple(params.clean.background)
         report["scores"] = {
-            role: {name: score(model_path(entry["model_tag"]), rows, bg) for name, rows in sets.items()}
+            role: {name: score(bento_model_dir(entry["bento_tag"], entry["model_tag"], root), rows, bg)
+                   for name, rows in sets.items()}  # fmt: skip
             for role, entry in (("champion", champion), ("challenger", challenger))
         }
         report["decision"] = decide(report["scores"]["champion"], report["scores"]["challenger"], params.retrain.promotion)
@@ -244,16 +242,24 @@ def report_markdown(report: dict) -> str:
 
 
 def show(params: Params, root: Path) -> str:
+    """The live Bento and the ones before it; each one that cannot be served here says why (missing_note)."""
     state = read_live(params, root)
     live = state["live"] or packaged(root)
-    lines = [f"live:     {live['bento_tag'] if live else '(nothing packaged yet)'}"
+
+    def note(entry: dict) -> str:
+        why = missing_note(entry["bento_tag"], root)
+        return f"  [{why}]" if why else ""
+
+    lines = [f"live:     {live['bento_tag'] if live else '(nothing packaged yet: run `make run`)'}"
              + ("" if state["live"] else "  (last packaged; never promoted)" if live else "")]
     if state["live"]:
         lines[0] += f"  ({state['live'].get('reason')})"
+    if live:
+        lines[0] += note(live)
     for i, p in enumerate(state["previous"]):
-        lines.append(f"{'previous:' if i == 0 else '         '} {p['bento_tag']}  ({p.get('reason')})")
+        lines.append(f"{'previous:' if i == 0 else '         '} {p['bento_tag']}  ({p.get('reason')}){note(p)}")
     for p in state["rolled_back"]:
-        lines.append(f"rolled back: {p['bento_tag']}")
+        lines.append(f"rolled back: {p['bento_tag']}{note(p)}")
     return "\n".join(lines)
 
 
@@ -269,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "live-tag":
             entry = live_entry(params, root)
             if entry is None:
-                raise PromotionError("no Bento built yet: run 'make run' (or 'dvc repro package')")
-            print(entry["bento_tag"])
+                raise PromotionError("no Bento built yet: run `make run` (or `dvc repro package`)")
+            print(ensure_bento(entry["bento_tag"], root))
         elif args.command == "compare":
             print(report_markdown(compare_and_promote(params, root)))
         elif args.command == "rollback":
@@ -278,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
             print(show(params, root))
         else:
             print(show(params, root))
-    except PromotionError as exc:
-        print(f"promotion: error: {exc}", file=sys.stderr)
+    except (PromotionError, BentoMissing) as exc:
+        print(f"{'serve' if args.command == 'live-tag' else args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0
 

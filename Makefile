@@ -14,10 +14,10 @@ export PREFECT_HOME := $(CURDIR)/.prefect
 export BENTOML_HOME := $(CURDIR)/.bentoml
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help setup run test test-fast ui lock drift monitor-ui
+.PHONY: help setup run test ui lock drift monitor-ui browser
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,7 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps -e .
 	touch $@
 
-setup: $(VENV)/.installed ## create .venv with the pinned lock and do one-time initialisation
+setup: $(VENV)/.installed $(VENV)/web/.installed ## create .venv with the pinned lock and do one-time initialisation
 	@git rev-parse --git-dir >/dev/null 2>&1 || git init -q
 	@# dvc exp needs a git identity; set a local one only where none is configured
 	@git config user.email >/dev/null || git config user.email "mmfusion@localhost"
@@ -40,8 +40,25 @@ run: setup ## run the whole pipeline (dvc repro), every stage a Prefect flow run
 	@# One Prefect server for the whole repro (not one temporary server per stage); none when nothing is stale.
 	@if dvc status -q >/dev/null 2>&1; then dvc repro; else $(PY) -m flows.server -- dvc repro; fi
 
-test: setup ## the test suite (what .ci/run calls)
-	$(PY) -m pytest -q --durations=15
+# The front-end files of the HTML pages we write (Data Docs), at the versions package-lock.json pins: the pages load
+# them from disk, never from a CDN (mmfusion/data/docs_assets.py). Kept in the venv: one `rm -rf .venv` resets both.
+# The stamp holds what was installed: a fresh clone's files are newer than it, but the same pins reinstall nothing.
+$(VENV)/web/.installed: package.json package-lock.json
+	@cat package.json package-lock.json | cmp -s - $@ || { \
+		command -v npm >/dev/null || { echo "make setup needs npm (Node.js): Data Docs' front-end files"; exit 1; }; \
+		mkdir -p $(VENV)/web && cp package.json package-lock.json $(VENV)/web/ && \
+		echo "npm ci --prefix $(VENV)/web" && \
+		npm ci --prefix $(VENV)/web --omit=optional --ignore-scripts --no-audit --no-fund --loglevel=error && \
+		cat package.json package-lock.json > $@; }
+	@touch $@
+
+browser: ## headless Chromium for the tests that open our HTML pages (apt-get, only where it is missing)
+	@command -v chromium >/dev/null || { export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq && apt-get install -y -qq chromium fonts-noto-color-emoji >/dev/null; }
+
+# MMFUSION_REQUIRE_BROWSER: the browser tests fail, rather than skip, where Chromium is missing.
+test: setup browser ## the test suite (what .ci/run calls)
+	MMFUSION_REQUIRE_BROWSER=1 $(PY) -m pytest -q --durations=15
 
 ui: setup ## Prefect server + the `pipeline` deployment on 127.0.0.1: trigger runs from the browser
 	$(PY) -m flows.ui

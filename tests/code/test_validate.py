@@ -5,6 +5,7 @@ import pytest
 
 from mmfusion.config import CleanParams, ValidateParams
 from mmfusion.data.clean import clean_dataset
+from mmfusion.data.docs_assets import remote_refs
 from mmfusion.data.validate import ValidationFailed, validate_manifest
 from mmfusion.sources.manifest import build as build_manifest_source
 from tests.conftest import tiny_params
@@ -40,6 +41,8 @@ def test_critical_failure_names_expectation_and_values(clean, tmp_path):
     assert "image_exists" in msg
     saved = json.loads((tmp_path / "val" / "result.json").read_text())
     assert saved["success"] is False and saved["failed_critical"] == 2
+    # the Data Docs that show the failure are written offline-ready too (tests/code/test_offline_html.py: the rest)
+    assert all(not remote_refs(p.read_text()) for p in (tmp_path / "val" / "data_docs").rglob("*.html"))
 
 
 def test_class_count_failure_names_the_class(clean, tmp_path):

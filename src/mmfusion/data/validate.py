@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from mmfusion.config import ValidateParams
+from mmfusion.data.docs_assets import localize_data_docs
 from mmfusion.data.manifest import CLEAN_COLUMNS
 from mmfusion.errors import DataCheckFailed
 
@@ -160,6 +161,8 @@ def validate_manifest(df: pd.DataFrame, root: Path, out_dir: Path, params: Valid
         cp_result = checkpoint.run(batch_parameters={"dataframe": frame})
         for vr in cp_result.run_results.values():
             rows.extend(_summarise(vr, name, key))
+    # GX's pages load Bootstrap, jQuery, bootstrap-table... from CDNs: offline they are empty. Serve local copies.
+    localize_data_docs(docs_dir)
 
     failed_critical = [r for r in rows if not r["success"] and r["severity"] == "critical"]
     warnings = [r for r in rows if not r["success"] and r["severity"] != "critical"]

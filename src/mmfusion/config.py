@@ -75,6 +75,8 @@ class SplitParams:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     seed: int = 42
+    # val/test: the most rows one group may hold; larger groups stay in train, a split still above it is a warning
+    max_group_share: float = 0.25
 
 
 @dataclass(frozen=True)

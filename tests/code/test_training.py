@@ -92,6 +92,9 @@ def test_train_and_evaluate_stages_write_the_documented_outputs(features, tmp_pa
         assert (folder / "model.safetensors").exists() and (folder / "curves.png").stat().st_size > 1000
         assert len(json.loads((folder / "history.json").read_text())) >= 1
 
+    mix = {"rows": 40, "groups": 40, "largest_group": "g1", "largest_group_share": 0.025}
+    (root / "reports").mkdir(exist_ok=True)
+    (root / "reports/split.json").write_text(json.dumps({"group_mix": {"test": mix}}))  # the split stage's report
     result = evaluate_stage.run(params, root)
     metrics = json.loads((root / "reports/evaluate/metrics.json").read_text())
     assert metrics["winner"] == result["winner"] and metrics["selection_metric"] == "macro_f1"
@@ -108,7 +111,9 @@ def test_train_and_evaluate_stages_write_the_documented_outputs(features, tmp_pa
     # the synthetic fixture needs both modalities: fusion must beat every baseline
     assert not winner["unimodal"]
     assert metrics["winner_vs_best_unimodal"]["diff"] > 0.1
-    assert (root / "reports/evaluate/leaderboard.md").read_text().count("\n|") >= len(params.train.strategies) + 1
+    leaderboard = (root / "reports/evaluate/leaderboard.md").read_text()
+    assert leaderboard.count("\n|") >= len(params.train.strategies) + 1
+    assert "| test | 40 | 40 | g1 | 2.5% |" in leaderboard
     for png in ("leaderboard.png", "reliability.png", f"confusion_{metrics['winner']}.png"):
         assert (root / "reports/evaluate/plots" / png).stat().st_size > 1000
     best = root / "models/best"
@@ -142,3 +147,20 @@ def test_leaderboard_has_one_ablation_column_per_modality():
     assert rule.count("---") == header.count("|") - 1 == line.count("|") - 1
     assert line.startswith("| **concat** | 0.400 | 0.500 | 0.500 [0.400, 0.600] |")
     assert line.endswith("| 0.500 | 0.500 | 0.500 |")
+
+
+def test_leaderboard_shows_the_splits_group_mix_and_its_warning():
+    from mmfusion.stages.evaluate import leaderboard_markdown
+
+    block = {"accuracy": 0.5, "macro_f1": 0.4, "auroc": 0.6, "ece": 0.1, "ece_calibrated": 0.05}
+    row = {"strategy": "concat", "val": block, "test": block, "test_accuracy_ci": {"low": 0.4, "high": 0.6},
+           "ablation": {}}
+    mix = {name: {"rows": 100, "groups": 9, "largest_group": f"{name}-author", "largest_group_share": 0.1234}
+           for name in ("train", "val", "test")}  # fmt: skip
+    warning = "48% of test (100 rows) is one group, 'ann'"
+    text = leaderboard_markdown([row], "concat", "macro_f1", {"group_mix": mix, "group_check": {"warnings": [warning]}})
+    assert "| test | 100 | 9 | test-author | 12.3% |" in text.splitlines()
+    assert f"**Warning:** {warning}" in text
+    plain = leaderboard_markdown([row], "concat", "macro_f1")
+    assert plain == leaderboard_markdown([row], "concat", "macro_f1", {"sizes": {}})  # an older split.json
+    assert "Group mix" not in plain and text.startswith(plain.rstrip("\n"))

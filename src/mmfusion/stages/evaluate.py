@@ -46,9 +46,10 @@ def strategy_dirs(root: Path, order: tuple[str, ...]) -> list[Path]:
     return [found[n] for n in order if n in found] + [d for n, d in found.items() if n not in order]
 
 
-def leaderboard_markdown(rows: list[dict], winner: str, metric: str) -> str:
+def leaderboard_markdown(rows: list[dict], winner: str, metric: str, split_report: dict | None = None) -> str:
     """The leaderboard table: the selection scores (CV mean ± sd on small data, else val), test metrics with
-    the accuracy interval, and one ablation column per modality (the `without_<modality>` keys evaluated)."""
+    the accuracy interval, one ablation column per modality (the `without_<modality>` keys evaluated), and
+    under it the splits' group mix from `split_report` (reports/split.json) when it has one."""
     cv = any(r.get("cv") for r in rows)
     held = "OOF" if cv else "val"
     ablations = list(dict.fromkeys(k for r in rows for k in r["ablation"]))
@@ -83,7 +84,21 @@ def leaderboard_markdown(rows: list[dict], winner: str, metric: str) -> str:
             by = r["test"]["by_presence"]
             lines.append(f"| {r['strategy']} | " + " | ".join(
                 f"{by[k]['accuracy']:.3f}" if k in by else "-" for k in patterns) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + format_group_mix(split_report or {})) + "\n"
+
+
+def format_group_mix(split_report: dict) -> list[str]:
+    """Markdown lines for the split stage's group mix: how much of each split its largest group is (none if absent)."""
+    mix = split_report.get("group_mix")
+    if not mix:
+        return []
+    lines = ["", "Group mix of the splits (a split mostly from one group measures mostly that group):", "",
+             "| split | rows | groups | largest group | its share |", "|---|---|---|---|---|"]  # fmt: skip
+    for name, m in mix.items():
+        share = f"{m['largest_group_share']:.1%}"
+        lines.append(f"| {name} | {m['rows']} | {m['groups']} | {m['largest_group']} | {share} |")
+    warnings = split_report.get("group_check", {}).get("warnings", [])
+    return lines + ([""] if warnings else []) + [f"**Warning:** {w}" for w in warnings]
 
 
 def raw_check(params: Params, root: Path, winner: StrategyEvaluation, labels: list[str]) -> dict:
@@ -204,7 +219,9 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     after = reliability_bins(softmax(winner.test_logits, winner.temperature), y_test, p.ece_bins)
     plot_reliability(before, after, plots / "reliability.png", title=f"{winner.name}: test")
     plot_leaderboard(rows, plots / "leaderboard.png")
-    (out / "leaderboard.md").write_text(leaderboard_markdown(rows, winner.name, p.selection_metric))
+    split_json = root / paths.SPLIT_REPORT
+    split_report = json.loads(split_json.read_text()) if split_json.exists() else None
+    (out / "leaderboard.md").write_text(leaderboard_markdown(rows, winner.name, p.selection_metric, split_report))
     write_json(out / "per_class.json", per_class)
     write_best(root, next(c for c in candidates if c.evaluation is winner), strategies[winner.name], comparison)
     # The drift reference travels with the model (and so inside the BentoML model): monitoring/reference.py

@@ -1,4 +1,4 @@
-"""split: stratified, grouped train/val/test manifests from data/clean into data/split."""
+"""split: stratified, grouped train/val/test manifests from data/clean into data/split, with their group mix checked."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pandas as pd
 from mmfusion import paths
 from mmfusion.config import Params
 from mmfusion.data.manifest import CLEAN_COLUMNS, read_manifest, write_manifest
-from mmfusion.data.split import split_counts, split_dataset
+from mmfusion.data.split import check_group_mix, group_mix, split_counts, split_dataset
 from mmfusion.stages.common import fresh_dir, stage_main, write_json
 
 log = logging.getLogger(__name__)
@@ -34,13 +34,20 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         write_manifest(part, out / f"{name}.csv")
     table = split_counts(splits)
     table.to_csv(out / "class_counts.csv")
+    mix = group_mix(splits)
+    # severity warning: a split the data cannot balance is reported and the pipeline goes on
+    check = check_group_mix(mix, params.split.max_group_share)
     summary = {
         "sizes": {name: int(len(part)) for name, part in splits.items()},
         "fractions": {name: round(len(part) / len(df), 4) for name, part in splits.items()},
+        "group_mix": mix.set_index("split").drop(columns="held_out").to_dict("index"),
+        "group_check": check,
         "class_counts": {label: row.to_dict() for label, row in table.iterrows()},
     }
     write_json(root / paths.SPLIT_REPORT, summary)
     log.info("split: %s", summary["sizes"])
+    for line in check["warnings"]:
+        log.warning("split warning: %s", line)
     return summary
 
 

@@ -91,3 +91,7 @@ drift: setup ## drift check of what the service has logged vs the served model's
 
 monitor-ui: setup ## the Evidently UI over the monitoring workspace on http://127.0.0.1:8000
 	$(PY) -m mmfusion.monitoring.ui $(ARGS)
+
+.PHONY: docs
+docs: setup ## build the docs site offline into site/ (mkdocs build --strict)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict

@@ -4,7 +4,7 @@
     .venv/bin/python bench/loop.py --work /tmp/loop --feedback 600
 
 The served model was trained on Twemoji artwork. Production starts sending the same kinds of emoji
-drawn in OpenMoji's style (bench/drift.py's shift). This script does what the README's
+drawn in OpenMoji's style (bench/drift.py's shift). This script does what docs/feedback-loop.md's
 "Closing the loop" walkthrough tells a user to do, in a copy of the project (data, features and
 models copied; the feature cache shared), every step a real command:
 

@@ -12,7 +12,7 @@ shares the CPU with the server; the load average before and after is recorded.
 With `--runtimes torch onnx onnx-int8` every point is repeated per encoder runtime, in the
 same run on the same inputs: each runtime serves a bench copy of the model folder whose
 encoders record that runtime (the head's weights are the model's; only speed is measured here,
-accuracy per runtime is the accuracy guard's job: README "Encoder runtimes"). The fusion head
+accuracy per runtime is the accuracy guard's job: docs/encoders.md). The fusion head
 runs under `package.head_runtime` (auto: ONNX Runtime on CPU), except for `torch`, the
 all-torch path, whose head is torch too; `ENCODERS/HEAD` names both (`recorded/torch`: the
 model's encoders with an eager head), so a head change is measured in the same run.

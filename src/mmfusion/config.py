@@ -119,7 +119,7 @@ class FeaturizeParams:
     cache_dir: str = ".cache/features"  # content-addressed embedding cache, relative to the project root
     on_bad_input: str = "skip"  # skip (drop the row, report it) | fail (stop after caching the rest)
     # encoder runtime for every modality: auto (each encoder's measured default per device) | torch | onnx | onnx-int8
-    runtime: str = "auto"  # auto: onnx-int8 images + onnx texts on CPU, torch on CUDA (README: Encoder runtimes)
+    runtime: str = "auto"  # auto: onnx-int8 images + onnx texts on CPU, torch on CUDA (docs/encoders.md)
     runtimes: dict[str, str] = field(default_factory=dict)  # modality -> runtime, overrides `runtime`
     onnx_threads: int = 0  # ONNX Runtime intra-op threads; 0 = cpu_threads, else one per core
     onnx_cache_dir: str = ".cache/onnx"  # exported ONNX files, content-addressed by encoder fingerprint

@@ -1,5 +1,5 @@
 """The built Bento is ready for replicas: `bentoml build` wrote its Dockerfile and the pinned requirements
-(`bentoml containerize` needs Docker, absent here; README: Scale-out)."""
+(`bentoml containerize` needs Docker, absent here; docs/scale-out.md)."""
 
 from __future__ import annotations
 

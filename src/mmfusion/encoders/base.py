@@ -95,7 +95,7 @@ class Encoder(ABC):
     batch_by_length: bool = False
     # Preprocessing may cut an item (texts over the tokenizer limit): see count_truncated.
     may_truncate: bool = False
-    # The runtime `auto` picks per device (measured: README "Encoder runtimes"); only for exportable encoders.
+    # The runtime `auto` picks per device (measured: docs/encoders.md); only for exportable encoders.
     default_runtimes: dict[str, str] = {"cpu": "torch", "cuda": "torch"}
     # Op types int8 quantises (None: every op ONNX Runtime can quantise).
     int8_op_types: tuple[str, ...] | None = None

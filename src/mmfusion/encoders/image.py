@@ -94,7 +94,7 @@ class EfficientNetLite0Encoder(ImageEncoder):
     std = (128.0, 128.0, 128.0)
     # Measured on a 2-core CPU (bench/featurize.py): batches of 2-4 beat 16-32 per image (cache-bound).
     default_batch_sizes = {"cpu": 4, "cuda": 256}
-    # featurize.runtime auto (bench/featurize.py + the accuracy guard, README "Encoder runtimes")
+    # featurize.runtime auto (bench/featurize.py + the accuracy guard, docs/encoders.md)
     default_runtimes = {"cpu": "onnx-int8", "cuda": "torch"}
 
     def weights_files(self) -> list[Path]:

@@ -104,7 +104,7 @@ def check_runtime(runtime: str, where: str = "runtime") -> str:
 
 
 def resolve_runtime(runtime: str, encoder: Encoder) -> str:
-    """`auto` is the measured default of the encoder for its device (README, "Encoder runtimes")."""
+    """`auto` is the measured default of the encoder for its device (docs/encoders.md)."""
     runtime = check_runtime(runtime)
     if runtime == AUTO:
         return encoder.default_runtimes.get(encoder.device.type, "torch") if encoder.exportable else "torch"

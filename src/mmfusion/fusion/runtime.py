@@ -9,7 +9,7 @@
 
 A head is a few dozen small ops, so at serving batch sizes eager torch spends its time in
 per-op Python dispatch, not arithmetic: measured at batch 3 on one thread of the 2-core CPU, a
-CV bag of five concat heads took 6.8 ms in torch and 0.8 ms in ONNX Runtime (README,
+CV bag of five concat heads took 6.8 ms in torch and 0.8 ms in ONNX Runtime (docs/results.md,
 "Speed, served"). The export is built in memory when a Predictor loads (well under a second)
 and checked before use: on random embeddings with every presence pattern the head can see, at
 two batch sizes, its logits and modality weights must match torch's within `ATOL`. A head whose

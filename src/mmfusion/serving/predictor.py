@@ -141,7 +141,7 @@ class Predictor:
         """{modality: float32 [N, dim]} through the model's encoders; rows of a missing modality are zeros.
 
         Batches of up to `parallel_max_items` with more than one modality run the encoders
-        concurrently, one thread each (README, "Speed, served")."""
+        concurrently, one thread each (docs/results.md, "Speed, served")."""
         present = self.presence(items)
         jobs = {}
         for m in self.modalities:

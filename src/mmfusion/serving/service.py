@@ -7,8 +7,8 @@ through `MicroBatcher` (serving/batcher.py): the Predictor runs on one model thr
 (up to `package.batching.max_batch_size` items; batching off means one item per call).
 An earlier layout with the model in a second BentoML service (BentoML adaptive batching over
 HTTP between two processes) reached a third of the in-process throughput on a 2-core CPU: see
-the README's Serving section. Limits, timeouts, admission and shutdown: serving/guard.py and the
-README's "Operating the service".
+docs/serving.md and docs/results.md. Limits, timeouts, admission and shutdown: serving/guard.py and the
+docs/serving.md.
 
 APIs (POST, JSON answers): /classify (multipart: image file and/or text), /classify_batch
 (JSON: items with base64 image and/or text), /feedback (JSON: request_id, item, label), /metadata,

@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             wait_rows(log_path, 2 * (len(pairs_test) + len(pairs_train)))
         finally:
             stop_process_group(proc)
-    data = load_log(log_path, reference.modalities)
+    data = load_log(log_path, reference.modalities, dims={m: int(a.shape[1]) for m, a in reference.embeddings.items()})
     pool = pools(data, reference.modalities)
     p = params.monitor
     rng = np.random.default_rng(0)

@@ -10,16 +10,23 @@ import pandas as pd
 
 from mmfusion.config import parse_params
 from mmfusion.monitoring.inference_log import InferenceLog, InferenceRecord
-from mmfusion.monitoring.reference import EMBEDDINGS, META, REFERENCE_DIR, ROWS, MonitorData
+from mmfusion.monitoring.reference import EMBEDDINGS, INPUT_STATS, META, REFERENCE_DIR, ROWS, MonitorData
 
 LABELS = ("apple", "leaf", "wave")
 DIMS = {"image": 24, "text": 12}
 
 
-def synthetic(n: int, seed: int, shift: dict[str, float] | None = None, dims=DIMS, missing: dict | None = None) -> MonitorData:
-    """n rows of unit-Gaussian embeddings per modality (+ a mean shift), predictions and input stats."""
+def synthetic(
+    n: int, seed: int, shift: dict[str, float] | None = None, dims=DIMS, missing: dict | None = None,
+    carrying: dict[str, int] | None = None,
+) -> MonitorData:
+    """n rows of unit-Gaussian embeddings per modality (+ a mean shift), predictions and input stats.
+
+    `missing` drops a random share of each modality; `carrying` keeps it in exactly that many rows (spread
+    evenly), and a modality's input statistics are null where it is absent, as the log reader makes them.
+    """
     rng = np.random.default_rng(seed)
-    shift, missing = shift or {}, missing or {}
+    shift, missing, carrying = shift or {}, missing or {}, carrying or {}
     rows = pd.DataFrame(
         {
             "prediction": rng.choice(LABELS, n),
@@ -33,6 +40,10 @@ def synthetic(n: int, seed: int, shift: dict[str, float] | None = None, dims=DIM
     embeddings = {}
     for m, d in dims.items():
         rows[f"present_{m}"] = rng.random(n) >= missing.get(m, 0.0)
+        if m in carrying:
+            rows[f"present_{m}"] = np.isin(np.arange(n), np.linspace(0, n - 1, carrying[m]).round().astype(int))
+            for col in INPUT_STATS.get(m, ()):
+                rows.loc[~rows[f"present_{m}"], col] = np.nan
         arr = rng.normal(size=(n, d)).astype(np.float32) + shift.get(m, 0.0)
         embeddings[m] = np.where(rows[f"present_{m}"].to_numpy()[:, None], arr, 0).astype(np.float32)
     return MonitorData(rows, embeddings)

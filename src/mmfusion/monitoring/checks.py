@@ -12,10 +12,16 @@ and once per window:
 A window under `min_rows` gets the verdict `insufficient_data`. Otherwise the verdict is `drift`
 when a check of severity `critical` is flagged, `warning` when only warning checks are, else `ok`.
 The methods are Evidently's own (the HTML report draws the same numbers).
+
+A check without enough values (a modality absent from the window, an all-null column) is left out
+with its reason, never a crash and never a pass: the window still gets a verdict, `missing_<m>`
+speaks for a modality that stopped arriving, and `notes` says so in plain sentences.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from typing import Any
 
@@ -28,6 +34,8 @@ from mmfusion.monitoring.reference import INPUT_STATS, MonitorData
 SEVERITIES = ("critical", "warning")
 VERDICTS = ("ok", "warning", "drift", "insufficient_data")
 SCHEMA = "mmfusion.drift-verdict/v1"
+
+log = logging.getLogger(__name__)
 
 
 def bootstrap_on(setting: str, reference_rows: int) -> bool:
@@ -78,7 +86,10 @@ def _embedding_score(method, cur: np.ndarray, ref: np.ndarray) -> tuple[float, b
     return float(score), bool(drifted)
 
 
-def _check(name: str, kind: str, method: str, score, threshold, drifted, severity: str, **extra) -> dict:
+def _check(name: str, kind: str, method: str, score, threshold, drifted, severity: str, reason="", **extra) -> dict:
+    if score is not None and not math.isfinite(float(score)):
+        score, drifted, reason = None, False, reason or f"{method} gave no finite score"
+    status = "insufficient_data" if score is None else ("drifted" if drifted else "ok")
     return {
         "name": name,
         "kind": kind,
@@ -87,9 +98,21 @@ def _check(name: str, kind: str, method: str, score, threshold, drifted, severit
         "threshold": None if threshold is None else float(threshold),
         "drifted": bool(drifted),
         "severity": severity,
-        "status": "insufficient_data" if score is None else ("drifted" if drifted else "ok"),
+        "status": status,
+        **({"reason": reason} if status == "insufficient_data" else {}),
         **extra,
     }
+
+
+def too_few(rows: int, ref_rows: int, min_rows: int, what: str) -> str:
+    """Why a check is left out: the rows with a value here and in the reference, against `min_rows`."""
+    return f"{rows} {what} in this window and {ref_rows} in the reference; at least {min_rows} needed on each side"
+
+
+def _failed(name: str, kind: str, method: str, threshold, severity: str, exc: Exception, **extra) -> dict:
+    """A check whose method raised: left out with the error as its reason (the run goes on)."""
+    log.warning("monitor: check %s (%s) failed: %s", name, method, exc)
+    return _check(name, kind, method, None, threshold, False, severity, reason=f"{method} failed: {exc}", **extra)
 
 
 def embedding_checks(cur: MonitorData, ref: MonitorData, p: MonitorParams, rng: np.random.Generator) -> list[dict]:
@@ -108,10 +131,16 @@ def embedding_checks(cur: MonitorData, ref: MonitorData, p: MonitorParams, rng: 
         for k, (name, threshold, severity) in enumerate(methods):
             check_name = f"embedding_drift[{m}]" if k == 0 else f"embedding_drift[{m}]:{name}"
             if len(c) < p.min_rows or len(r) < p.min_rows:
-                checks.append(_check(check_name, "embedding", name, None, threshold, False, severity, modality=m, rows=len(c)))
+                reason = too_few(len(c), len(r), p.min_rows, f"rows with {m}")
+                checks.append(_check(check_name, "embedding", name, None, threshold, False, severity, reason,
+                                     modality=m, rows=len(c)))  # fmt: skip
                 continue
             boot = bootstrap and name in ("model", "distance")
-            score, drifted = _embedding_score(embedding_method(name, threshold, boot, e.quantile), c, r)
+            try:
+                score, drifted = _embedding_score(embedding_method(name, threshold, boot, e.quantile), c, r)
+            except Exception as exc:  # noqa: BLE001  (an odd window must not stop the run)
+                checks.append(_failed(check_name, "embedding", name, threshold, severity, exc, modality=m, rows=len(c)))
+                continue
             extra = {"modality": m, "rows": int(len(c)), "bootstrap": boot, **({"quantile": e.quantile} if boot else {})}
             if boot and name == "model":
                 threshold = round(bootstrap_auc_threshold(len(c), len(r), e.quantile), 6)
@@ -134,18 +163,27 @@ def column_drift(ref: pd.Series, cur: pd.Series, kind: str, method: str, thresho
     return float(result.drift_score), bool(result.drifted)
 
 
+def constant_on_both_sides(ref: pd.Series, cur: pd.Series) -> bool:
+    """One value (or none) in the reference and one in the window: stattests need variation (anderson, es raise)."""
+    return ref.dropna().nunique() <= 1 and cur.dropna().nunique() <= 1
+
+
 def _column_check(name: str, kind: str, ref: pd.Series, cur: pd.Series, cfg, min_rows: int, **extra) -> dict:
     ref, cur = ref.dropna(), cur.dropna()
     if len(cur) < min_rows or len(ref) < min_rows:
-        return _check(name, kind, cfg.method, None, cfg.threshold, False, cfg.severity, rows=int(len(cur)), **extra)
+        reason = too_few(len(cur), len(ref), min_rows, "values")
+        return _check(name, kind, cfg.method, None, cfg.threshold, False, cfg.severity, reason, rows=len(cur), **extra)
     col_kind = "cat" if kind == "prediction" else "num"
-    if col_kind == "num" and ref.nunique() <= 1 and cur.nunique() <= 1:
+    if col_kind == "num" and constant_on_both_sides(ref, cur):
         # a constant column (every emoji is 72x72): drifted only if the constant changed
         same = bool(np.isclose(float(ref.iloc[0]), float(cur.iloc[0])))
         return _check(name, kind, "constant", 0.0 if same else 1.0, 0.0, not same, cfg.severity, rows=int(len(cur)), **extra)
-    score, drifted = column_drift(ref.astype(str) if col_kind == "cat" else ref.astype(float),
-                                  cur.astype(str) if col_kind == "cat" else cur.astype(float),
-                                  col_kind, cfg.method, cfg.threshold)  # fmt: skip
+    try:
+        score, drifted = column_drift(ref.astype(str) if col_kind == "cat" else ref.astype(float),
+                                      cur.astype(str) if col_kind == "cat" else cur.astype(float),
+                                      col_kind, cfg.method, cfg.threshold)  # fmt: skip
+    except Exception as exc:  # noqa: BLE001  (an odd column must not stop the run)
+        return _failed(name, kind, cfg.method, cfg.threshold, cfg.severity, exc, rows=int(len(cur)), **extra)
     return _check(name, kind, cfg.method, score, cfg.threshold, drifted, cfg.severity, rows=int(len(cur)), **extra)
 
 
@@ -171,6 +209,41 @@ def scalar_checks(cur: MonitorData, ref: MonitorData, p: MonitorParams) -> list[
     return checks
 
 
+def presence_notes(cur: MonitorData, ref: MonitorData, p: MonitorParams) -> list[str]:
+    """Plain sentences on modalities the window lacks (wholly, nearly, or far more often than the reference)."""
+    notes = []
+    n = len(cur)
+    for m in ref.modalities:
+        have = int(cur.present(m).sum())
+        share, ref_share = have / n if n else 0.0, float(ref.present(m).mean()) if len(ref) else 0.0
+        if have == 0 and ref_share > 0:
+            notes.append(
+                f"No {m} arrived in this window: none of its {n} requests carried {m}, while {ref_share:.0%} of the "
+                f"reference rows do. Clients may have stopped sending {m}; its drift checks are left out and "
+                f"missing_{m} reports the change."
+            )
+        elif 0 < have < p.min_rows and ref_share > 0:
+            notes.append(
+                f"Only {have} of {n} requests carried {m} ({share:.0%}; the reference: {ref_share:.0%}): too few "
+                f"to test the drift of {m} (at least {p.min_rows} needed)."
+            )
+        elif abs(share - ref_share) > p.missing_share_delta:
+            notes.append(f"{share:.0%} of the requests carried {m}, against {ref_share:.0%} of the reference rows.")
+    return notes
+
+
+def left_out(checks: list[dict]) -> list[dict]:
+    """The checks that could not be computed, with why."""
+    return [{"name": c["name"], "reason": c.get("reason", "")} for c in checks if c["status"] == "insufficient_data"]
+
+
+def left_out_note(items: list[dict], what: str) -> list[str]:
+    """One sentence listing what was left out of `what` and why (nothing when nothing was)."""
+    if not items:
+        return []
+    return [f"Left out of {what}: " + "; ".join(f"{i['name']} ({i['reason']})" for i in items) + "."]
+
+
 def summarise(checks: list[dict], rows: int, min_rows: int) -> tuple[str, str]:
     """(verdict, severity) of a window from its checks."""
     if rows < min_rows:
@@ -189,8 +262,10 @@ def check_window(cur: MonitorData, ref: MonitorData, p: MonitorParams) -> dict[s
     rng = np.random.default_rng(p.seed)
     if len(cur) < p.min_rows:
         checks: list[dict] = []
+        notes = [f"Only {len(cur)} requests in this window: at least {p.min_rows} are needed for a verdict."]
     else:
         checks = embedding_checks(cur, ref, p, rng) + scalar_checks(cur, ref, p)
+        notes = presence_notes(cur, ref, p) + left_out_note(left_out(checks), "the verdict")
     verdict, severity = summarise(checks, len(cur), p.min_rows)
     return {
         "schema": SCHEMA,
@@ -199,6 +274,8 @@ def check_window(cur: MonitorData, ref: MonitorData, p: MonitorParams) -> dict[s
         "rows": int(len(cur)),
         "min_rows": p.min_rows,
         "flagged": [c["name"] for c in checks if c["drifted"] and c["severity"] in SEVERITIES],
+        "notes": notes,
+        "left_out": left_out(checks),
         "checks": checks,
         "check_seconds": round(time.perf_counter() - start, 3),
     }

@@ -5,7 +5,9 @@
 For each window: the checks (`checks.py`) give a JSON verdict of our own schema, an Evidently
 report is saved as self-contained HTML next to it, the snapshot goes to the local Evidently
 workspace, and the verdict is appended to the history (a SQLite file of the monitor's own: the
-service's log is only ever read). A window that is not complete yet (fewer than `window.size` rows,
+service's log is only ever read). Whatever the window holds (a modality gone, a column all null),
+it gets a verdict: what could not be checked is listed in the verdict's `notes`, the table and the
+top of the HTML report. A window that is not complete yet (fewer than `window.size` rows,
 or a time period still open) is checked now and again on the next run with more rows.
 """
 
@@ -67,15 +69,14 @@ def served_model_dir(params: Params, root: Path) -> Path:
         return resolve_path(root, params.monitor.model_dir)
     from mmfusion.serving.promotion import live_entry
 
-    entry = live_entry(params, root)  # reports/live.json, else the last packaged Bento (reports/package.json)
-    tag = (entry or {}).get("model_tag")
-    if tag:
-        try:
-            import bentoml
+    from mmfusion.serving.bentos import BentoMissing, bento_model_dir
 
-            return Path(bentoml.models.get(tag).path)
-        except Exception as exc:  # not in this BENTOML_HOME: fall back to the folder it was built from
-            log.info("monitor: model %s not in the BentoML store (%s); using %s", tag, exc, paths.BEST)
+    entry = live_entry(params, root)  # reports/live.json, else the last packaged Bento (reports/package.json)
+    if entry and entry.get("model_tag"):
+        try:  # the model store's copy, else the Bento's own (imported from bentos/ when the store lacks it)
+            return bento_model_dir(entry["bento_tag"], entry["model_tag"], root)
+        except BentoMissing as exc:  # not here at all: the folder it was built from
+            log.info("monitor: %s; using %s", exc, paths.BEST)
     return Path(root) / paths.BEST
 
 
@@ -135,13 +136,23 @@ def prepare(params: Params, root: Path) -> dict[str, Any]:
     return {"model_dir": model_dir, "reference": reference, "reference_meta": meta, "log_path": path}
 
 
+def notice_lines(verdict: dict) -> list[str]:
+    """What the top of the HTML report says: the verdict's notes and the metrics left out of the report."""
+    left = verdict.get("report_left_out") or []
+    return verdict["notes"] + [f"Left out of this report: {i['name']}: {i['reason']}." for i in left]
+
+
 def write_window_outputs(out_dir: Path, window: Window, verdict: dict, snapshot) -> dict:
-    """The window's HTML report (when there is a snapshot) and its JSON verdict; returns their paths."""
+    """The window's HTML report (if a snapshot; with its notice) and its JSON verdict; returns their paths."""
+    from mmfusion.monitoring.report import add_notice
+
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     if snapshot is not None:
         html = out_dir / f"{window.id}.html"
         snapshot.save_html(str(html))
+        flagged = ", ".join(verdict["flagged"]) or "nothing flagged"
+        add_notice(html, f"mmfusion drift verdict: {verdict['verdict']} ({flagged})", notice_lines(verdict))
         paths["report_html"] = str(html)
     verdict_path = out_dir / f"{window.id}.json"
     paths["verdict_json"] = str(verdict_path)
@@ -160,7 +171,9 @@ def run_monitor(params: Params, root: Path = Path("."), rescan: bool = False, no
     ctx = prepare(params, root)
     reference, meta = ctx["reference"], ctx["reference_meta"]
     version = meta["model_version"] if p.model_version == "served" else p.model_version
-    data = load_log(ctx["log_path"], reference.modalities)
+    # widths from the served model's reference: a modality the log never saw still has its shape
+    dims = {m: int(a.shape[1]) for m, a in reference.embeddings.items()}
+    data = load_log(ctx["log_path"], reference.modalities, dims=dims)
     data, seen = select_version(data, version)
     history = History(resolve_path(root, p.history_path))
     key = window_key(p)
@@ -180,8 +193,12 @@ def run_monitor(params: Params, root: Path = Path("."), rescan: bool = False, no
         snapshot = None
         if verdict["verdict"] != "insufficient_data":
             t0 = time.perf_counter()
-            snapshot = build_snapshot(window.data, reference, p, name=f"{version} {window.id}", timestamp=window.end_ts)
+            snapshot, verdict["report_left_out"] = build_snapshot(
+                window.data, reference, p, name=f"{version} {window.id}", timestamp=window.end_ts
+            )
             verdict["report_seconds"] = round(time.perf_counter() - t0, 2)
+            failed = [i for i in verdict["report_left_out"] if i.get("failed")]
+            verdict["notes"] += [f"The Evidently report lacks {i['name']}: {i['reason']}." for i in failed]
         write_window_outputs(out_dir, window, verdict, snapshot)
         if snapshot is not None and window.complete:
             if ws is None:
@@ -190,6 +207,8 @@ def run_monitor(params: Params, root: Path = Path("."), rescan: bool = False, no
             verdict["workspace_project"] = str(project.id)
         history.record(version, key, window, verdict)
         log.info("monitor: window %s (%d rows): %s %s", window.id, len(window.data), verdict["verdict"], verdict["flagged"])
+        for note in verdict["notes"]:
+            log.warning("monitor: window %s: %s", window.id, note)
         results.append(verdict)
     history.close()
     counts = {v: sum(r["verdict"] == v for r in results) for v in ("ok", "warning", "drift", "insufficient_data")}
@@ -207,6 +226,7 @@ def run_monitor(params: Params, root: Path = Path("."), rescan: bool = False, no
                 "verdict": r["verdict"],
                 "severity": r["severity"],
                 "flagged": r["flagged"],
+                "notes": r["notes"],
                 "report_html": r.get("report_html"),
                 "verdict_json": r.get("verdict_json"),
             }
@@ -240,6 +260,9 @@ def verdict_table(summary: dict) -> str:
         )
     if not summary["windows"]:
         lines.append("| (no new rows since the last run) | 0 | - | - | - |")
+    noted = [(w["id"], note) for w in summary["windows"] for note in w.get("notes", [])]
+    if noted:
+        lines += ["", "Notes:", ""] + [f"- {wid}: {note}" for wid, note in noted]
     return "\n".join(lines) + "\n"
 
 

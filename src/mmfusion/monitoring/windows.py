@@ -20,8 +20,14 @@ from mmfusion.monitoring.reference import INPUT_STATS, MonitorData, MonitorError
 LOG_COLUMNS = ("request_id", "item", "ts", "model_version", "label", "confidence", "modalities")
 
 
-def load_log(path: Path, modalities: list[str], since: float | None = None) -> MonitorData:
-    """Every logged item (oldest first) with its embeddings; MonitorError with one clear line if unreadable."""
+def load_log(
+    path: Path, modalities: list[str], since: float | None = None, dims: dict[str, int] | None = None
+) -> MonitorData:
+    """Every logged item (oldest first) with its embeddings; MonitorError with one clear line if unreadable.
+
+    `dims` ({modality: width}, from the served model's reference) shapes the embeddings: a modality the
+    log has never seen still gets [rows, width] zeros. Without it the widths come from the log itself.
+    """
     path = Path(path)
     if not path.exists():
         raise MonitorError(f"no inference log at {path}: serve the model (`make serve`) and send it requests first")
@@ -29,8 +35,11 @@ def load_log(path: Path, modalities: list[str], since: float | None = None) -> M
         df = read_inference_log(path, since=since)
         embeddings = {}
         for m in modalities:
-            keys, arr = read_embeddings(path, m, since=since)
-            embeddings[m] = (keys, arr)
+            try:
+                embeddings[m] = read_embeddings(path, m, since=since)
+            except ValueError as exc:  # vectors of several widths cannot be stacked: rows of models with other encoders
+                raise MonitorError(f"the inference log holds {m} embeddings of different widths ({exc}): "
+                                   "point monitor.log_path at a log of the served model") from exc  # fmt: skip
     except sqlite3.OperationalError as exc:
         raise MonitorError(f"cannot read the inference log {path}: {exc}") from exc
     except (sqlite3.DatabaseError, pd.errors.DatabaseError) as exc:
@@ -56,7 +65,12 @@ def load_log(path: Path, modalities: list[str], since: float | None = None) -> M
     position = {(r, i): n for n, (r, i) in enumerate(zip(rows["request_id"], rows["item"]))}
     arrays = {}
     for m, (keys, arr) in embeddings.items():
-        dim = arr.shape[1] if arr.size else 0
+        dim = (dims or {}).get(m, arr.shape[1] if arr.size else 0)
+        if arr.size and arr.shape[1] != dim:
+            raise MonitorError(
+                f"the inference log's {m} embeddings have {arr.shape[1]} dimensions, the served model's {dim}: "
+                "the log is another model's (set monitor.log_path or monitor.model_dir)"
+            )
         out = np.zeros((len(rows), dim), dtype=np.float32)
         for k, (r, i) in enumerate(zip(keys["request_id"].astype(str), keys["item"].astype(int))):
             n = position.get((r, i))

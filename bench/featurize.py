@@ -43,7 +43,8 @@ from mmfusion.data.manifest import read_manifest  # noqa: E402
 from mmfusion.encoders import create_encoder  # noqa: E402
 from mmfusion.encoders.runtime import Int8Settings, resolve_runtime, runtime_for, sample_calibration  # noqa: E402
 from mmfusion.features.cache import FeatureCache  # noqa: E402
-from mmfusion.features.extract import ImageInput, extract_features, resolve_workers  # noqa: E402
+from mmfusion.features.extract import extract_features, resolve_workers  # noqa: E402
+from mmfusion.modalities import ImageSpec  # noqa: E402
 from mmfusion.stages.featurize import build_features  # noqa: E402
 
 
@@ -82,7 +83,7 @@ def run_featurize_path(encoder, image_paths: list[str], num_workers: int) -> flo
     with tempfile.TemporaryDirectory() as tmp:
         cache = FeatureCache(tmp, f"{encoder.fingerprint}-{encoder.precision}", encoder.dim)
         start = time.perf_counter()
-        result = extract_features(encoder, ImageInput(root=REPO), image_paths, cache, num_workers=num_workers, progress=False)
+        result = extract_features(encoder, ImageSpec(root=REPO), image_paths, cache, num_workers=num_workers, progress=False)
         seconds = time.perf_counter() - start
         assert result.stats["encoded"] == result.stats["unique"] and not result.failed
     return len(image_paths) / seconds
@@ -115,8 +116,7 @@ def bench_compute_limit(encoder, prepared: list, batch_sizes: list[int], rounds:
 def bench_warm_rerun(params_path: Path) -> dict:
     """(d) the whole default data with every sample cached: in-process, and as a fresh CLI process."""
     params = load_params(params_path)
-    cache_dir = Path(params.featurize.cache_dir)
-    cache_dir = cache_dir if cache_dir.is_absolute() else REPO / cache_dir
+    cache_dir = paths.resolve(REPO, params.featurize.cache_dir)
     with tempfile.TemporaryDirectory() as tmp:
         build_features(params, REPO, Path(tmp) / "warmup", progress=False)  # fills whatever is missing
         start = time.perf_counter()
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     image_paths = train["image"].tolist()[: args.n]
     runtimes = [r for r in args.runtimes.split(",") if r]
     int8 = Int8Settings(**__import__("dataclasses").asdict(params.featurize.int8))
-    source = ImageInput(root=REPO)
+    source = ImageSpec(root=REPO)
     encoders = {}
     for runtime in runtimes:
         enc = create_encoder("efficientnet_lite0", device=args.device)

@@ -12,7 +12,7 @@ then:
 2. checks the log: one row per answered good request (by `client_request_id`), none for bad
    ones, `PRAGMA integrity_check` ok, no upload temp folders of dead workers left.
 3. restarts the server (SIGTERM, drain, start again) and checks that every row is still there.
-Targets (issue 9): 0 5xx, 0 answered requests missing from the log, 0 rows lost or overwritten.
+Targets: 0 5xx, 0 answered requests missing from the log, 0 rows lost or overwritten.
 Writes bench/results/load-<device>.json.
 """
 

@@ -121,6 +121,7 @@ def with_runtime(model_dir: Path, runtime: str, out_dir: Path) -> Path:
     from mmfusion.encoders import create_encoder
     from mmfusion.encoders.runtime import Int8Settings, sample_calibration
     from mmfusion.features.extract import build_input
+    from mmfusion.modalities import recorded_settings
 
     shutil.copytree(model_dir, out_dir)
     config = json.loads((out_dir / "config.json").read_text())
@@ -131,7 +132,7 @@ def with_runtime(model_dir: Path, runtime: str, out_dir: Path) -> Path:
         enc = create_encoder(entry["encoder"], device="cpu")
         if entry.get("runtime", {}).get("name", "torch") == runtime:
             continue
-        source = build_input(m, root=REPO, lowercase=config.get("text", {}).get("lowercase", True))
+        source = build_input(m, root=REPO, **recorded_settings(config)[m])
 
         def calibration(source=source):
             import pandas as pd
@@ -152,7 +153,7 @@ def bench_predictor(model_dir: Path, inputs: list[tuple[bytes, str]], device: st
     import torch
 
     from mmfusion.data.images import decode_image
-    from mmfusion.serving.predictor import Predictor
+    from mmfusion.inference.predictor import Predictor
 
     items = [{"image": decode_image(png), "text": text} for png, text in inputs]
     grid = {}
@@ -267,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [f"package.{item}" for item in args.set]
     try:
         parse_params(apply_overrides({"package": params_to_dict(PackageParams())}, overrides))
-        from mmfusion.fusion.runtime import check_head_runtime
+        from mmfusion.inference.head_runtime import check_head_runtime
 
         for entry in args.runtimes:
             head = split_runtime(entry)[1]

@@ -19,8 +19,10 @@ from prefect import flow, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
+from mmfusion import paths  # noqa: E402
 from mmfusion.config import load_params  # noqa: E402
 from mmfusion.monitoring.monitor import cli, prepare, run_monitor, verdict_table  # noqa: E402
+from mmfusion.monitoring.policy import append_event, evaluate_policy  # noqa: E402
 
 monitor_task = task(run_monitor, name="check-windows", cache_policy=NO_CACHE, persist_result=False)
 
@@ -40,7 +42,6 @@ def maybe_retrain(params, root: str, params_path: str, model_version: str) -> di
     from prefect import get_run_logger
 
     from flows.retrain import retrain
-    from mmfusion.monitoring.policy import _resolve, append_event, evaluate_policy
 
     log = get_run_logger()
     decision = evaluate_policy(params, Path(root), model_version)
@@ -48,7 +49,7 @@ def maybe_retrain(params, root: str, params_path: str, model_version: str) -> di
                              markdown=f"# Retrain: **{decision['event']}**\n\n{decision['reason']}\n")  # fmt: skip
     if decision["event"] == "skip":
         log.info("retrain skipped: %s", decision["reason"])
-        append_event(_resolve(Path(root), params.retrain.history_path), decision)
+        append_event(paths.resolve(root, params.retrain.history_path), decision)
         return decision
     log.info("retrain starting: %s", decision["reason"])
     result = retrain(params_path=str(Path(params_path).resolve()), root=root, trigger="monitor", reason=decision["reason"])

@@ -26,9 +26,10 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
+from mmfusion import paths  # noqa: E402
 from mmfusion.config import load_params  # noqa: E402
 from mmfusion.monitoring.export import export_feedback  # noqa: E402
-from mmfusion.monitoring.policy import _resolve, append_event  # noqa: E402
+from mmfusion.monitoring.policy import append_event  # noqa: E402
 from mmfusion.serving.promotion import compare_and_promote, report_markdown  # noqa: E402
 
 export_task = task(export_feedback, name="export-feedback", cache_policy=NO_CACHE, persist_result=False)
@@ -55,7 +56,7 @@ def retrain(params_path: str = "params.yaml", root: str = ".", trigger: str = "m
     log = get_run_logger()
     project = Path(root).resolve()
     params = load_params(params_path)
-    history = _resolve(project, params.retrain.history_path)
+    history = paths.resolve(project, params.retrain.history_path)
     append_event(history, {"event": "start", "trigger": trigger, "reason": reason})
     log.info("retrain started (%s): %s", trigger, reason)
     record: dict = {"trigger": trigger, "reason": reason, "raw_before": raw_version(project)}

@@ -10,7 +10,8 @@ import pandas as pd
 
 from mmfusion.config import parse_params
 from mmfusion.monitoring.inference_log import InferenceLog, InferenceRecord
-from mmfusion.monitoring.reference import EMBEDDINGS, INPUT_STATS, META, REFERENCE_DIR, ROWS, MonitorData
+from mmfusion.modalities import stats_of
+from mmfusion.monitoring.reference import EMBEDDINGS, META, REFERENCE_DIR, ROWS, MonitorData
 
 LABELS = ("apple", "leaf", "wave")
 DIMS = {"image": 24, "text": 12}
@@ -42,7 +43,7 @@ def synthetic(
         rows[f"present_{m}"] = rng.random(n) >= missing.get(m, 0.0)
         if m in carrying:
             rows[f"present_{m}"] = np.isin(np.arange(n), np.linspace(0, n - 1, carrying[m]).round().astype(int))
-            for col in INPUT_STATS.get(m, ()):
+            for col in stats_of(m):
                 rows.loc[~rows[f"present_{m}"], col] = np.nan
         arr = rng.normal(size=(n, d)).astype(np.float32) + shift.get(m, 0.0)
         embeddings[m] = np.where(rows[f"present_{m}"].to_numpy()[:, None], arr, 0).astype(np.float32)

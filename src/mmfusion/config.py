@@ -107,7 +107,7 @@ class Int8Params:
 
 @dataclass(frozen=True)
 class FeaturizeParams:
-    """Owned by the featurize stage (issue 3)."""
+    """The featurize stage: encoders, their runtime, batching and the feature cache."""
 
     # modality -> encoder name (mmfusion.encoders.list_encoders()); a new modality is a new entry
     encoders: dict[str, str] = field(default_factory=lambda: {"image": "efficientnet_lite0", "text": "minilm_l6"})
@@ -138,7 +138,7 @@ class FusionOptions:
 
 @dataclass(frozen=True)
 class TrainParams:
-    """Owned by the train stage (issue 4)."""
+    """The train stage: the fusion strategies and how each head is trained."""
 
     strategies: tuple[str, ...] = (
         "image_only",
@@ -174,7 +174,7 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    """Owned by the evaluate stage (issue 4)."""
+    """The evaluate stage: how the winner is selected, calibrated and checked."""
 
     selection_metric: str = "macro_f1"  # on val: accuracy | macro_f1 | auroc
     ece_bins: int = 15
@@ -224,13 +224,13 @@ class InferenceLogParams:
 
 @dataclass(frozen=True)
 class PackageParams:
-    """The package stage (BentoML model + Bento) and the settings the served Bento runs with (issue 5)."""
+    """The package stage (BentoML model + Bento) and the settings the served Bento runs with."""
 
     model_name: str = "mmfusion"  # BentoML model name; its version is the Predictor's version
     smoke_test: bool = True  # load models/best and classify one item before packaging
     device: str = "auto"  # serving device: auto | cpu | cuda
     workers: int = 2  # service processes, each with its own Predictor (encoders) and in-process batcher
-    head_runtime: str = "auto"  # fusion head: auto (ONNX Runtime on CPU, torch on CUDA) | torch | onnx (mmfusion.fusion.runtime)
+    head_runtime: str = "auto"  # fusion head: auto (ONNX Runtime on CPU, torch on CUDA) | torch | onnx (mmfusion.inference.head_runtime)
     cpu_threads: int = 1  # torch intra-op threads per process on CPU; 0 = torch's default (all cores).
     # 2 workers x 1 thread beat 1 worker x 2 threads on a 2-core CPU (53 vs 40 req/s at concurrency 32,
     # bench/serve.py): no OpenMP barrier stalls when the HTTP side preempts a model thread

@@ -18,3 +18,21 @@ class DataCheckFailed(UserError):
     """The data failed a check the pipeline makes on purpose (e.g. a critical expectation)."""
 
     exit_code = 1
+
+
+class RequestError(Exception):
+    """A client mistake in a request: HTTP `status` (4xx), a machine-readable `reason` and a message for a person.
+
+    Raised by the service's checks (serving/inputs.py) and by each modality's own check (modalities/)."""
+
+    def __init__(self, status: int, reason: str, message: str, item: int | None = None):
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.item = item
+
+    def to_json(self) -> dict:
+        body = {"error": str(self), "reason": self.reason, "status": self.status}
+        if self.item is not None:
+            body["item"] = self.item
+        return body

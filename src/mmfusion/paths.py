@@ -30,4 +30,10 @@ TRAIN_REPORT = REPORTS / "train.json"
 PACKAGE_REPORT = REPORTS / "package.json"
 BENTOFILE = Path("bentofile.yaml")
 BENTO_BUILD_CTX = Path("src")  # the Bento carries its own copy of the mmfusion package
-BENTOS = Path("bentos")  # package: the built Bento exported as <name>.bento, a DVC out (serving/bentos.py)
+BENTOS = Path("bentos")  # package: the built Bento exported as <name>.tar, a DVC out (mmfusion/bentos.py)
+
+
+def resolve(root: str | Path, path: str | Path) -> Path:
+    """`path` as given when it is absolute, else under the project `root` (params hold paths relative to it)."""
+    path = Path(path)
+    return path if path.is_absolute() else Path(root) / path

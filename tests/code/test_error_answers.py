@@ -16,7 +16,9 @@ import pytest
 from mmfusion.serving.guard import _normalise_error, error_body
 from tests.conftest import REPO
 
-SOURCES = [*sorted((REPO / "src" / "mmfusion" / "serving").glob("*.py")), REPO / "src/mmfusion/monitoring/feedback.py"]
+# the service and what it runs per request: its guard and checks, each modality's own check, feedback
+SOURCES = [*sorted((REPO / "src" / "mmfusion" / "serving").glob("*.py")), *sorted((REPO / "src/mmfusion/modalities").glob("*.py")),
+           REPO / "src/mmfusion/monitoring/feedback.py"]  # fmt: skip
 
 
 def raised_errors() -> list[tuple[int, str, str]]:

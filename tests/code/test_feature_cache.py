@@ -12,7 +12,8 @@ import torch
 from mmfusion.encoders.base import Encoder
 from mmfusion.features import cache as cache_module
 from mmfusion.features.cache import CacheNotWritableError, FeatureCache
-from mmfusion.features.extract import ImageInput, TextInput, extract_features
+from mmfusion.features.extract import extract_features
+from mmfusion.modalities import ImageSpec, TextSpec
 from tests.conftest import draw_sample
 
 
@@ -78,23 +79,23 @@ def make_cache(root: Path, enc: Encoder) -> FeatureCache:
 
 def test_second_run_is_all_hits_and_new_samples_are_the_only_misses(tmp_path):
     enc = CountingTextEncoder()
-    first = extract_features(enc, TextInput(), TEXTS, make_cache(tmp_path, enc), progress=False)
+    first = extract_features(enc, TextSpec(), TEXTS, make_cache(tmp_path, enc), progress=False)
     assert first.stats["cache_hits"] == 0 and first.stats["encoded"] == 10 and enc.calls == 10
 
     enc.calls = 0
-    again = extract_features(enc, TextInput(), TEXTS, make_cache(tmp_path, enc), progress=False)
+    again = extract_features(enc, TextSpec(), TEXTS, make_cache(tmp_path, enc), progress=False)
     assert again.stats["cache_hits"] == 10 and again.stats["encoded"] == 0 and enc.calls == 0
     np.testing.assert_array_equal(again.features, first.features)
 
     more = TEXTS + [f"a brand new sample {i}" for i in range(3)]
-    grown = extract_features(enc, TextInput(), more, make_cache(tmp_path, enc), progress=False)
+    grown = extract_features(enc, TextSpec(), more, make_cache(tmp_path, enc), progress=False)
     assert grown.stats["cache_hits"] == 10 and grown.stats["encoded"] == 3 and enc.calls == 3
 
 
 def test_rows_align_with_inputs_and_duplicates_encode_once(tmp_path):
     enc = CountingTextEncoder()
     values = ["bb b", "a", "ccc cc c", "a", "A  "]  # "A  " normalises (lowercase, strip) to "a"
-    res = extract_features(enc, TextInput(lowercase=True), values, make_cache(tmp_path, enc), progress=False)
+    res = extract_features(enc, TextSpec(lowercase=True), values, make_cache(tmp_path, enc), progress=False)
     assert res.stats["unique"] == 3 and enc.calls == 3
     np.testing.assert_array_equal(res.features[1], res.features[3])
     np.testing.assert_array_equal(res.features[1], res.features[4])
@@ -104,10 +105,10 @@ def test_rows_align_with_inputs_and_duplicates_encode_once(tmp_path):
 
 def test_changed_fingerprint_re_encodes_and_keeps_the_old_entries(tmp_path):
     old = CountingTextEncoder(scale=1.0)
-    extract_features(old, TextInput(), TEXTS, make_cache(tmp_path, old), progress=False)
+    extract_features(old, TextSpec(), TEXTS, make_cache(tmp_path, old), progress=False)
     new = CountingTextEncoder(scale=2.0)  # "preprocessing" changed -> another fingerprint
     assert new.fingerprint != old.fingerprint
-    res = extract_features(new, TextInput(), TEXTS, make_cache(tmp_path, new), progress=False)
+    res = extract_features(new, TextSpec(), TEXTS, make_cache(tmp_path, new), progress=False)
     assert res.stats["cache_hits"] == 0 and new.calls == 10
     assert (res.features[:, 3] == 2.0).all()
     assert len(make_cache(tmp_path, old)) == 10  # the old encoder's entries are intact
@@ -127,7 +128,7 @@ def test_crash_mid_write_leaves_a_readable_cache_and_the_rerun_completes(tmp_pat
 
     monkeypatch.setattr(cache_module.os, "replace", dying_replace)
     with pytest.raises(KeyboardInterrupt):
-        extract_features(enc, TextInput(), TEXTS, make_cache(tmp_path, enc), progress=False)
+        extract_features(enc, TextSpec(), TEXTS, make_cache(tmp_path, enc), progress=False)
     monkeypatch.setattr(cache_module.os, "replace", real_replace)
 
     cache = make_cache(tmp_path, enc)
@@ -137,7 +138,7 @@ def test_crash_mid_write_leaves_a_readable_cache_and_the_rerun_completes(tmp_pat
         assert path.stat().st_size == enc.dim * 4
 
     enc.calls = 0
-    res = extract_features(enc, TextInput(), TEXTS, cache, progress=False)
+    res = extract_features(enc, TextSpec(), TEXTS, cache, progress=False)
     assert res.stats["cache_hits"] == 4 and res.stats["encoded"] == 6 and enc.calls == 6
     np.testing.assert_array_equal(res.features, enc.encode(TEXTS).numpy())
 
@@ -145,10 +146,10 @@ def test_crash_mid_write_leaves_a_readable_cache_and_the_rerun_completes(tmp_pat
 def test_a_damaged_entry_is_a_miss_and_is_replaced(tmp_path):
     enc = CountingTextEncoder()
     cache = make_cache(tmp_path, enc)
-    extract_features(enc, TextInput(), TEXTS[:3], cache, progress=False)
+    extract_features(enc, TextSpec(), TEXTS[:3], cache, progress=False)
     victim = next(cache.dir.glob("*/*.f32"))
     victim.write_bytes(victim.read_bytes()[:5])  # e.g. a full disk
-    res = extract_features(enc, TextInput(), TEXTS[:3], make_cache(tmp_path, enc), progress=False)
+    res = extract_features(enc, TextSpec(), TEXTS[:3], make_cache(tmp_path, enc), progress=False)
     assert res.stats["cache_hits"] == 2 and res.stats["encoded"] == 1
     assert res.stats["corrupt_entries_replaced"] == 1
     assert victim.stat().st_size == enc.dim * 4
@@ -168,7 +169,7 @@ def test_stale_temporary_files_from_a_dead_run_are_removed(tmp_path):
 def test_unwritable_cache_dir_is_a_clear_error_and_loses_nothing(tmp_path):
     enc = CountingTextEncoder()
     cache = make_cache(tmp_path / "good", enc)
-    extract_features(enc, TextInput(), TEXTS, cache, progress=False)
+    extract_features(enc, TextSpec(), TEXTS, cache, progress=False)
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")  # chmod is no barrier to root; a file in the path is
     with pytest.raises(CacheNotWritableError, match="not writable.*featurize.cache_dir"):
@@ -183,7 +184,7 @@ def test_images_that_fail_to_load_are_reported_not_fatal(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     values = ["ok0.png", "bad.png", "ok1.png", "missing.png", "ok2.png", "ok3.png"]
     enc = MeanColourEncoder()
-    src = ImageInput(root=tmp_path)
+    src = ImageSpec(root=tmp_path)
     for workers in (0, 1):
         res = extract_features(enc, src, values, make_cache(tmp_path / f"c{workers}", enc), num_workers=workers, progress=False)
         assert set(res.failed) == {1, 3}
@@ -209,10 +210,10 @@ def test_an_fsspec_url_holds_the_same_cache(tmp_path, scheme):
     enc = CountingTextEncoder()
     opened = lambda: open_cache(url, f"{enc.fingerprint}-{enc.precision}", enc.dim, enc.describe())  # noqa: E731
     assert isinstance(opened(), FsspecFeatureCache)
-    first = extract_features(enc, TextInput(), TEXTS, opened(), progress=False)
+    first = extract_features(enc, TextSpec(), TEXTS, opened(), progress=False)
     assert first.stats["encoded"] == 10 and len(opened()) == 10
     enc.calls = 0
-    again = extract_features(enc, TextInput(), TEXTS, opened(), progress=False)
+    again = extract_features(enc, TextSpec(), TEXTS, opened(), progress=False)
     assert again.stats["cache_hits"] == 10 and enc.calls == 0
     np.testing.assert_array_equal(again.features, first.features)
     cache = opened()

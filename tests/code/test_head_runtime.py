@@ -1,4 +1,4 @@
-"""Fusion heads under ONNX Runtime (mmfusion.fusion.runtime): every registered head, any number of modalities."""
+"""Fusion heads under ONNX Runtime (mmfusion.inference.head_runtime): every registered head, any number of modalities."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from mmfusion.errors import UserError
 from mmfusion.fusion import create_head, list_heads
 from mmfusion.fusion.base import FusionHead, FusionOutput
-from mmfusion.fusion.runtime import HeadExportError, check_inputs, compile_head, presence_patterns
+from mmfusion.inference.head_runtime import HeadExportError, check_inputs, compile_head, presence_patterns
 
 # two modalities as today, three as with audio next: small dims keep the exports quick
 SHAPES = {
@@ -74,7 +74,7 @@ class BranchyHead(FusionHead):
 
 def test_a_head_whose_export_disagrees_with_torch_is_served_by_torch_or_refused(caplog):
     head = BranchyHead({"image": 6, "text": 4}, 3).eval()
-    with caplog.at_level(logging.WARNING, logger="mmfusion.fusion.runtime"):
+    with caplog.at_level(logging.WARNING, logger="mmfusion.inference.head_runtime"):
         runner = compile_head(head, "auto")
     assert runner.runtime == "torch"
     assert "runs in torch" in caplog.text and "differ from torch" in caplog.text

@@ -8,6 +8,7 @@ import json
 import pandas as pd
 import pytest
 
+from mmfusion import live
 from mmfusion.config import parse_params
 from mmfusion.monitoring.export import export_feedback, split_holdout
 from mmfusion.monitoring.feedback import FeedbackError, add_feedback, feedback_counts, read_feedback
@@ -144,11 +145,11 @@ def test_live_pointer_promote_and_rollback_errors(tmp_path):
     params = parse_params({})
     (tmp_path / "reports").mkdir()
     (tmp_path / "reports" / "package.json").write_text(json.dumps({"bento_tag": "mmfusion:b1", "model_tag": "mmfusion:m1"}))
-    assert promotion.live_entry(params, tmp_path)["bento_tag"] == "mmfusion:b1"  # never promoted: the last built
+    assert live.live_entry(params, tmp_path)["bento_tag"] == "mmfusion:b1"  # never promoted: the last built
     with pytest.raises(promotion.PromotionError, match="nothing to roll back"):
         promotion.rollback(params, tmp_path)
     promotion.promote(params, tmp_path, {"bento_tag": "mmfusion:b1", "model_tag": "mmfusion:m1"}, "first")
     promotion.promote(params, tmp_path, {"bento_tag": "mmfusion:b2", "model_tag": "mmfusion:m2"}, "better")
-    state = promotion.read_live(params, tmp_path)
+    state = live.read_live(params, tmp_path)
     assert state["live"]["bento_tag"] == "mmfusion:b2" and state["previous"][0]["bento_tag"] == "mmfusion:b1"
     assert "previous: mmfusion:b1" in promotion.show(params, tmp_path)

@@ -4,7 +4,7 @@ import pytest
 
 from mmfusion.stages.package import bento_metadata
 
-# a unimodal winner has no winner-vs-best-unimodal comparison: None (the crash of issue 10)
+# a unimodal winner has no winner-vs-best-unimodal comparison: None (it once crashed `bentoml.models.create`)
 UNIMODAL_WINNER = {"strategy": "text_only", "vs_best_unimodal": None, "test": {"accuracy": 0.9, "auroc": None},
                    "list": [1, None, {"a": None, "b": 2}]}
 

@@ -106,7 +106,7 @@ def test_exported_files_are_reused_from_the_content_addressed_cache(image_encode
 
 def test_a_model_folder_rebuilds_its_runtime_offline_and_refuses_another(image_encoders, images, tmp_path, one_torch_thread):
     """The Predictor loads the runtime the model recorded; with an empty ONNX cache it rebuilds the same int8 model."""
-    from mmfusion.serving.predictor import Predictor
+    from mmfusion.inference.predictor import Predictor
     from mmfusion.training.data import FeatureSet
     from mmfusion.training.strategies import fit_strategy
 

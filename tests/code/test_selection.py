@@ -12,7 +12,7 @@ import torch
 from mmfusion.config import parse_params
 from mmfusion.stages import evaluate as evaluate_stage
 from mmfusion.stages import train as train_stage
-from mmfusion.training.checkpoint import load_checkpoint
+from mmfusion.inference.checkpoint import load_checkpoint
 from mmfusion.training.crossval import make_folds
 from mmfusion.training.data import load_split
 from mmfusion.training.ensemble_selection import crossfit_probs, greedy_selection
@@ -95,7 +95,7 @@ def test_the_served_model_is_the_refit_bag_and_reproduces_the_reported_test_scor
 
 def test_ensemble_records_its_members_and_loads_through_the_checkpoint(evaluated, tmp_path):
     from mmfusion.stages.evaluate import load_candidates
-    from mmfusion.training.checkpoint import save_checkpoint
+    from mmfusion.inference.checkpoint import save_checkpoint
 
     params = parse_params({"train": {**FAST, "strategies": ["image_only", "text_only", "late_stacking", "ensemble"]},
                            "evaluate": {"selection": "holdout"}})  # fmt: skip
@@ -114,7 +114,7 @@ def test_ensemble_records_its_members_and_loads_through_the_checkpoint(evaluated
 def test_predictor_serves_the_bag_from_models_best(evaluated):
     from types import SimpleNamespace
 
-    from mmfusion.serving.predictor import Predictor
+    from mmfusion.inference.predictor import Predictor
 
     config = json.loads((evaluated / "models/best/config.json").read_text())
     encoders = {m: SimpleNamespace(fingerprint=e["fingerprint"]) for m, e in config["encoders"].items()}

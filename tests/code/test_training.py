@@ -88,7 +88,7 @@ def test_train_and_evaluate_stages_write_the_documented_outputs(features, tmp_pa
         config = json.loads((folder / "config.json").read_text())
         assert config["strategy"] == name and config["labels"] == [f"class_{i}" for i in range(4)]
         assert config["encoders"]["image"]["fingerprint"] == "synthetic-image-0"
-        assert config["text"] == {"lowercase": True}
+        assert config["inputs"] == {"image": {"background": [255, 255, 255]}, "text": {"lowercase": True}}
         assert (folder / "model.safetensors").exists() and (folder / "curves.png").stat().st_size > 1000
         assert len(json.loads((folder / "history.json").read_text())) >= 1
 

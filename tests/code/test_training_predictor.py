@@ -9,7 +9,9 @@ from PIL import Image
 
 from mmfusion.config import parse_params
 from mmfusion.features.store import load_features
-from mmfusion.serving.predictor import Predictor
+from mmfusion.inference.checkpoint import model_version
+from mmfusion.inference.predictor import Predictor
+from mmfusion.monitoring.reference import load_reference
 from mmfusion.stages import evaluate as evaluate_stage
 from mmfusion.stages import train as train_stage
 from tests.code.synthetic import write_synthetic_features
@@ -64,6 +66,8 @@ def test_from_dir_rebuilds_the_winner(trained):
     assert p.modalities == ("image", "text")
     assert p.encoders == {"image": "synthetic_image", "text": "synthetic_text"}
     assert p.version.startswith(p.strategy + "-") and len(p.version) > len(p.strategy) + 8
+    # one version formula: what the service logs is what the drift reference was written for
+    assert p.version == model_version(root / "models/best") == load_reference(root / "models/best")[1]["model_version"]
     assert p.metrics["test"]["accuracy"] > 0.5
     assert p.temperature > 0
 

@@ -82,7 +82,7 @@ big = TEST_LIMITS["max_upload_bytes"] + 200_000
 
 # (id, request, status, reason); reason None: a 200 answer
 CASES = [
-    # the rows of issue 9
+    # text with no visible character, client file names, invalid UTF-8, wrong methods and paths
     ("control_chars_only", {"method": "POST", "path": "/classify", "data": {"text": "\x01\x02"}}, 400, "no_input"),
     ("zero_width_only", {"method": "POST", "path": "/classify", "data": {"text": "\u200b"}}, 400, "no_input"),
     ("zero_width_batch_item", batch([{"text": "red apple"}, {"text": "\u200b\u200d"}]), 400, "no_input"),

@@ -172,6 +172,7 @@ def test_metadata_and_health(server):
     assert httpx.get(f"{server.url}/readyz", timeout=TIMEOUT).status_code == 200
     health = post(server, "/health").json()
     assert health["status"] == "ok" and health["worker"]["inference_log"]["open"]
+    assert health["worker"]["index"] in (1, 2)  # BentoML's worker id (mmfusion.compat.worker_index)
     assert health["service"]["workers"] == 2 and health["service"]["inference_log"]["rows"] >= 0
 
 

@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mmfusion import paths
+
 if TYPE_CHECKING:
     from mmfusion.encoders.base import Encoder
 
@@ -333,8 +335,7 @@ def apply_featurize_runtime(
 ) -> Encoder:
     """Set the runtime featurize params `p` name for `modality`; int8 calibrates on a seeded sample of `train_values()`."""
     settings = Int8Settings(**asdict(p.int8))
-    cache = Path(p.onnx_cache_dir)
-    cache = cache if cache.is_absolute() else Path(root) / cache
+    cache = paths.resolve(root, p.onnx_cache_dir)
     return encoder.set_runtime(
         runtime_for(modality, p.runtime, p.runtimes),
         threads=p.onnx_threads or p.cpu_threads,

@@ -5,9 +5,9 @@ encodes only the misses: a DataLoader decodes and preprocesses them in worker pr
 (pinned memory on CUDA) while the main process runs the encoder, writing each batch to the
 cache as soon as it is encoded, so a killed run resumes where it stopped.
 
-What a modality's raw value is and how to read it lives in a `ModalityInput` (image: a path
-under the project root, decoded by the one `decode_image`; text: normalised by the one
-`normalize_text`). A third modality is a new input class in `MODALITY_INPUTS`.
+What a modality's raw value is and how to read it lives in its spec (`mmfusion.modalities`: image,
+a path under the project root decoded by the one `decode_image`; text, normalised by the one
+`normalize_text`): a third modality is a new registered spec, nothing here.
 """
 
 from __future__ import annotations
@@ -19,68 +19,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from mmfusion.data.images import ImageDecodeError, decode_image
-from mmfusion.data.text import normalize_text
+from mmfusion.data.images import ImageDecodeError
 from mmfusion.encoders.base import Encoder
 from mmfusion.features.cache import FeatureCache
+from mmfusion.modalities import ModalitySpec, build_spec
 
 log = logging.getLogger(__name__)
 
-
-class ModalityInput:
-    """How one modality's manifest column becomes content bytes (for the cache key) and an encoder item."""
-
-    column: ClassVar[str]
-    parallel_load: ClassVar[bool] = False  # worth DataLoader worker processes?
-
-    def content(self, value: str) -> bytes:
-        raise NotImplementedError
-
-    def load(self, value: str) -> Any:
-        raise NotImplementedError
-
-
-@dataclass
-class ImageInput(ModalityInput):
-    """`image` column: a path relative to the project root; content = the file's bytes."""
-
-    root: Path = Path(".")
-    background: tuple[int, int, int] = (255, 255, 255)
-    column: ClassVar[str] = "image"
-    parallel_load: ClassVar[bool] = True
-
-    def content(self, value: str) -> bytes:
-        try:
-            return (self.root / value).read_bytes()
-        except OSError as exc:
-            raise ImageDecodeError("missing_image", f"cannot read image {value}: {exc.strerror or exc}") from exc
-
-    def load(self, value: str) -> Any:
-        return decode_image(self.root / value, background=self.background)
-
-
-@dataclass
-class TextInput(ModalityInput):
-    """`text` column; content = the normalised text (idempotent on cleaned text, the same call as serving)."""
-
-    lowercase: bool = True
-    column: ClassVar[str] = "text"
-
-    def content(self, value: str) -> bytes:
-        return self.load(value).encode("utf-8")
-
-    def load(self, value: str) -> str:
-        return normalize_text(value, lowercase=self.lowercase)
-
-
-MODALITY_INPUTS: dict[str, type[ModalityInput]] = {"image": ImageInput, "text": TextInput}
 
 # (miss keys, miss values, rows of each miss) -> (encoded, {miss index: reason}); see extract_features
 EncodeMisses = Callable[[list[str], list[str], list[list[int]]], tuple[int, dict[int, str]]]
@@ -96,7 +48,7 @@ class ExtractResult:
 
 
 class _MissDataset(Dataset):
-    def __init__(self, values: list[str], source: ModalityInput, encoder: Encoder):
+    def __init__(self, values: list[str], source: ModalitySpec, encoder: Encoder):
         self.values, self.source, self.encoder = values, source, encoder
 
     def __len__(self) -> int:
@@ -130,7 +82,7 @@ def content_key(data: bytes) -> str:
 
 def extract_features(
     encoder: Encoder,
-    source: ModalityInput,
+    source: ModalitySpec,
     values: list[str],
     cache: FeatureCache | None,
     num_workers: int = -1,
@@ -216,7 +168,7 @@ def extract_features(
 
 def encode_batches(
     encoder: Encoder,
-    source: ModalityInput,
+    source: ModalitySpec,
     keys: list[str],
     values: list[str],
     cache: FeatureCache | None,
@@ -271,11 +223,6 @@ def resolve_workers(num_workers: int, device: torch.device) -> int:
     return 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
 
 
-def build_input(modality: str, **kwargs: Any) -> ModalityInput:
-    """The input reader for `modality`, with the keyword arguments its class accepts."""
-    if modality not in MODALITY_INPUTS:
-        raise ValueError(f"no input reader for modality {modality!r}; known: {', '.join(MODALITY_INPUTS)}")
-    cls = MODALITY_INPUTS[modality]
-    accepted = {f for f in getattr(cls, "__dataclass_fields__", {})}
-    return cls(**{k: v for k, v in kwargs.items() if k in accepted})
-
+def build_input(modality: str, root: str | Path = ".", **settings: Any) -> ModalitySpec:
+    """The reader of `modality`'s manifest values (its spec), rooted at `root`, with its preprocessing settings."""
+    return build_spec(modality, root, settings)

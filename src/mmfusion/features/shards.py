@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmfusion import paths
 from mmfusion.compute import TasksFailedError, map_tasks, worker_device, worker_name
 from mmfusion.config import ComputeParams
 from mmfusion.encoders import create_encoder
@@ -44,7 +45,7 @@ class EncoderSpec:
     cpu_threads: int  # featurize.cpu_threads: torch threads per worker process (0 = torch's default)
     num_workers: int  # image-decoding DataLoader workers inside each Dask worker
     cache_root: str  # a shared folder or an fsspec URL
-    input: dict[str, Any] = field(default_factory=dict)  # build_input kwargs: root, background, lowercase
+    input: dict[str, Any] = field(default_factory=dict)  # build_input kwargs: root and the modality's settings
 
     def ident(self) -> str:
         what = [self.name, self.device, self.batch_size, self.runtime, self.onnx_threads, self.onnx_cache_dir]
@@ -177,5 +178,4 @@ def describe_on_cluster(spec: EncoderSpec, compute: ComputeParams) -> dict[str, 
 
 def absolute(path: str | Path, root: Path) -> str:
     """`path` (relative to the project root or absolute) as an absolute path the workers can open."""
-    path = Path(path)
-    return str((path if path.is_absolute() else root / path).resolve())
+    return str(paths.resolve(root, path).resolve())

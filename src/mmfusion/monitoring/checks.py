@@ -3,7 +3,7 @@
 Checks, per modality of the served model (never a fixed image/text list):
   embedding_drift   Evidently's embedding drift method on the modality's embeddings (default: a domain
                     classifier's ROC AUC), plus a second signal (default MMD) reported beside it
-  input_<stat>      Evidently stattests on the input statistics of the modality (INPUT_STATS)
+  input_<stat>      Evidently stattests on the input statistics of the modality (its spec's `stats`)
   missing_<m>       the share of requests without the modality, against the reference's share
 and once per window:
   prediction_drift  the predicted label distribution (Jensen-Shannon by default)
@@ -28,8 +28,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mmfusion import compat
 from mmfusion.config import MonitorParams
-from mmfusion.monitoring.reference import INPUT_STATS, MonitorData
+from mmfusion.modalities import stats_of
+from mmfusion.monitoring.reference import MonitorData
 
 SEVERITIES = ("critical", "warning")
 VERDICTS = ("ok", "warning", "drift", "insufficient_data")
@@ -72,12 +74,11 @@ def _sample(arr: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
 def bootstrap_auc_threshold(n_cur: int, n_ref: int, quantile: float) -> float:
     """The AUC a bootstrapped `model` method compares with: `quantile` of 100 random classifiers' AUCs
     on the same held-out half (Evidently's own split and seeds), so the verdict JSON shows the real bar."""
-    from evidently.legacy.metrics.data_drift.embedding_drift_methods import calc_roc_auc_random
     from sklearn.model_selection import train_test_split
 
     y = np.array([1] * n_ref + [0] * n_cur)
     _, _, _, y_test = train_test_split(np.zeros((len(y), 1)), y, test_size=0.5, random_state=42, shuffle=True)
-    return float(np.percentile([calc_roc_auc_random(y_test, i) for i in range(100)], 100 * quantile))
+    return float(np.percentile([compat.random_classifier_auc(y_test, i) for i in range(100)], 100 * quantile))
 
 
 def _embedding_score(method, cur: np.ndarray, ref: np.ndarray) -> tuple[float, bool]:
@@ -152,17 +153,6 @@ def embedding_checks(cur: MonitorData, ref: MonitorData, p: MonitorParams, rng: 
     return checks
 
 
-def column_drift(ref: pd.Series, cur: pd.Series, kind: str, method: str, threshold: float) -> tuple[float, bool]:
-    """Evidently's stattest `method` on one column ("num" or "cat"): (score, drifted)."""
-    from evidently.legacy.calculations.stattests import get_stattest
-    from evidently.legacy.core import ColumnType
-
-    col_type = ColumnType.Numerical if kind == "num" else ColumnType.Categorical
-    test = get_stattest(ref, cur, col_type, method)
-    result = test(ref, cur, col_type, threshold)
-    return float(result.drift_score), bool(result.drifted)
-
-
 def constant_on_both_sides(ref: pd.Series, cur: pd.Series) -> bool:
     """One value (or none) in the reference and one in the window: stattests need variation (anderson, es raise)."""
     return ref.dropna().nunique() <= 1 and cur.dropna().nunique() <= 1
@@ -179,9 +169,9 @@ def _column_check(name: str, kind: str, ref: pd.Series, cur: pd.Series, cfg, min
         same = bool(np.isclose(float(ref.iloc[0]), float(cur.iloc[0])))
         return _check(name, kind, "constant", 0.0 if same else 1.0, 0.0, not same, cfg.severity, rows=int(len(cur)), **extra)
     try:
-        score, drifted = column_drift(ref.astype(str) if col_kind == "cat" else ref.astype(float),
-                                      cur.astype(str) if col_kind == "cat" else cur.astype(float),
-                                      col_kind, cfg.method, cfg.threshold)  # fmt: skip
+        score, drifted = compat.column_stattest(ref.astype(str) if col_kind == "cat" else ref.astype(float),
+                                                cur.astype(str) if col_kind == "cat" else cur.astype(float),
+                                                col_kind, cfg.method, cfg.threshold)  # fmt: skip
     except Exception as exc:  # noqa: BLE001  (an odd column must not stop the run)
         return _failed(name, kind, cfg.method, cfg.threshold, cfg.severity, exc, rows=int(len(cur)), **extra)
     return _check(name, kind, cfg.method, score, cfg.threshold, drifted, cfg.severity, rows=int(len(cur)), **extra)
@@ -194,7 +184,7 @@ def scalar_checks(cur: MonitorData, ref: MonitorData, p: MonitorParams) -> list[
         _column_check("confidence_drift", "confidence", ref.rows["confidence"], cur.rows["confidence"], p.confidence, p.min_rows),
     ]  # fmt: skip
     for m in ref.modalities:
-        for col in INPUT_STATS.get(m, ()):
+        for col in stats_of(m):
             if col in ref.rows and col in cur.rows:
                 checks.append(_column_check(f"input_{col}", "input", ref.rows[col], cur.rows[col], p.inputs, p.min_rows, modality=m))
         ref_missing = float(1 - ref.present(m).mean()) if len(ref) else 0.0

@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from mmfusion import paths
 from mmfusion.config import Params, load_params
+from mmfusion.monitoring import monitor
 from mmfusion.monitoring.feedback import read_feedback
 
 log = logging.getLogger(__name__)
@@ -66,14 +68,12 @@ def _write(df: pd.DataFrame, out: Path) -> int:
 
 def export_feedback(params: Params, root: Path = Path("."), log_path: Path | None = None) -> dict:
     """Write the usable feedback of the inference log as `train/` and `holdout/` manifests; returns counts."""
-    from mmfusion.monitoring.monitor import log_path as default_log, resolve_path
-
     root = Path(root)
-    src = Path(log_path) if log_path else default_log(params, root)
+    src = Path(log_path) if log_path else monitor.log_path(params, root)
     df = read_feedback(src)
     usable = df[df["usable"] & df["image"].notna()]
     train, holdout = split_holdout(usable, params.retrain.holdout_fraction)
-    out = resolve_path(root, params.retrain.export_dir)
+    out = paths.resolve(root, params.retrain.export_dir)
     summary = {
         "log": str(src),
         "feedback": int(len(df)),

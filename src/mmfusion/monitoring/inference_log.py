@@ -7,7 +7,7 @@ and `read_embeddings`. Tables:
   predictions  request_id, item, ts, time, endpoint, model_version, label, confidence,
                probabilities (JSON), contributions (JSON), modalities, text_chars, text,
                image_width, image_height, image_format, image_bytes, latency_ms,
-               client_request_id (the client's own x-request-id, not unique; added by issue 9)
+               client_request_id (the client's own x-request-id, not unique; added to older logs by _migrate)
   embeddings   request_id, item, modality, dim, vector (float32 little-endian BLOB)
   images       request_id, item, format, data (only when raw-image logging is on)
 

@@ -22,9 +22,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mmfusion.config import MonitorParams, Params, load_params
+from mmfusion import paths
+from mmfusion.bentos import BentoMissing, bento_model_dir
+from mmfusion.config import MonitorParams, Params, ParamsError, load_params
+from mmfusion.live import live_entry
 from mmfusion.monitoring.checks import check_window
 from mmfusion.monitoring.reference import MonitorError, load_reference
+from mmfusion.monitoring.report import add_notice, build_snapshot, workspace_project
 from mmfusion.monitoring.windows import Window, cut_windows, load_log, select_version
 
 log = logging.getLogger(__name__)
@@ -50,27 +54,16 @@ CREATE TABLE IF NOT EXISTS verdicts (
 """
 
 
-def resolve_path(root: Path, path: str | Path) -> Path:
-    path = Path(path)
-    return path if path.is_absolute() else Path(root) / path
-
-
 def log_path(params: Params, root: Path) -> Path:
     """The inference log the monitor reads: monitor.log_path, else the service's package.log.path."""
-    return resolve_path(root, params.monitor.log_path or params.package.log.path)
+    return paths.resolve(root, params.monitor.log_path or params.package.log.path)
 
 
 def served_model_dir(params: Params, root: Path) -> Path:
     """The served model's folder: monitor.model_dir, else the live Bento's model (reports/live.json, else
     reports/package.json), else models/best."""
-    from mmfusion import paths
-
     if params.monitor.model_dir:
-        return resolve_path(root, params.monitor.model_dir)
-    from mmfusion.serving.promotion import live_entry
-
-    from mmfusion.serving.bentos import BentoMissing, bento_model_dir
-
+        return paths.resolve(root, params.monitor.model_dir)
     entry = live_entry(params, root)  # reports/live.json, else the last packaged Bento (reports/package.json)
     if entry and entry.get("model_tag"):
         try:  # the model store's copy, else the Bento's own (imported from bentos/ when the store lacks it)
@@ -144,27 +137,23 @@ def notice_lines(verdict: dict) -> list[str]:
 
 def write_window_outputs(out_dir: Path, window: Window, verdict: dict, snapshot) -> dict:
     """The window's HTML report (if a snapshot; with its notice) and its JSON verdict; returns their paths."""
-    from mmfusion.monitoring.report import add_notice
-
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {}
+    written = {}
     if snapshot is not None:
         html = out_dir / f"{window.id}.html"
         snapshot.save_html(str(html))
         flagged = ", ".join(verdict["flagged"]) or "nothing flagged"
         add_notice(html, f"mmfusion drift verdict: {verdict['verdict']} ({flagged})", notice_lines(verdict))
-        paths["report_html"] = str(html)
+        written["report_html"] = str(html)
     verdict_path = out_dir / f"{window.id}.json"
-    paths["verdict_json"] = str(verdict_path)
-    verdict.update(paths)
+    written["verdict_json"] = str(verdict_path)
+    verdict.update(written)
     verdict_path.write_text(json.dumps(verdict, indent=2, default=str) + "\n")
-    return paths
+    return written
 
 
 def run_monitor(params: Params, root: Path = Path("."), rescan: bool = False, now: float | None = None) -> dict:
     """Check every new window of the log; write reports, verdicts, history and workspace snapshots."""
-    from mmfusion.monitoring.report import build_snapshot, workspace_project
-
     start = time.perf_counter()
     p = params.monitor
     root = Path(root)
@@ -175,7 +164,7 @@ def run_monitor(params: Params, root: Path = Path("."), rescan: bool = False, no
     dims = {m: int(a.shape[1]) for m, a in reference.embeddings.items()}
     data = load_log(ctx["log_path"], reference.modalities, dims=dims)
     data, seen = select_version(data, version)
-    history = History(resolve_path(root, p.history_path))
+    history = History(paths.resolve(root, p.history_path))
     key = window_key(p)
     first, covered, last_end = (0, 0, 0.0) if rescan else history.resume_point(version, key)
     if p.window.by == "count":
@@ -184,7 +173,7 @@ def run_monitor(params: Params, root: Path = Path("."), rescan: bool = False, no
         data = data.take([i for i, ts in enumerate(data.rows["ts"]) if ts >= last_end])
     now = time.time() if now is None else now
     windows = cut_windows(data, p.window.by, p.window.size, p.window.period_minutes, now, first_index=first)
-    out_dir = resolve_path(root, p.out_dir) / version
+    out_dir = paths.resolve(root, p.out_dir) / version
     ws = project = None
     results = []
     for window in windows:
@@ -202,7 +191,7 @@ def run_monitor(params: Params, root: Path = Path("."), rescan: bool = False, no
         write_window_outputs(out_dir, window, verdict, snapshot)
         if snapshot is not None and window.complete:
             if ws is None:
-                ws, project = workspace_project(resolve_path(root, p.workspace), p.project, reference.modalities)
+                ws, project = workspace_project(paths.resolve(root, p.workspace), p.project, reference.modalities)
             ws.add_run(project.id, snapshot)
             verdict["workspace_project"] = str(project.id)
         history.record(version, key, window, verdict)
@@ -235,7 +224,7 @@ def run_monitor(params: Params, root: Path = Path("."), rescan: bool = False, no
         "counts": counts,
         "seconds": round(time.perf_counter() - start, 2),
     }
-    latest = resolve_path(root, p.out_dir) / "latest.json"
+    latest = paths.resolve(root, p.out_dir) / "latest.json"
     latest.parent.mkdir(parents=True, exist_ok=True)
     latest.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
@@ -284,8 +273,6 @@ def exit_code(summary: dict, fail_on_drift: bool) -> int:
 
 def cli(argv: list[str] | None, prog: str, run) -> int:
     """The monitor's command line (plain here, Prefect in flows/monitor.py): `run(args)` returns the summary."""
-    from mmfusion.config import ParamsError
-
     args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

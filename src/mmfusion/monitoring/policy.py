@@ -12,12 +12,10 @@ import sqlite3
 import time
 from pathlib import Path
 
+from mmfusion import paths
 from mmfusion.config import Params
-
-
-def _resolve(root: Path, path: str | Path) -> Path:
-    path = Path(path)
-    return path if path.is_absolute() else Path(root) / path
+from mmfusion.monitoring.feedback import feedback_counts
+from mmfusion.monitoring import monitor
 
 
 def read_events(path: Path) -> list[dict]:
@@ -80,16 +78,14 @@ def decide(params: Params, streak: int, usable_feedback: int, last_start_ts: flo
 
 def evaluate_policy(params: Params, root: Path, model_version: str, now: float | None = None) -> dict:
     """The facts and the decision for the served `model_version`; recorded in the retrain history."""
-    from mmfusion.monitoring.feedback import feedback_counts
-    from mmfusion.monitoring.monitor import log_path, window_key
-
     root = Path(root)
     now = time.time() if now is None else now
-    history = _resolve(root, params.retrain.history_path)
+    history = paths.resolve(root, params.retrain.history_path)
     events = read_events(history)
     since = last_start(events)
-    streak = drift_streak(_resolve(root, params.monitor.history_path), model_version, window_key(params.monitor))
-    counts = feedback_counts(log_path(params, root), since=since)
+    verdicts = paths.resolve(root, params.monitor.history_path)
+    streak = drift_streak(verdicts, model_version, monitor.window_key(params.monitor))
+    counts = feedback_counts(monitor.log_path(params, root), since=since)
     start, reason = decide(params, streak, counts["usable"], since, now)
     return {
         "event": "start" if start else "skip",

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 from safetensors.numpy import load_file, save_file
 
 from mmfusion.data.manifest import read_manifest
 from mmfusion.features.store import load_features
+from mmfusion.modalities import specs_for, stats_of
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +35,6 @@ REFERENCE_DIR = "reference"
 ROWS = "rows.parquet"
 EMBEDDINGS = "embeddings.safetensors"
 META = "reference.json"
-
-# Input statistics per modality: columns of the inference log (and of the reference rows).
-# A new modality adds its own here (audio: duration); modalities without any get only embedding checks.
-INPUT_STATS: dict[str, tuple[str, ...]] = {
-    "image": ("image_width", "image_height"),
-    "text": ("text_chars",),
-}
-
 
 class MonitorError(Exception):
     """Monitoring cannot run on what it was given (no log, no reference, unknown version): one clear line."""
@@ -73,27 +65,14 @@ class MonitorData:
         return MonitorData(self.rows.iloc[idx].reset_index(drop=True), {m: a[idx] for m, a in self.embeddings.items()})
 
 
-def _image_size(path: Path) -> tuple[float, float]:
-    try:
-        with Image.open(path) as img:
-            return float(img.width), float(img.height)
-    except (OSError, ValueError):
-        return float("nan"), float("nan")
-
-
 def _input_stats(manifest: pd.DataFrame, root: Path, present: dict[str, np.ndarray]) -> pd.DataFrame:
-    """The input statistics the service logs, measured on the raw reference inputs."""
+    """The input statistics the service logs (each modality's `stats`), measured on the raw reference inputs."""
     stats = pd.DataFrame(index=manifest.index)
-    if "text" in present:
-        texts = manifest["text"].fillna("").astype(str) if "text" in manifest else pd.Series("", index=manifest.index)
-        stats["text_chars"] = np.where(present["text"], texts.str.len(), np.nan)
-    if "image" in present:
-        sizes = [
-            _image_size(root / p) if ok and isinstance(p, str) and p else (np.nan, np.nan)
-            for p, ok in zip(manifest.get("image", pd.Series([""] * len(manifest))), present["image"])
-        ]
-        stats["image_width"] = [w for w, _ in sizes]
-        stats["image_height"] = [h for _, h in sizes]
+    for m, spec in specs_for([m for m in present if stats_of(m)], root).items():
+        values = manifest[spec.column].fillna("").astype(str) if spec.column in manifest else pd.Series("", index=manifest.index)
+        measured = [spec.measure(v) if ok and v else {} for v, ok in zip(values, present[m])]
+        for col in spec.stats:
+            stats[col] = [row.get(col, np.nan) for row in measured]
     return stats
 
 
@@ -111,16 +90,13 @@ def build_reference(model_dir: Path, features_dir: Path, split_dir: Path, splits
     Presence per modality: the features index's `has_<modality>` column, else an all-zero
     embedding row means "missing" (the featurize/Predictor convention).
     """
-    from mmfusion.serving.predictor import Predictor
-    from mmfusion.training.checkpoint import CALIBRATION, load_checkpoint, weights_hash
+    from mmfusion.inference.predictor import Predictor  # torch: the monitor, which only reads a reference, never loads it
+    from mmfusion.inference.checkpoint import load_checkpoint, model_version, read_temperature
 
     model_dir = Path(model_dir)
     head, config = load_checkpoint(model_dir)
-    temperature = 1.0
-    if (model_dir / CALIBRATION).exists():
-        temperature = float(json.loads((model_dir / CALIBRATION).read_text())["temperature"])
-    version = f"{config['strategy']}-{weights_hash(model_dir)[:12]}"
-    predictor = Predictor(head, config, encoders={}, temperature=temperature, version=version)
+    version = model_version(model_dir, config)
+    predictor = Predictor(head, config, encoders={}, temperature=read_temperature(model_dir), version=version)
     modalities = list(predictor.modalities)
     frames, embs = [], {m: [] for m in modalities}
     for split in splits:

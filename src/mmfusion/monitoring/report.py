@@ -23,9 +23,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mmfusion import compat
 from mmfusion.config import MonitorParams
 from mmfusion.monitoring.checks import bootstrap_on, constant_on_both_sides, embedding_method, too_few
-from mmfusion.monitoring.reference import INPUT_STATS, MonitorData
+from mmfusion.modalities import stats_of
+from mmfusion.monitoring.reference import MonitorData
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ def _report_sample(data: MonitorData, cap: int, rng: np.random.Generator) -> Mon
 
 
 def _stats(ref: MonitorData) -> list[str]:
-    return [c for m in ref.modalities for c in INPUT_STATS.get(m, ()) if c in ref.rows]
+    return [c for m in ref.modalities for c in stats_of(m) if c in ref.rows]
 
 
 def _embedding_gap(cur: MonitorData, ref: MonitorData, m: str, p: MonitorParams) -> str:
@@ -127,7 +129,6 @@ def plan_metrics(cur: MonitorData, ref: MonitorData, p: MonitorParams) -> tuple[
 def build_snapshot(cur: MonitorData, ref: MonitorData, p: MonitorParams, name: str, timestamp: float):
     """The Evidently Report of one window: (snapshot, metrics left out with why); no snapshot if Evidently fails."""
     from evidently import DataDefinition, Dataset, Report
-    from evidently.legacy.metrics.data_drift import embeddings_drift
 
     modalities = ref.modalities
     stats = _stats(ref)
@@ -143,8 +144,8 @@ def build_snapshot(cur: MonitorData, ref: MonitorData, p: MonitorParams, name: s
         list_columns=[],
         embeddings=emb_cols,
     )
-    # The t-SNE picture of EmbeddingsDrift samples up to this many rows per side (module constant).
-    embeddings_drift.SAMPLE_CONSTANT = max(16, int(p.plot_rows))
+    # The t-SNE picture of EmbeddingsDrift samples up to this many rows per side.
+    compat.set_embeddings_plot_rows(max(16, int(p.plot_rows)))
 
     def run(chosen: list):
         # an all-null column makes Evidently's column statistics divide 0 by 0: a warning each, nothing wrong

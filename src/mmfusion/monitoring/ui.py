@@ -11,8 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mmfusion import paths
 from mmfusion.config import load_params
-from mmfusion.monitoring.monitor import resolve_path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default=".")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
-    workspace = resolve_path(Path(args.root), load_params(args.params).monitor.workspace)
+    workspace = paths.resolve(Path(args.root), load_params(args.params).monitor.workspace)
     if not workspace.exists():
         print(f"monitor-ui: error: no monitoring workspace at {workspace} yet: run `make drift` first", file=sys.stderr)
         return 2

@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 
 from mmfusion.monitoring.inference_log import read_embeddings, read_inference_log
-from mmfusion.monitoring.reference import INPUT_STATS, MonitorData, MonitorError
+from mmfusion.modalities import stats_of
+from mmfusion.monitoring.reference import MonitorData, MonitorError
 
 LOG_COLUMNS = ("request_id", "item", "ts", "model_version", "label", "confidence", "modalities")
 
@@ -59,7 +60,7 @@ def load_log(
     for m in modalities:
         rows[f"present_{m}"] = present_sets.map(lambda ms, m=m: m in ms).astype(bool)
     for m in modalities:
-        for col in INPUT_STATS.get(m, ()):
+        for col in stats_of(m):
             rows[col] = pd.to_numeric(df[col], errors="coerce") if col in df else np.nan
             rows.loc[~rows[f"present_{m}"], col] = np.nan
     position = {(r, i): n for n, (r, i) in enumerate(zip(rows["request_id"], rows["item"]))}

@@ -29,7 +29,6 @@ import signal
 import tempfile
 import time
 import typing as t
-from functools import partial
 from http import HTTPStatus
 from pathlib import Path
 from urllib.parse import parse_qsl
@@ -37,6 +36,8 @@ from urllib.parse import parse_qsl
 from bentoml.exceptions import BadInput
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+
+from mmfusion import compat
 
 log = logging.getLogger("mmfusion.serving")
 
@@ -321,7 +322,7 @@ class _QuietClientErrors(logging.Filter):
 
 
 def quiet_client_errors() -> None:
-    logger = logging.getLogger("bentoml._internal.server.http_app")
+    logger = compat.http_app_logger()
     if not any(isinstance(f, _QuietClientErrors) for f in logger.filters):
         logger.addFilter(_QuietClientErrors())
 
@@ -331,8 +332,6 @@ UPLOAD_PREFIX = "mmfusion-uploads-"
 
 def use_private_upload_dir(root: str | None = None) -> Path:
     """Point BentoML's per-request temp folders at one named after this PID; remove those of dead workers."""
-    from bentoml._internal import context
-
     root = Path(root or tempfile.gettempdir())
     mine = root / f"{UPLOAD_PREFIX}{os.getpid()}"
     for old in root.glob(f"{UPLOAD_PREFIX}*"):
@@ -340,7 +339,7 @@ def use_private_upload_dir(root: str | None = None) -> Path:
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     mine.mkdir(parents=True, exist_ok=True)
-    context.request_tempdir_pool._new = partial(tempfile.mkdtemp, prefix="request-", dir=str(mine))
+    compat.set_request_tempdir(mine, prefix="request-")
     return mine
 
 
@@ -386,10 +385,9 @@ async def _read_form(request: t.Any, max_files: int = 8, max_fields: int = 32) -
 
 def install_safe_multipart() -> None:
     """Replace BentoML's multipart parser (process-wide, in the API service process only)."""
-    from _bentoml_impl import serde
     from starlette.exceptions import HTTPException
 
-    class SafeMultipartSerde(serde.MultipartSerde):
+    class SafeMultipartSerde(compat.multipart_serde()):
         async def parse_request(self, request: t.Any, cls: t.Any) -> t.Any:
             try:
                 form = await _read_form(request)
@@ -421,6 +419,4 @@ def install_safe_multipart() -> None:
                 data[key] = value
             return cls.model_validate(data)
 
-    for media_type, klass in list(serde.ALL_SERDE.items()):
-        if klass is serde.MultipartSerde:
-            serde.ALL_SERDE[media_type] = SafeMultipartSerde  # type: ignore[index]
+    compat.use_multipart_serde(SafeMultipartSerde)

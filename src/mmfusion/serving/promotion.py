@@ -5,15 +5,16 @@
     python -m mmfusion.serving.promotion rollback    # the previous Bento becomes live again (`make rollback`)
     python -m mmfusion.serving.promotion live-tag    # the tag `make serve` serves (imported from bentos/ if needed)
 
-The live pointer is `retrain.live_path` (reports/live.json): {"live": {...}, "previous": [...newest first],
-"rolled_back": [...]}. Without one, the last packaged Bento (reports/package.json) is what is served.
+The live pointer is `retrain.live_path` (reports/live.json, `mmfusion/live.py`): {"live": {...},
+"previous": [...newest first], "rolled_back": [...]}. Without one, the last packaged Bento
+(reports/package.json) is what is served.
 The comparison runs both models (Predictor.from_dir on the BentoML store's copies, raw files, CPU)
 on the same rows: the fixed test split (source rows only: feedback always trains) and the held-out
 newest feedback (retrain.export_dir/holdout), and applies `retrain.promotion`. A rejected challenger
 changes nothing that is served.
 
 A Bento named here may be missing from the local BentoML store (a fresh clone, another BENTOML_HOME):
-serving, comparing and rolling back import it from its exported archive (`serving/bentos.py`), and
+serving, comparing and rolling back import it from its exported archive (`mmfusion/bentos.py`), and
 `show` says which named Bento cannot be served here and why.
 """
 
@@ -30,8 +31,10 @@ import numpy as np
 import pandas as pd
 
 from mmfusion import paths
+from mmfusion.bentos import BentoMissing, bento_model_dir, ensure_bento, missing_note
 from mmfusion.config import Params, PromotionRule, load_params
-from mmfusion.serving.bentos import BentoMissing, bento_model_dir, ensure_bento, missing_note
+from mmfusion.data.manifest import read_manifest
+from mmfusion.live import live_entry, packaged, read_live, write_live
 
 log = logging.getLogger(__name__)
 
@@ -40,42 +43,7 @@ class PromotionError(RuntimeError):
     """Nothing to compare, roll back to, or serve."""
 
 
-def _resolve(root: Path, path: str | Path) -> Path:
-    path = Path(path)
-    return path if path.is_absolute() else Path(root) / path
-
-
-# ---- the live pointer ---------------------------------------------------------------------------
-
-
-def read_live(params: Params, root: Path) -> dict:
-    path = _resolve(root, params.retrain.live_path)
-    if not path.exists():
-        return {"live": None, "previous": [], "rolled_back": []}
-    return {"previous": [], "rolled_back": [], **json.loads(path.read_text())}
-
-
-def write_live(params: Params, root: Path, state: dict) -> Path:
-    path = _resolve(root, params.retrain.live_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    tmp.replace(path)
-    return path
-
-
-def packaged(root: Path) -> dict | None:
-    """The last Bento the package stage built (reports/package.json), as a pointer entry."""
-    report = Path(root) / paths.PACKAGE_REPORT
-    if not report.exists():
-        return None
-    p = json.loads(report.read_text())
-    return {"bento_tag": p["bento_tag"], "model_tag": p["model_tag"], "model_version": p.get("model_version")}
-
-
-def live_entry(params: Params, root: Path) -> dict | None:
-    """The live Bento: the pointer's, else the last packaged one (before any promotion)."""
-    return read_live(params, root)["live"] or packaged(root)
+# ---- promotion and rollback (the pointer itself: mmfusion/live.py) ------------------------------
 
 
 def promote(params: Params, root: Path, entry: dict, reason: str) -> dict:
@@ -110,30 +78,27 @@ def rollback(params: Params, root: Path) -> dict:
 # ---- champion vs challenger ---------------------------------------------------------------------
 
 
-def comparison_sets(params: Params, root: Path) -> dict[str, pd.DataFrame]:
-    """{'test': the fixed test split (source rows), 'holdout': held-out feedback}: image paths made absolute."""
-    from mmfusion.data.manifest import read_manifest
-
+def comparison_sets(params: Params, root: Path) -> dict[str, tuple[pd.DataFrame, Path]]:
+    """{'test': the fixed test split (source rows), 'holdout': held-out feedback}: (rows, the folder their
+    file values are relative to)."""
     sets = {}
     test_csv = Path(root) / paths.SPLIT / "test.csv"
     if test_csv.exists():
-        test = read_manifest(test_csv, required=("image", "text", "label"))
+        test = read_manifest(test_csv, required=("label",))
         if "source" in test:
             test = test[test["source"] != "feedback"]
-        sets["test"] = test.assign(image=[str(Path(root) / p) for p in test["image"]])
-    hold_csv = _resolve(root, params.retrain.export_dir) / "holdout" / paths.MANIFEST
+        sets["test"] = (test, Path(root))
+    hold_csv = paths.resolve(root, params.retrain.export_dir) / "holdout" / paths.MANIFEST
     if hold_csv.exists():
-        hold = read_manifest(hold_csv, required=("image", "text", "label"))
-        sets["holdout"] = hold.assign(image=[str(hold_csv.parent / p) for p in hold["image"]])
+        sets["holdout"] = (read_manifest(hold_csv, required=("label",)), hold_csv.parent)
     return sets
 
 
-def score(model_dir: Path, rows: pd.DataFrame, background=(255, 255, 255), batch: int = 32) -> dict:
-    """accuracy and macro-F1 of the model in `model_dir` on raw rows (image path, text, label)."""
+def score(model_dir: Path, rows: pd.DataFrame, root: Path, batch: int = 32) -> dict:
+    """accuracy and macro-F1 of the model in `model_dir` on manifest rows (file values relative to `root`)."""
     from sklearn.metrics import f1_score
 
-    from mmfusion.data.images import decode_image
-    from mmfusion.serving.predictor import Predictor
+    from mmfusion.inference.predictor import Predictor  # torch: `show` and `live-tag` never load it
 
     if rows.empty:
         return {"rows": 0, "accuracy": None, "macro_f1": None}
@@ -141,8 +106,7 @@ def score(model_dir: Path, rows: pd.DataFrame, background=(255, 255, 255), batch
     preds: list[str] = []
     for start in range(0, len(rows), batch):
         chunk = rows.iloc[start : start + batch]
-        items = [{"image": decode_image(Path(r.image), background=background), "text": r.text or None}
-                 for r in chunk.itertuples(index=False)]  # fmt: skip
+        items = predictor.read_rows((r for _, r in chunk.iterrows()), root)  # the model's own preprocessing
         preds += [res["label"] for res in predictor.predict(items)]
     y = rows["label"].astype(str).to_numpy()
     pred = np.asarray(preds)
@@ -196,10 +160,9 @@ def compare_and_promote(params: Params, root: Path = Path("."), challenger: dict
         report.update(decision={"promote": False, "checks": [], "reason": "the challenger is the live Bento (nothing new)"})
     else:
         sets = comparison_sets(params, root)
-        bg = tuple(params.clean.background)
         report["scores"] = {
-            role: {name: score(bento_model_dir(entry["bento_tag"], entry["model_tag"], root), rows, bg)
-                   for name, rows in sets.items()}  # fmt: skip
+            role: {name: score(bento_model_dir(entry["bento_tag"], entry["model_tag"], root), rows, base)
+                   for name, (rows, base) in sets.items()}  # fmt: skip
             for role, entry in (("champion", champion), ("challenger", challenger))
         }
         report["decision"] = decide(report["scores"]["champion"], report["scores"]["challenger"], params.retrain.promotion)
@@ -207,7 +170,7 @@ def compare_and_promote(params: Params, root: Path = Path("."), challenger: dict
     if report["promoted"]:
         promote(params, root, challenger, report["decision"]["reason"])
     report["live"] = read_live(params, root)["live"] or champion
-    out = _resolve(root, params.retrain.report_dir)
+    out = paths.resolve(root, params.retrain.report_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = time.strftime("promotion-%Y%m%d-%H%M%S", time.gmtime(report["time"]))
     for path in (out / f"{name}.json", out / "latest.json"):

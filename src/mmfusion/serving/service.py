@@ -22,8 +22,9 @@ response header and the log's key). A client's `x-request-id` is kept as `client
 
 from __future__ import annotations
 
-import logging
 import dataclasses
+import inspect
+import logging
 import os
 import re
 import sqlite3
@@ -48,7 +49,7 @@ from mmfusion.serving.guard import (
     quiet_client_errors,
     use_private_upload_dir,
 )
-from mmfusion.serving.inputs import CheckContext, CheckedItem, RequestError, check_item, decode_base64, supported
+from mmfusion.serving.inputs import CheckContext, CheckedItem, RequestError, check_item, decode_base64
 from mmfusion.serving.settings import load_settings
 
 log = logging.getLogger("mmfusion.serving")
@@ -92,9 +93,7 @@ class MMFusion:
     bento_model = bentoml.models.BentoModel(SETTINGS.model_tag)
 
     def __init__(self) -> None:
-        from PIL import Image
-
-        from mmfusion.serving.predictor import Predictor
+        from mmfusion.inference.predictor import Predictor
 
         self.started = time.time()
         install_drain(PARAMS.graceful_shutdown_s)  # after uvicorn's handler: chained to it
@@ -105,8 +104,11 @@ class MMFusion:
             torch.set_num_threads(PARAMS.cpu_threads)
         self.predictor = Predictor.from_dir(self.bento_model.path, device=PARAMS.device, head_runtime=PARAMS.head_runtime)
         self.modalities = list(self.predictor.modalities)
-        supported(self.modalities)
-        self.check_ctx = CheckContext(LIMITS, lowercase=self.predictor.lowercase, keep_bytes=PARAMS.log.log_images)
+        self.specs = self.predictor.inputs  # each input's check, with the model's recorded preprocessing
+        unreachable = sorted(set(self.modalities) - set(HTTP_FIELDS))
+        if unreachable:  # fail at start-up, not per request
+            raise ValueError(f"the model takes {unreachable}, which the HTTP API has no field for (fields: {HTTP_FIELDS})")
+        self.check_ctx = CheckContext(LIMITS, keep_bytes=PARAMS.log.log_images)
         self.batcher = MicroBatcher(
             self.predictor.predict,
             max_batch_size=PARAMS.batching.max_batch_size if SETTINGS.batching else 1,
@@ -114,7 +116,7 @@ class MMFusion:
         )
         # Encoder weights load lazily: pay that here (on the model thread), so /readyz means
         # "answers at full speed".
-        self.batcher.run_sync([{"image": Image.new("RGB", (64, 64), "white"), "text": "warm up"}])
+        self.batcher.run_sync([{m: spec.example() for m, spec in self.specs.items()}])
         self.info = self.predictor.describe()
         self.version = self.info.get("version") or self.info.get("model_version") or self.predictor.version
         self.log = InferenceLogWriter(
@@ -206,7 +208,7 @@ class MMFusion:
                 data = image.read_bytes()
                 image.unlink(missing_ok=True)  # BentoML's temp copy: nothing of it outlives the request
             item = await anyio.to_thread.run_sync(
-                check_item, {"image": data, "text": text}, self.modalities, self._request_ctx()
+                check_item, {"image": data, "text": text}, self.specs, self._request_ctx()
             )
             (result,) = await self._classify([item])
         except RequestError as exc:
@@ -239,9 +241,10 @@ class MMFusion:
         for i, it in enumerate(items):
             try:
                 raw = it.model_dump()
-                if raw.get("image") is not None:
-                    raw["image"] = decode_base64(raw["image"], LIMITS)
-                checked.append(check_item(raw, self.modalities, ctx))
+                for m, spec in self.specs.items():  # file modalities travel as base64 in JSON
+                    if spec.http == "file" and raw.get(m) is not None:
+                        raw[m] = decode_base64(raw[m], LIMITS, m)
+                checked.append(check_item(raw, self.specs, ctx))
             except RequestError as exc:
                 exc.item = i
                 exc.args = (f"item {i}: {exc}",)
@@ -275,14 +278,14 @@ class MMFusion:
     @bentoml.api
     async def health(self) -> JSON:
         """Service-wide counts read from the inference log, and this worker's own counters."""
-        from bentoml._internal.context import server_context
+        from mmfusion.compat import worker_index
 
         service = await anyio.to_thread.run_sync(_log_totals, self.log.path)
         return {
             "status": "ok",
             "service": {"workers": PARAMS.workers, "inference_log": {"path": str(self.log.path), **service}},
             "worker": {
-                "index": server_context.worker_index,
+                "index": worker_index(),
                 "pid": os.getpid(),
                 "uptime_s": round(time.time() - self.started, 1),
                 "inference_log": {
@@ -336,6 +339,10 @@ def _keep_image() -> bool:
     """Whether this request's raw image bytes go to the log: package.log.log_images x image_sample_rate."""
     return PARAMS.log.log_images and random.random() < PARAMS.log.image_sample_rate
 
+
+# The request fields /classify takes (one per modality it can serve), read from its signature: a model whose
+# modality has no field fails at start-up.
+HTTP_FIELDS = tuple(p for p in inspect.signature(MMFusion.apis["classify"].func).parameters if p not in ("self", "ctx"))
 
 install_safe_multipart()
 quiet_client_errors()

@@ -1,10 +1,11 @@
 """The settings a served Bento runs with, resolved once when the service module is imported.
 
 A Bento built by the `package` stage carries its settings as Bento arguments (`model`: the
-exact BentoML model tag, `package`: the `package:` params section at build time), so a Bento
-is an immutable artifact. Serving the source directly (`bentoml serve mmfusion.serving.service:MMFusion`)
-reads `params.yaml` instead (or the file named by MMFUSION_PARAMS). Two environment variables
-override at serve time: MMFUSION_MODEL (a model tag) and MMFUSION_INFERENCE_LOG (the log path).
+exact BentoML model tag, `package`: the `package:` params section at build time; written by
+`mmfusion.bentos.build_bento_args`), so a Bento is an immutable artifact. Serving the source
+directly (`bentoml serve mmfusion.serving.service:MMFusion`) reads `params.yaml` instead (or the
+file named by MMFUSION_PARAMS). Two environment variables override at serve time: MMFUSION_MODEL
+(a model tag) and MMFUSION_INFERENCE_LOG (the log path).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmfusion.config import PackageParams, ParamsError, load_params, params_to_dict, parse_params
+from mmfusion.config import PackageParams, ParamsError, load_params, parse_params
 
 MODEL_ENV = "MMFUSION_MODEL"
 PARAMS_ENV = "MMFUSION_PARAMS"
@@ -27,15 +28,6 @@ class ServeSettings:
     model_tag: str
     log_path: Path
     batching: bool
-
-
-def build_bento_args(params: PackageParams, model_tag: str, root: Path) -> dict:
-    """The Bento arguments the package stage builds with: the model tag and the package params,
-    with the log path made absolute against the project root (a Bento's own folder is read-only)."""
-    package = params_to_dict(params)
-    log_path = Path(params.log.path)
-    package["log"]["path"] = str(log_path if log_path.is_absolute() else (Path(root) / log_path).resolve())
-    return {"model": model_tag, "package": package}
 
 
 def resolve_batching(value: str, device: str) -> bool:

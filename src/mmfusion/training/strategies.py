@@ -14,7 +14,8 @@ import torch
 from mmfusion.config import Params, TrainParams, params_to_dict
 from mmfusion.errors import UserError
 from mmfusion.fusion import create_head, list_heads
-from mmfusion.training.checkpoint import save_checkpoint
+from mmfusion.inference.checkpoint import save_checkpoint
+from mmfusion.modalities import settings_from_params
 from mmfusion.training.data import FeatureSet
 from mmfusion.training.loop import TrainResult, seed_everything, train_head
 from mmfusion.training.plots import plot_curves
@@ -87,12 +88,12 @@ def train_strategy_head(
 
 
 def model_config(head, labels: list[str], encoders: dict[str, dict], params: Params) -> dict:
-    """The config.json fields beyond the head's own: label map, encoders, text normalisation, train params."""
+    """The config.json fields beyond the head's own: label map, encoders, each input's preprocessing, train params."""
     return {
         "labels": labels,
         "encoders": {m: encoders.get(m, {}) for m in head.modalities},
-        # Serving must normalise raw text exactly as cleaning did before featurizing.
-        "text": {"lowercase": params.clean.lowercase},
+        # Serving decodes and normalises raw inputs exactly as featurize did (modalities/: the spec's settings).
+        "inputs": settings_from_params(head.modalities, params),
         "train": params_to_dict(params.train),
     }
 

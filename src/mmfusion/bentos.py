@@ -1,4 +1,5 @@
-"""The packaged Bento as a file DVC can see, and the local BentoML store filled from it on demand.
+"""The packaged Bento: the arguments it is built with, the file DVC can see, and the local BentoML store
+filled from it on demand. Used by the package stage, promotion and the monitor.
 
 A Bento lives in the BentoML store (BENTOML_HOME, `.bentoml/` under `make`), which DVC knows nothing
 about: a fresh clone has no store, so a package stage that DVC skipped left nothing to serve. So the
@@ -23,7 +24,8 @@ from pathlib import Path
 
 import yaml
 
-from mmfusion import paths
+from mmfusion import compat, paths
+from mmfusion.config import PackageParams, params_to_dict
 from mmfusion.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,15 @@ class BentoMissing(UserError):
     """A Bento to serve or compare is in neither the BentoML store nor the exported archive."""
 
 
+def build_bento_args(params: PackageParams, model_tag: str, root: Path) -> dict:
+    """The Bento arguments the package stage builds with (`serving/settings.py`'s `load_settings` reads them):
+    the model tag and the package params, with the log path made absolute against the project root (a
+    Bento's own folder is read-only)."""
+    package = params_to_dict(params)
+    package["log"]["path"] = str(paths.resolve(root, params.log.path).resolve())
+    return {"model": model_tag, "package": package}
+
+
 def archive_path(root: Path, bento_tag: str) -> Path:
     """Where the package stage exports the Bento `bento_tag` (one archive per Bento name: the last built)."""
     return Path(root) / paths.BENTOS / f"{str(bento_tag).split(':', 1)[0]}.tar"
@@ -42,9 +53,7 @@ def archive_path(root: Path, bento_tag: str) -> Path:
 
 def store_dir() -> str:
     """The BentoML store in use (for messages)."""
-    from bentoml._internal.configuration.containers import BentoMLContainer
-
-    return str(BentoMLContainer.bentoml_home.get())
+    return compat.bentoml_home()
 
 
 def export_bento(bento_tag: str, root: Path) -> Path:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mmfusion.encoders.runtime import create_session_options
 from mmfusion.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -109,8 +110,6 @@ def _gives_weights(head: nn.Module, device: torch.device) -> bool:
 def export_head(head: nn.Module, gives_weights: bool, threads: int = 1):
     """An ONNX Runtime session of the head (exported in memory), and its input names."""
     import onnxruntime as ort
-
-    from mmfusion.encoders.runtime import create_session_options
 
     flat = _Flat(head, gives_weights).eval()
     x, mask = check_inputs(head, len(presence_patterns(len(head.modalities))), seed=1)

@@ -3,7 +3,7 @@
     model.safetensors   the head's state dict
     config.json         {"strategy", "head": create_head kwargs, "labels", "modalities",
                          "encoders": {modality: {encoder, dim, fingerprint, preprocessing}},
-                         "text": {"lowercase"}, "train": {...}}
+                         "inputs": {modality: preprocessing settings (modalities/)}, "train": {...}}
     calibration.json    {"temperature"}            (models/best only, written by evaluate)
     metrics.json        the winner's val/test/ablation metrics (models/best only)
 """
@@ -38,6 +38,7 @@ def save_checkpoint(model_dir: Path, head: FusionHead, config: dict[str, Any]) -
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:
+    """config.json of a model directory; FileNotFoundError naming the folder when it is not one."""
     path = Path(model_dir) / CONFIG
     if not path.exists():
         raise FileNotFoundError(f"not a model directory (no {CONFIG}): {model_dir}")
@@ -52,6 +53,24 @@ def load_checkpoint(model_dir: Path, device: torch.device | str = "cpu") -> tupl
     return head.to(device).eval(), config
 
 
+def read_temperature(model_dir: Path) -> float:
+    """The calibration temperature evaluate fitted (calibration.json), 1.0 for an uncalibrated model."""
+    path = Path(model_dir) / CALIBRATION
+    return float(json.loads(path.read_text())["temperature"]) if path.exists() else 1.0
+
+
+def read_metrics(model_dir: Path) -> dict[str, Any]:
+    """The winner's metrics evaluate wrote (metrics.json), {} where there are none."""
+    path = Path(model_dir) / METRICS
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def weights_hash(model_dir: Path) -> str:
     """sha256 of the weights file (names a model version)."""
     return hashlib.sha256((Path(model_dir) / WEIGHTS).read_bytes()).hexdigest()
+
+
+def model_version(model_dir: Path, config: dict[str, Any] | None = None) -> str:
+    """The version a model is served, logged and monitored under: `<strategy>-<first 12 hex of weights_hash>`."""
+    config = read_config(model_dir) if config is None else config
+    return f"{config['strategy']}-{weights_hash(model_dir)[:12]}"

@@ -15,8 +15,7 @@ modality is all zeros and is ignored; what says it is missing is the `present` m
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -24,10 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmfusion.data.text import text_or_none
 from mmfusion.devices import resolve_device
-from mmfusion.fusion.runtime import compile_head
-from mmfusion.training.checkpoint import CALIBRATION, METRICS, load_checkpoint, weights_hash
+from mmfusion.inference.checkpoint import load_checkpoint, model_version, read_metrics, read_temperature
+from mmfusion.inference.head_runtime import compile_head
+from mmfusion.modalities import ModalitySpec, recorded_settings, row_item, specs_for
 
 # Encoders run concurrently for batches up to this size (bench/serve.py, 2 cores: a lone request's
 # p50 46 -> 34 ms; sequential for larger batches kept c=32 throughput, concurrent lowered it).
@@ -59,13 +58,14 @@ class Predictor:
         self.modalities: tuple[str, ...] = tuple(head.modalities)
         self.encoders: dict[str, str] = {m: config["encoders"][m]["encoder"] for m in self.modalities}
         self.runtimes: dict[str, str] = {m: getattr(encoders.get(m), "runtime", "torch") for m in self.modalities}
-        self.lowercase: bool = bool(config.get("text", {}).get("lowercase", True))
+        # each input's preprocessing as the model folder records it (never params): decode, normalise, check
+        self.inputs: dict[str, ModalitySpec] = specs_for(self.modalities, settings=recorded_settings(config))
         self.version = version
         # Small batches (a lone request) run each modality's encoder on its own thread (ONNX Runtime
         # and torch release the GIL), so their latency is the slowest encoder's, not the sum; larger
         # batches (a loaded server, whose cores are all busy anyway) run them one after the other.
         self.parallel_max_items = PARALLEL_MAX_ITEMS
-        # the head under its runtime (mmfusion.fusion.runtime: auto = ONNX Runtime on CPU), which also
+        # the head under its runtime (mmfusion.inference.head_runtime: auto = ONNX Runtime on CPU), which also
         # says whether the head gives its own modality weights or needs ablations for contributions
         self._head = compile_head(self.head, head_runtime, self.device, threads=max(1, torch.get_num_threads()))
         self.head_runtime = self._head.runtime
@@ -87,8 +87,8 @@ class Predictor:
         .cache/onnx by default), rebuilt offline when missing. ONNX Runtime gets torch's current
         thread count. Each encoder's fingerprint must match the one the head was trained on: a
         different encoder, preprocessing or runtime would feed the head embeddings it has never seen.
-        The fusion head runs under `head_runtime` (`mmfusion.fusion.runtime`: auto is ONNX Runtime on
-        CPU, checked against torch when it loads).
+        The fusion head runs under `head_runtime` (`mmfusion.inference.head_runtime`: auto is ONNX
+        Runtime on CPU, checked against torch when it loads).
         """
         model_dir = Path(model_dir)
         dev = resolve_device(device)
@@ -113,20 +113,19 @@ class Predictor:
                     f"encoder for {m!r} has fingerprint {got!r} but the model was trained on {want!r}: "
                     "re-run featurize and train with this encoder"
                 )
-        temperature = 1.0
-        if (model_dir / CALIBRATION).exists():
-            temperature = float(json.loads((model_dir / CALIBRATION).read_text())["temperature"])
-        metrics = json.loads((model_dir / METRICS).read_text()) if (model_dir / METRICS).exists() else {}
-        version = f"{config['strategy']}-{weights_hash(model_dir)[:12]}"
-        return cls(head, config, encoders, temperature, metrics, version, dev, head_runtime)
+        temperature, metrics = read_temperature(model_dir), read_metrics(model_dir)
+        return cls(head, config, encoders, temperature, metrics, model_version(model_dir, config), dev, head_runtime)
 
     # -- inputs ---------------------------------------------------------------------------------
 
     def _value(self, item: dict, modality: str) -> Any:
-        value = item.get(modality)
-        if isinstance(value, str):
-            return text_or_none(value, lowercase=self.lowercase)
-        return value
+        return self.inputs[modality].value(item.get(modality))
+
+    def read_rows(self, rows: Iterable[Mapping[str, Any]], root: str | Path) -> list[dict]:
+        """Manifest rows (file values relative to `root`) as Predictor items, read with the model's recorded
+        preprocessing: the one conversion evaluate's raw check and promotion use (an empty cell is missing)."""
+        specs = specs_for(self.modalities, root, {m: spec.settings for m, spec in self.inputs.items()})
+        return [row_item(r, specs) for r in rows]
 
     def presence(self, items: Sequence[dict]) -> dict[str, np.ndarray]:
         """{modality: bool [N]}: which items carry each modality. An item with none is an error."""
@@ -268,6 +267,7 @@ class Predictor:
             "labels": list(self.labels),
             "modalities": list(self.modalities),
             "encoders": dict(self.encoders),
+            "inputs": {m: dict(spec.settings) for m, spec in self.inputs.items()},
             "runtimes": self.runtimes,
             "head_runtime": self.head_runtime,
             "temperature": self.temperature,

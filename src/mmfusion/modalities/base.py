@@ -1,0 +1,155 @@
+"""What a modality is at the edges of the system, and the registry of modalities by name.
+
+A modality's spec is one class in one module (`modalities/image.py`, `modalities/text.py`, ...):
+
+    column / folder     the manifest column holding a sample's value, and for a modality kept as
+                        files, the folder of a stage's output that holds them (`images`)
+    content / load      a manifest value -> the bytes that key the feature cache / what its encoders take
+    settings            the preprocessing the model folder records (`config.json: inputs.<modality>`),
+                        so that serving reads it from the model, never from params (timm's pretrained_cfg)
+    check               a request's raw value -> (what the Predictor takes or None, the log's fields);
+                        `http` says how the HTTP API takes it: an uploaded file (base64 in JSON) or a string
+    stats / measure     the input statistics the inference log keeps and the reference measures
+    value / example     what counts as "missing", and a valid input (package's smoke test, warm-up)
+
+Edges loop over `specs_for(modalities)` of the data or of the served model; `register_modality`
+adds one (a plugin or a test), like the encoder and fusion-head registries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+from mmfusion.errors import UserError
+
+HTTP_KINDS = ("file", "text")  # an uploaded file (base64 in a JSON item) | a string field
+
+
+class ModalitySpec:
+    """One modality at the edges; instances carry the project root and the recorded preprocessing settings."""
+
+    name: ClassVar[str]
+    column: ClassVar[str]
+    folder: ClassVar[str | None] = None  # files under <stage output>/<folder>/; None: the value is in the manifest
+    http: ClassVar[str] = "file"
+    stats: ClassVar[tuple[str, ...]] = ()  # input statistics: inference-log columns, measured on the reference too
+    parallel_load: ClassVar[bool] = False  # loading is worth DataLoader worker processes (decoding files)
+    defaults: ClassVar[dict[str, Any]] = {}  # the settings and their defaults
+
+    def __init__(self, root: str | Path = ".", **settings: Any):
+        unknown = sorted(set(settings) - set(self.defaults))
+        if unknown:
+            raise ValueError(f"modality {self.name!r} has no setting(s) {unknown}; its settings: {sorted(self.defaults)}")
+        self.root = Path(root)
+        self.settings: dict[str, Any] = {**self.defaults, **settings}
+
+    @classmethod
+    def settings_from_params(cls, params: Any) -> dict[str, Any]:
+        """The preprocessing settings a pipeline run uses (recorded into the model folder by train)."""
+        return dict(cls.defaults)
+
+    # -- manifest values (paths relative to `root` for file modalities) ----------------------------
+
+    def present(self, raw: Any) -> bool:
+        """Whether a manifest value carries this modality (an empty cell is a missing modality)."""
+        return bool(str(raw if raw is not None else "").strip())
+
+    def content(self, value: str) -> bytes:
+        """The bytes that identify the value (the feature cache's key)."""
+        raise NotImplementedError
+
+    def load(self, value: str) -> Any:
+        """The value as the modality's encoders take it (decoded, normalised)."""
+        raise NotImplementedError
+
+    def measure(self, value: str) -> dict[str, float]:
+        """The input statistics (`stats`) of one manifest value, as the service logs them for a request."""
+        return {}
+
+    # -- the Predictor's and the service's side --------------------------------------------------
+
+    def value(self, item_value: Any) -> Any | None:
+        """A Predictor input as given -> what the encoder takes, or None when it is missing."""
+        return item_value
+
+    def check(self, raw: Any, ctx: Any) -> tuple[Any | None, dict[str, Any]]:
+        """A request's raw value -> (Predictor input or None, inference-log fields); RequestError on a bad one."""
+        raise NotImplementedError
+
+    def example(self) -> Any:
+        """A valid Predictor input (the package stage's smoke test, the service's warm-up)."""
+        raise NotImplementedError
+
+
+_MODALITIES: dict[str, type[ModalitySpec]] = {}
+
+
+def register_modality(spec: type[ModalitySpec]) -> type[ModalitySpec]:
+    """Add a modality spec (usable as a class decorator); a name is registered once."""
+    if spec.name in _MODALITIES and _MODALITIES[spec.name] is not spec:
+        raise ValueError(f"modality {spec.name!r} is already registered")
+    if spec.http not in HTTP_KINDS:
+        raise ValueError(f"modality {spec.name!r}: http must be one of {HTTP_KINDS}, got {spec.http!r}")
+    _MODALITIES[spec.name] = spec
+    return spec
+
+
+def unregister_modality(name: str) -> None:
+    """Remove a modality (plugins and tests that register their own)."""
+    _MODALITIES.pop(name, None)
+
+
+def list_modalities() -> list[str]:
+    """Registered modality names, in registration order."""
+    return list(_MODALITIES)
+
+
+def get_modality(name: str) -> type[ModalitySpec]:
+    """The spec class of modality `name`; an unknown name is an error listing the known ones."""
+    if name not in _MODALITIES:
+        raise UserError(f"unknown modality {name!r}; registered: {', '.join(_MODALITIES)}")
+    return _MODALITIES[name]
+
+
+def build_spec(name: str, root: str | Path = ".", settings: Mapping[str, Any] | None = None) -> ModalitySpec:
+    """A spec instance of modality `name` with the given settings (those it does not know are ignored)."""
+    cls = get_modality(name)
+    known = {k: v for k, v in (settings or {}).items() if k in cls.defaults}
+    return cls(root, **known)
+
+
+def specs_for(modalities: Iterable[str], root: str | Path = ".", settings: Mapping[str, Mapping] | None = None
+              ) -> dict[str, ModalitySpec]:  # fmt: skip
+    """{modality: spec} for `modalities` (a model's or the data's), each with its settings from `settings`."""
+    return {m: build_spec(m, root, (settings or {}).get(m)) for m in modalities}
+
+
+def stats_of(modality: str) -> tuple[str, ...]:
+    """The input statistics of `modality` (inference-log columns); none for a name no spec is registered for."""
+    spec = _MODALITIES.get(modality)
+    return spec.stats if spec is not None else ()
+
+
+def settings_from_params(modalities: Iterable[str], params: Any) -> dict[str, dict[str, Any]]:
+    """{modality: preprocessing settings} of a pipeline run: what train records into the model folder."""
+    return {m: get_modality(m).settings_from_params(params) for m in modalities}
+
+
+def recorded_settings(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """{modality: preprocessing settings} a model folder's config.json records (`inputs`); a model written
+    before `inputs` existed kept one block per modality under the modality's own name (`text: {lowercase}`)."""
+    modalities = list(config.get("encoders", {}))
+    inputs = config.get("inputs") or {}
+    return {m: dict(inputs.get(m) or config.get(m) or {}) for m in modalities}
+
+
+def row_item(row: Mapping[str, Any], specs: Mapping[str, ModalitySpec]) -> dict[str, Any]:
+    """One manifest row -> one Predictor item ({modality: loaded value or None}): the one conversion that
+    evaluate's raw check, the reference and promotion use (an empty cell is a missing modality)."""
+    item = {}
+    for m, spec in specs.items():
+        raw = row.get(spec.column, "")
+        item[m] = spec.load(str(raw)) if spec.present(raw) else None
+    return item

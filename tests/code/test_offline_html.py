@@ -143,3 +143,39 @@ def test_dvc_plots_show_writes_an_offline_page(tmp_path):
     dom = dump_dom(page, tmp_path / "profile")
     assert "confusion.png" in dom
     assert "This plot needs vega, which this offline page does not load" in dom
+
+
+def test_a_drift_report_of_a_window_without_text_renders_offline_with_its_notice(tmp_path):
+    """The monitor's HTML report of a window where text stopped arriving: Evidently draws it offline (its JS is
+    inlined) and the notice saying why text checks are missing sits at the top."""
+    from mmfusion.monitoring.monitor import run_monitor
+    from tests.drift_fixtures import monitor_params, synthetic, write_log, write_reference_dir
+
+    write_reference_dir(tmp_path / "model", synthetic(300, seed=1), "v1")
+    write_log(tmp_path / "log.sqlite", synthetic(80, seed=2, missing={"text": 1.0}), "v1")
+    params = monitor_params(tmp_path, window={"by": "count", "size": 80}, plot_rows=16,
+                            embeddings={"second_method": "", "bootstrap": "false"})  # fmt: skip
+    (window,) = run_monitor(params, tmp_path)["windows"]
+    assert window["verdict"] == "drift" and "missing_text" in window["flagged"]
+    page = Path(window["report_html"])
+    assert not [u for u in loaded_urls(page.read_text(encoding="utf-8")) if re.match(r"(https?:)?//", u)]
+    dom = dump_dom(page, tmp_path / "profile")
+    notice = re.search(r'<section id="mmfusion-notice".*?</section>', dom, re.DOTALL)
+    assert notice and "text" in notice.group(0) and "EmbeddingsDrift(text)" in notice.group(0)
+    assert "Row count in dataset (current)" in dom.replace(notice.group(0), "")  # drawn by Evidently's own JS
+
+
+def test_the_docs_site_builds_and_renders_offline(tmp_path):
+    """`make docs`'s site: every page loads only local files, and the nav is there once its scripts ran."""
+    mkdocs = Path(sys.executable).parent / "mkdocs"
+    if not mkdocs.exists():
+        pytest.skip("mkdocs is not installed (make setup)")
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    subprocess.run([mkdocs, "build", "--strict", "-q", "-d", str(tmp_path / "site")], cwd=REPO, env=env, check=True)
+    pages = sorted((tmp_path / "site").glob("*.html"))
+    assert len(pages) >= 10
+    for page in pages:
+        remote = [u for u in loaded_urls(page.read_text(encoding="utf-8")) if re.match(r"(https?:)?//", u)]
+        assert not remote, f"{page.name} loads {remote}"
+    dom = dump_dom(tmp_path / "site" / "adding-a-modality.html", tmp_path / "profile")
+    assert "Adding a modality" in dom and "Serving and operating" in dom and "md-nav" in dom

@@ -72,6 +72,16 @@ def test_package_report(packaged):
     assert report["metrics"]["val"]["macro_f1"] == written["val"]["macro_f1"]  # the packaged model's own metrics
 
 
+def test_the_bentos_own_page_describes_the_model(server):
+    """The OpenAPI UI at / shows the model, its labels and how to call it (not BentoML's default README)."""
+    info = httpx.get(f"{server.url}/docs.json", timeout=TIMEOUT).json()["info"]
+    described = info["description"]
+    assert server.package_report["model_version"] in described and "concat" in described
+    assert all(f"`{label}`" in described for label in LABELS)
+    assert "-F image=@sample -F text=" in described and "/feedback" in described
+    assert "BentoML" not in described.split("**Calling it**")[0]
+
+
 def test_image_and_text(server):
     resp = post(server, "/classify", files={"image": ("a.png", png_bytes("fruit", 1), "image/png")}, data={"text": "red apple"})
     assert resp.status_code == 200, resp.text

@@ -30,6 +30,7 @@ from mmfusion import paths
 from mmfusion.bentos import build_bento_args, export_bento
 from mmfusion.config import PackageParams, Params
 from mmfusion.inference.predictor import Predictor
+from mmfusion.modalities import get_modality
 from mmfusion.stages.common import stage_main, write_json
 
 log = logging.getLogger(__name__)
@@ -117,19 +118,51 @@ def bento_metadata(value):
     return value
 
 
-def build_bento(bentofile: Path, build_ctx: Path, args: dict, timeout_s: int = BUILD_TIMEOUT_S) -> str:
-    """`bentoml build` (a subprocess, so the service module is imported fresh with these args); returns the tag."""
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
-        yaml.safe_dump(args, fh)
-        arg_file = fh.name
-    cmd = [sys.executable, "-m", "bentoml", "build", "-f", str(bentofile), "--arg-file", arg_file, "-o", "tag"]
-    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "PYTHONPATH": str(build_ctx.resolve())}
-    try:
+def bento_description(info: dict) -> str:
+    """The served Bento's own page (the OpenAPI UI at /): the model, its labels, measured metrics and how to call it."""
+    metrics = info.get("metrics") or {}
+    test, ci = metrics.get("test") or {}, metrics.get("test_accuracy_ci") or {}
+    encoders = ", ".join(f"{m}: `{e}` ({info.get('runtimes', {}).get(m, 'torch')})" for m, e in info["encoders"].items())
+    lines = [
+        f"**mmfusion**: a `{info['strategy']}` fusion classifier over {' + '.join(info['modalities'])}, "
+        f"model version `{info['version']}`. Encoders: {encoders}.",
+        "",
+        f"**Labels** ({len(info['labels'])}): " + ", ".join(f"`{label}`" for label in info["labels"]),
+    ]
+    if "accuracy" in test:
+        interval = f" [{ci['low']:.3f}, {ci['high']:.3f}]" if {"low", "high"} <= set(ci) else ""
+        lines += ["", "| measured on the test split | |", "|---|---|", f"| accuracy (95% CI) | {test['accuracy']:.3f}{interval} |"]
+        lines += [f"| {name} | {test[key]:.3f} |" for key, name in (("macro_f1", "macro-F1"), ("auroc", "AUROC"),
+                                                                    ("ece_calibrated", "ECE (calibrated)")) if key in test]  # fmt: skip
+    fields = " ".join(f"-F {m}=@sample" if get_modality(m).http == "file" else f"-F {m}='...'" for m in info["modalities"])
+    lines += [
+        "",
+        "**Calling it** (every answer is JSON; a client mistake is a 4xx with a `reason`, never a 500):",
+        "",
+        f"- `POST /classify`: multipart, any of the fields, at least one: `curl -F ... {fields} http://HOST/classify`",
+        "- `POST /classify_batch`: `{\"items\": [{...}]}`, files as base64 strings",
+        "- `POST /feedback`: `{\"request_id\", \"item\", \"label\"}`: the true label of an answered request",
+        "- `POST /metadata` (model, labels, limits), `POST /health` (counts), `GET /readyz`, `GET /metrics`",
+    ]
+    return "\n".join(lines)
+
+
+def build_bento(bentofile: Path, build_ctx: Path, args: dict, timeout_s: int = BUILD_TIMEOUT_S,
+                description: str | None = None) -> str:  # fmt: skip
+    """`bentoml build` (a subprocess, so the service module is imported fresh with these args); returns the tag.
+    `description` becomes the Bento's own page (bentofile.yaml's `description`), written into a copy of it."""
+    with tempfile.TemporaryDirectory(prefix="mmfusion-build-") as tmp:
+        arg_file = Path(tmp) / "args.yaml"
+        arg_file.write_text(yaml.safe_dump(args))
+        if description is not None:
+            spec = yaml.safe_load(Path(bentofile).read_text())
+            bentofile = Path(tmp) / "bentofile.yaml"
+            bentofile.write_text(yaml.safe_dump({**spec, "description": description}, sort_keys=False))
+        cmd = [sys.executable, "-m", "bentoml", "build", "-f", str(bentofile), "--arg-file", str(arg_file), "-o", "tag"]
+        env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "PYTHONPATH": str(build_ctx.resolve())}
         proc = subprocess.run(
-            [*cmd, str(build_ctx)], capture_output=True, text=True, env=env, timeout=timeout_s, check=False
+            [*cmd, str(build_ctx.resolve())], capture_output=True, text=True, env=env, timeout=timeout_s, check=False
         )
-    finally:
-        os.unlink(arg_file)
     if proc.returncode != 0:
         raise RuntimeError(f"bentoml build failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     # `-o tag` prints `__tag__:name:version` as its last line
@@ -148,7 +181,8 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     start = time.perf_counter()
     info = describe_model(model_dir, p)
     model_tag, created = save_bento_model(model_dir, p.model_name, info)
-    bento_tag = build_bento(root / paths.BENTOFILE, root / paths.BENTO_BUILD_CTX, build_bento_args(p, model_tag, root))
+    bento_tag = build_bento(root / paths.BENTOFILE, root / paths.BENTO_BUILD_CTX, build_bento_args(p, model_tag, root),
+                            description=bento_description(info))  # fmt: skip
     archive = export_bento(bento_tag, root)  # what DVC sees: a clone without it reruns package
     summary = {
         "bento_tag": bento_tag,

@@ -15,6 +15,7 @@ from PIL import Image
 
 from tests.conftest import CLASSES
 from tests.service.conftest import TEST_LIMITS, png_bytes
+from tests.service.test_fields import assert_fields, registered
 
 # The fixtures train, package and serve a model: about two minutes on a 2-core CPU.
 pytestmark = pytest.mark.slow
@@ -80,6 +81,11 @@ def test_the_bentos_own_page_describes_the_model(server):
     assert all(f"`{label}`" in described for label in LABELS)
     assert "-F image=@sample -F text=" in described and "/feedback" in described
     assert "BentoML" not in described.split("**Calling it**")[0]
+
+
+def test_openapi_lists_one_field_per_registered_modality(server):
+    """/classify's form fields and /classify_batch's item keys are the modality registry's, typed by kind."""
+    assert_fields(httpx.get(f"{server.url}/docs.json", timeout=TIMEOUT).json(), registered())
 
 
 def test_image_and_text(server):

@@ -10,10 +10,16 @@ HTTP between two processes) reached a third of the in-process throughput on a 2-
 docs/serving.md and docs/results.md. Limits, timeouts, admission and shutdown: serving/guard.py and the
 docs/serving.md.
 
-APIs (POST, JSON answers): /classify (multipart: image file and/or text), /classify_batch
-(JSON: items with base64 image and/or text), /feedback (JSON: request_id, item, label), /metadata,
-/health. BentoML adds /livez and /readyz
-(ready once the model is loaded and warmed up), /metrics and the OpenAPI UI at /.
+APIs (POST, JSON answers): /classify (multipart: one field per registered modality, an uploaded
+file or a text), /classify_batch (JSON: items with one key per registered modality, base64 for
+files), /feedback (JSON: request_id, item, label), /metadata, /health. BentoML adds /livez and
+/readyz (ready once the model is loaded and warmed up), /metrics and the OpenAPI UI at /.
+
+Fields: both request shapes are built from the modality registry (`mmfusion.modalities`), so a
+registered modality is a field with nothing here edited. Modules named in `MMFUSION_PLUGINS`
+(comma-separated) are imported first, so the modalities they register are fields too. A registered
+modality the served model does not take is refused per request (400 `unsupported_modality`); a
+model with a modality that has no registered spec does not load (the Predictor refuses it).
 
 Request ids: every answered request gets its own `request_id` (the answer, the `x-request-id`
 response header and the log's key). A client's `x-request-id` is kept as `client_request_id`
@@ -23,6 +29,7 @@ response header and the log's key). A client's `x-request-id` is kept as `client
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import logging
 import os
@@ -37,9 +44,10 @@ from pathlib import Path
 import anyio
 import bentoml
 from bentoml.validators import ContentType
-from pydantic import BaseModel, BeforeValidator, Field
+from pydantic import BeforeValidator, Field, create_model
 from typing_extensions import Annotated
 
+from mmfusion.modalities import get_modality, list_modalities
 from mmfusion.monitoring.inference_log import InferenceLogWriter, InferenceRecord
 from mmfusion.serving.batcher import MicroBatcher, Overloaded
 from mmfusion.serving.guard import (
@@ -58,6 +66,19 @@ SETTINGS = load_settings()
 PARAMS = SETTINGS.params
 LIMITS = PARAMS.limits
 _CLIENT_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
+PLUGINS_ENV = "MMFUSION_PLUGINS"
+
+
+def load_plugins() -> list[str]:
+    """Import the modules named in `MMFUSION_PLUGINS` (comma-separated), so that the modalities they
+    register are in the registry before the HTTP fields are built from it; a bad name fails the start."""
+    modules = [name.strip() for name in os.environ.get(PLUGINS_ENV, "").split(",") if name.strip()]
+    for name in modules:
+        importlib.import_module(name)
+    return modules
+
+
+load_plugins()
 
 
 def _as_text(value: t.Any) -> t.Any:
@@ -71,11 +92,47 @@ Text = Annotated[t.Optional[str], BeforeValidator(_as_text)]
 JSON = Annotated[dict, ContentType("application/json")]
 
 
-class BatchItem(BaseModel):
-    """One item of /classify_batch: a base64 image and/or a text."""
+# The registered modalities (after the plugins) and how each travels over HTTP (`ModalitySpec.http`):
+# the fields of both APIs, in registration order.
+FIELD_KINDS: dict[str, str] = {m: get_modality(m).http for m in list_modalities()}
+# /classify: BentoML takes a `Path` parameter as a multipart file upload, a `Text` one as a form field.
+CLASSIFY_TYPES: dict[str, t.Any] = {"file": Path, "text": Text}
 
-    image: t.Optional[str] = Field(default=None, description="base64 image bytes (a data: URL is accepted)")
-    text: Text = Field(default=None, description=f"up to {LIMITS.max_text_chars} characters")
+
+def _batch_field(modality: str, kind: str) -> tuple[t.Any, t.Any]:
+    """A /classify_batch item's key for one modality: files travel as base64 strings in JSON."""
+    if kind == "file":
+        description = f"base64 {modality} file bytes (a data: URL is accepted)"
+        return t.Optional[str], Field(default=None, description=description)
+    return Text, Field(default=None, description=f"up to {LIMITS.max_text_chars} characters")
+
+
+BatchItem = create_model(
+    "BatchItem",
+    __doc__="One item of /classify_batch: one key per modality, at least one given (files in base64).",
+    __module__=__name__,
+    **{m: _batch_field(m, kind) for m, kind in FIELD_KINDS.items()},
+)
+
+
+def modality_fields(func: t.Callable) -> t.Callable:
+    """Give an API method `(self, ctx, **fields)` one optional keyword parameter per registered modality.
+
+    BentoML builds an API's input model (fields, multipart uploads, OpenAPI schema) from
+    `inspect.signature(func)`, which honours `__signature__`; it calls the method with one keyword
+    per field. So the generated signature is what BentoML sees, as if the fields were written out."""
+    sig = inspect.signature(func)
+    fixed = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    fields = [
+        inspect.Parameter(m, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=CLASSIFY_TYPES[kind])
+        for m, kind in FIELD_KINDS.items()
+    ]
+    func.__signature__ = sig.replace(parameters=[*fixed, *fields])
+    func.__annotations__ = {
+        **{k: v for k, v in func.__annotations__.items() if k in {p.name for p in fixed} or k == "return"},
+        **{p.name: p.annotation for p in fields},
+    }
+    return func
 
 
 @bentoml.service(
@@ -105,9 +162,6 @@ class MMFusion:
         self.predictor = Predictor.from_dir(self.bento_model.path, device=PARAMS.device, head_runtime=PARAMS.head_runtime)
         self.modalities = list(self.predictor.modalities)
         self.specs = self.predictor.inputs  # each input's check, with the model's recorded preprocessing
-        unreachable = sorted(set(self.modalities) - set(HTTP_FIELDS))
-        if unreachable:  # fail at start-up, not per request
-            raise ValueError(f"the model takes {unreachable}, which the HTTP API has no field for (fields: {HTTP_FIELDS})")
         self.check_ctx = CheckContext(LIMITS, keep_bytes=PARAMS.log.log_images)
         self.batcher = MicroBatcher(
             self.predictor.predict,
@@ -198,18 +252,14 @@ class MMFusion:
         return exc.to_json()
 
     @bentoml.api
-    async def classify(self, ctx: bentoml.Context, image: Path = None, text: Text = None) -> JSON:  # type: ignore[assignment]
-        """Classify one sample: a multipart image file and/or a text field (at least one)."""
+    @modality_fields
+    async def classify(self, ctx: bentoml.Context, **fields: t.Any) -> JSON:
+        """Classify one sample: one multipart field per modality, a file or a text (at least one)."""
         t0 = time.perf_counter()
         ids = self._start(ctx)
         try:
-            data = None
-            if image is not None:
-                data = image.read_bytes()
-                image.unlink(missing_ok=True)  # BentoML's temp copy: nothing of it outlives the request
-            item = await anyio.to_thread.run_sync(
-                check_item, {"image": data, "text": text}, self.specs, self._request_ctx()
-            )
+            raw = _read_uploads(fields)
+            item = await anyio.to_thread.run_sync(check_item, raw, self.specs, self._request_ctx())
             (result,) = await self._classify([item])
         except RequestError as exc:
             return self._error(ctx, exc)
@@ -217,7 +267,7 @@ class MMFusion:
 
     @bentoml.api
     async def classify_batch(self, ctx: bentoml.Context, items: list[BatchItem]) -> JSON:
-        """Classify a JSON list of items, each with a base64 `image` and/or a `text`; all or nothing."""
+        """Classify a JSON list of items, each with one key per modality (files in base64); all or nothing."""
         t0 = time.perf_counter()
         ids = self._start(ctx)
         try:
@@ -335,14 +385,24 @@ def _log_totals(path: Path) -> dict:
         return {"rows": None, "error": f"cannot read the log: {exc}"}
 
 
+def _read_uploads(fields: dict[str, t.Any]) -> dict[str, t.Any]:
+    """{modality: raw value}: file fields read into bytes, and BentoML's temporary copies deleted (every
+    one, even when reading another fails), so that nothing of an upload outlives the request."""
+    raw = dict(fields)
+    uploads = [m for m, v in fields.items() if v is not None and FIELD_KINDS.get(m) == "file"]
+    try:
+        for m in uploads:
+            raw[m] = Path(fields[m]).read_bytes()
+    finally:
+        for m in uploads:
+            Path(fields[m]).unlink(missing_ok=True)
+    return raw
+
+
 def _keep_image() -> bool:
     """Whether this request's raw image bytes go to the log: package.log.log_images x image_sample_rate."""
     return PARAMS.log.log_images and random.random() < PARAMS.log.image_sample_rate
 
-
-# The request fields /classify takes (one per modality it can serve), read from its signature: a model whose
-# modality has no field fails at start-up.
-HTTP_FIELDS = tuple(p for p in inspect.signature(MMFusion.apis["classify"].func).parameters if p not in ("self", "ctx"))
 
 install_safe_multipart()
 quiet_client_errors()

@@ -139,7 +139,7 @@ def bento_description(info: dict) -> str:
         "",
         "**Calling it** (every answer is JSON; a client mistake is a 4xx with a `reason`, never a 500):",
         "",
-        f"- `POST /classify`: multipart, any of the fields, at least one: `curl -F ... {fields} http://HOST/classify`",
+        f"- `POST /classify`: multipart, any of the fields, at least one: `curl {fields} http://HOST/classify`",
         "- `POST /classify_batch`: `{\"items\": [{...}]}`, files as base64 strings",
         "- `POST /feedback`: `{\"request_id\", \"item\", \"label\"}`: the true label of an answered request",
         "- `POST /metadata` (model, labels, limits), `POST /health` (counts), `GET /readyz`, `GET /metrics`",

@@ -6,8 +6,13 @@
     specs["image"].load("data/clean/images/1f34e.png")     # a decoded RGB image
 
 See `modalities/base.py` for what a spec holds; adding a modality is a new module with its spec
-(registered with `register_modality`) and its encoders (docs/adding-a-modality.md).
+(registered with `register_modality`) and its encoders (docs/adding-a-modality.md). A spec outside
+this package is registered in every process (stages, service, monitor) by naming its module in the
+environment variable MMFUSION_PLUGINS (comma-separated): they are imported with this package.
 """
+
+import importlib
+import os
 
 from mmfusion.modalities.base import (
     ModalitySpec,
@@ -40,3 +45,17 @@ __all__ = [
     "stats_of",
     "unregister_modality",
 ]
+
+PLUGINS_ENV = "MMFUSION_PLUGINS"
+
+
+def load_plugins() -> list[str]:
+    """Import the modules named in MMFUSION_PLUGINS (comma-separated): the modalities they register join the
+    registry before anything reads it; a name that does not import fails at once."""
+    modules = [name.strip() for name in os.environ.get(PLUGINS_ENV, "").split(",") if name.strip()]
+    for name in modules:
+        importlib.import_module(name)
+    return modules
+
+
+load_plugins()

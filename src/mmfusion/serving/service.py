@@ -17,7 +17,8 @@ files), /feedback (JSON: request_id, item, label), /metadata, /health. BentoML a
 
 Fields: both request shapes are built from the modality registry (`mmfusion.modalities`), so a
 registered modality is a field with nothing here edited. Modules named in `MMFUSION_PLUGINS`
-(comma-separated) are imported first, so the modalities they register are fields too. A registered
+(comma-separated) are imported with the registry (`mmfusion.modalities`), so the modalities they
+register are fields too. A registered
 modality the served model does not take is refused per request (400 `unsupported_modality`); a
 model with a modality that has no registered spec does not load (the Predictor refuses it).
 
@@ -29,7 +30,6 @@ response header and the log's key). A client's `x-request-id` is kept as `client
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 import logging
 import os
@@ -66,19 +66,6 @@ SETTINGS = load_settings()
 PARAMS = SETTINGS.params
 LIMITS = PARAMS.limits
 _CLIENT_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
-PLUGINS_ENV = "MMFUSION_PLUGINS"
-
-
-def load_plugins() -> list[str]:
-    """Import the modules named in `MMFUSION_PLUGINS` (comma-separated), so that the modalities they
-    register are in the registry before the HTTP fields are built from it; a bad name fails the start."""
-    modules = [name.strip() for name in os.environ.get(PLUGINS_ENV, "").split(",") if name.strip()]
-    for name in modules:
-        importlib.import_module(name)
-    return modules
-
-
-load_plugins()
 
 
 def _as_text(value: t.Any) -> t.Any:

@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from mmfusion import paths  # noqa: E402
 from mmfusion.config import load_params  # noqa: E402
-from mmfusion.data.images import decode_image  # noqa: E402
+from mmfusion.modalities.image import decode_image  # noqa: E402
 from mmfusion.data.manifest import read_manifest  # noqa: E402
 from mmfusion.encoders import create_encoder  # noqa: E402
 from mmfusion.encoders.runtime import Int8Settings, resolve_runtime, runtime_for, sample_calibration  # noqa: E402

@@ -152,7 +152,7 @@ def bench_predictor(model_dir: Path, inputs: list[tuple[bytes, str]], device: st
     A Predictor per thread count: ONNX Runtime sessions take torch's thread count when built."""
     import torch
 
-    from mmfusion.data.images import decode_image
+    from mmfusion.modalities.image import decode_image
     from mmfusion.inference.predictor import Predictor
 
     items = [{"image": decode_image(png), "text": text} for png, text in inputs]

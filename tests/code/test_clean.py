@@ -7,7 +7,7 @@ from PIL import Image
 from mmfusion.config import CleanParams
 from mmfusion.data.clean import clean_dataset
 from mmfusion.data.manifest import RAW_COLUMNS, read_manifest
-from mmfusion.data.text import normalize_text
+from mmfusion.modalities.text import normalize_text
 from mmfusion.sources.manifest import build as build_manifest_source
 from tests.conftest import tiny_params
 

@@ -39,7 +39,7 @@ def onnx_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def images():
-    from mmfusion.data.images import decode_image
+    from mmfusion.modalities.image import decode_image
 
     return [decode_image(png(100 + i, size=40 + 9 * i)) for i in range(6)]
 

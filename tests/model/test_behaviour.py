@@ -41,7 +41,7 @@ def test_case_and_spacing_do_not_matter(predictor):
 
 
 def test_text_only_and_image_only_still_predict(predictor, model_root):
-    from mmfusion.data.images import decode_image
+    from mmfusion.modalities.image import decode_image
     from mmfusion.data.manifest import read_manifest
 
     test = read_manifest(model_root / "data" / "split" / "test.csv", required=("id", "image", "text", "label"))

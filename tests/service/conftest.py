@@ -47,7 +47,7 @@ def build_tiny_model(out_dir: Path, per_class: int = 8) -> Path:
     from PIL import Image
 
     from mmfusion.config import parse_params
-    from mmfusion.data.text import normalize_text
+    from mmfusion.modalities.text import normalize_text
     from mmfusion.encoders import create_encoder
     from mmfusion.training.data import FeatureSet
     from mmfusion.training.strategies import fit_strategy

@@ -13,7 +13,7 @@ from PIL import Image
 from mmfusion.bentos import build_bento_args
 from mmfusion.config import ServeLimits
 from mmfusion.serving.guard import _normalise_error
-from mmfusion.data.text import normalize_text, text_or_none
+from mmfusion.modalities.text import normalize_text, text_or_none
 from mmfusion.modalities import specs_for
 from mmfusion.modalities.image import sniff_format
 from mmfusion.serving.inputs import CheckContext, RequestError, check_item, decode_base64

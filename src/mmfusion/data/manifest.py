@@ -7,15 +7,26 @@ it are relative to that folder's parent, so a stage output is self-contained.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from mmfusion.errors import UserError
 
 RAW_COLUMNS = ("id", "image", "text", "label", "group", "source", "license")
-CLEAN_COLUMNS = RAW_COLUMNS + ("width", "height", "image_sha256")
+CLEAN_COLUMNS = RAW_COLUMNS + ("width", "height", "image_sha256")  # clean_columns() of the image and text specs
 STRING_COLUMNS = ("id", "image", "text", "label", "group", "source", "license", "image_sha256", "source_id")
+
+
+def clean_columns(specs: Mapping[str, Any]) -> list[str]:
+    """The clean manifest's columns for the data's modality specs ({name: ModalitySpec}): id, each modality's
+    column, the other raw columns, then the fields each spec's clean rule adds (`CLEAN_COLUMNS` for images
+    and texts)."""
+    own = [spec.column for spec in specs.values()]
+    first, *rest = [c for c in RAW_COLUMNS if c not in own]
+    return [first, *own, *rest, *(c for spec in specs.values() for c in spec.clean_fields)]
 
 
 class ManifestError(UserError):

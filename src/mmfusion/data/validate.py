@@ -1,5 +1,7 @@
 """Validation of the clean manifest with a Great Expectations suite.
 
+The suite holds the checks of any data here (schema, unique ids, label set, presence of the
+modalities) and each modality spec's own over the rows that have it (`ModalitySpec.expectations`).
 Two batches are checked: the samples themselves and a per-class count table (GX
 has no expectation over group counts, so the counts are a small table of their own).
 Expectations carry a GX severity: a failed `critical` one fails the stage, a
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +21,11 @@ import pandas as pd
 
 from mmfusion.config import ValidateParams
 from mmfusion.data.docs_assets import localize_data_docs
-from mmfusion.data.manifest import CLEAN_COLUMNS
+from mmfusion.data.manifest import clean_columns
 from mmfusion.errors import DataCheckFailed
+from mmfusion.modalities.base import ModalitySpec, modalities_in, specs_for
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-# added to the clean manifest for the suite: which modalities a row has, and whether its image file exists
-DERIVED_COLUMNS = ("image_exists", "text_length", "has_image", "has_text", "modalities", "missing_modality")
 log = logging.getLogger(__name__)
 
 
@@ -31,30 +33,45 @@ class ValidationFailed(DataCheckFailed):
     """A critical expectation failed; the message names it and the offending values."""
 
 
-def _samples_suite(gxe: Any, labels: list[str], params: ValidateParams) -> list:
+def _samples_suite(gxe: Any, labels: list[str], specs: Mapping[str, ModalitySpec], columns: list[str],
+                   params: ValidateParams) -> list:  # fmt: skip
     from great_expectations.expectations.row_conditions import Column
 
-    lo, hi = params.text_length
-    img_lo, img_hi = params.image_size
-    # Rows with one modality are real samples (clean.allow_missing_modality): the checks of a
+    # Rows with some modalities only are real samples (clean.allow_missing_modality): the checks of a
     # modality apply to the rows that have it, and the share of rows missing one is bounded.
-    with_image = {"row_condition": Column("has_image") == 1}
-    with_text = {"row_condition": Column("has_text") == 1}
+    per_modality = [
+        e for m, spec in specs.items()
+        for e in spec.expectations(gxe, params, {"row_condition": Column(f"has_{m}") == 1})
+    ]  # fmt: skip
+    sample_columns = ["id", *(spec.column for spec in specs.values()), "label", "group"]
     return [
-        gxe.ExpectTableColumnsToMatchSet(column_set=list(CLEAN_COLUMNS) + list(DERIVED_COLUMNS), exact_match=True),
+        gxe.ExpectTableColumnsToMatchSet(column_set=columns, exact_match=True),
         gxe.ExpectTableRowCountToBeBetween(min_value=1),
         gxe.ExpectColumnValuesToBeUnique(column="id"),
-        *[gxe.ExpectColumnValuesToNotBeNull(column=c) for c in ("id", "image", "text", "label", "group")],
-        *[gxe.ExpectColumnValuesToBeOfType(column=c, type_="str") for c in ("id", "image", "text", "label", "group")],
+        *[gxe.ExpectColumnValuesToNotBeNull(column=c) for c in sample_columns],
+        *[gxe.ExpectColumnValuesToBeOfType(column=c, type_="str") for c in sample_columns],
         gxe.ExpectColumnValuesToBeInSet(column="label", value_set=labels),
         gxe.ExpectColumnValuesToBeBetween(column="modalities", min_value=1),
         gxe.ExpectColumnMeanToBeBetween(column="missing_modality", max_value=params.max_missing_modality_share),
-        gxe.ExpectColumnValueLengthsToBeBetween(column="text", min_value=lo, max_value=hi, **with_text),
-        gxe.ExpectColumnValuesToBeBetween(column="width", min_value=img_lo, max_value=img_hi, **with_image),
-        gxe.ExpectColumnValuesToBeBetween(column="height", min_value=img_lo, max_value=img_hi, **with_image),
-        gxe.ExpectColumnValuesToBeInSet(column="image_exists", value_set=[True], **with_image),
-        gxe.ExpectColumnValuesToMatchRegex(column="image_sha256", regex=r"^[0-9a-f]{64}$", **with_image),
+        *per_modality,
     ]
+
+
+def add_derived_columns(df: pd.DataFrame, root: Path, specs: Mapping[str, ModalitySpec]) -> list[str]:
+    """Add what the suite checks besides the manifest: `has_<modality>` (an empty cell is a missing modality),
+    each spec's `validation_columns`, `modalities` (how many a row has) and `missing_modality` (fewer than
+    all); returns the added columns."""
+    has = {m: f"has_{m}" for m in specs}
+    for m, spec in specs.items():
+        df[has[m]] = (df[spec.column] != "").astype(int)
+    own: list[str] = []
+    for spec in specs.values():
+        for column, values in spec.validation_columns(df, root).items():
+            df[column] = values
+            own.append(column)
+    df["modalities"] = sum((df[c] for c in has.values()), start=0)
+    df["missing_modality"] = (df["modalities"] < len(specs)).astype(float)
+    return [*own, *has.values(), "modalities", "missing_modality"]
 
 
 def _counts_suite(gxe: Any, params: ValidateParams) -> list:
@@ -106,7 +123,7 @@ def _jsonable(v: Any) -> Any:
 
 
 def validate_manifest(df: pd.DataFrame, root: Path, out_dir: Path, params: ValidateParams) -> dict:
-    """Run the suite over a clean manifest (images relative to `root`); write result.json and Data Docs.
+    """Run the suite over a clean manifest (files relative to `root`); write result.json and Data Docs.
 
     Raises ValidationFailed, after writing the reports, when a critical expectation fails.
     """
@@ -117,12 +134,8 @@ def validate_manifest(df: pd.DataFrame, root: Path, out_dir: Path, params: Valid
 
     out_dir.mkdir(parents=True, exist_ok=True)
     df = df.copy()
-    df["has_image"] = (df["image"] != "").astype(int)
-    df["has_text"] = (df["text"] != "").astype(int)
-    df["image_exists"] = [bool(p) and (root / p).is_file() for p in df["image"]]
-    df["text_length"] = df["text"].str.len()
-    df["modalities"] = df["has_image"] + df["has_text"]
-    df["missing_modality"] = (df["modalities"] < 2).astype(float)
+    specs = specs_for(modalities_in(df.columns), root)
+    columns = clean_columns(specs) + add_derived_columns(df, root, specs)
     labels = sorted(df["label"].unique().tolist())
     counts = class_counts(df)
 
@@ -141,7 +154,7 @@ def validate_manifest(df: pd.DataFrame, root: Path, out_dir: Path, params: Valid
     rows: list[dict] = []
     # COMPLETE results with an index column, so a failure names the offending ids or classes.
     for name, frame, expectations, key in (
-        ("samples", df, _samples_suite(gxe, labels, params), "id"),
+        ("samples", df, _samples_suite(gxe, labels, specs, columns, params), "id"),
         ("class_counts", counts, _counts_suite(gxe, params), "label"),
     ):
         asset = source.add_dataframe_asset(name=name)

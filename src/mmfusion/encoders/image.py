@@ -1,4 +1,4 @@
-"""Image encoders: items are PIL RGB images, already decoded by mmfusion.data.images.decode_image."""
+"""Image encoders: items are PIL RGB images, already decoded by mmfusion.modalities.image.decode_image."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ class ImageEncoder(Encoder):
         return {"pixels": batch.numpy()}
 
     def item_from_content(self, content: bytes) -> Image.Image:
-        from mmfusion.data.images import decode_image
+        from mmfusion.modalities.image import decode_image
 
         return decode_image(content)
 

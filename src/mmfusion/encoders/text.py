@@ -1,4 +1,4 @@
-"""Text encoders: items are strings, already normalised by mmfusion.data.text.normalize_text."""
+"""Text encoders: items are strings, already normalised by mmfusion.modalities.text.normalize_text."""
 
 from __future__ import annotations
 

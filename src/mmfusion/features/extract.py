@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from mmfusion.data.images import ImageDecodeError
+from mmfusion.modalities.image import ImageDecodeError
 from mmfusion.encoders.base import Encoder
 from mmfusion.features.cache import FeatureCache
 from mmfusion.modalities import ModalitySpec, build_spec

@@ -4,7 +4,7 @@
     p.predict([{"image": pil_rgb, "text": "grinning face"}, {"image": None, "text": "red apple"}])
 
 Inputs are what the service has after decoding: images are PIL RGB (from
-`mmfusion.data.images.decode_image`), text is raw (the predictor normalises it with the
+`mmfusion.modalities.image.decode_image`), text is raw (the predictor normalises it with the
 same `normalize_text` setting cleaning used). Either may be missing (None, or text that is
 empty after normalisation), not both.
 

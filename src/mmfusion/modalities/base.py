@@ -11,6 +11,12 @@ A modality's spec is one class in one module (`modalities/image.py`, `modalities
                         `http` says how the HTTP API takes it: an uploaded file (base64 in JSON) or a string
     stats / measure     the input statistics the inference log keeps and the reference measures
     value / example     what counts as "missing", and a valid input (package's smoke test, warm-up)
+    clean / missing     clean's rule: a raw manifest value -> its clean-manifest fields (`column` and
+                        `clean_fields`), or `Dropped` with the reason; the drop of a row without it
+    dedup_key           the clean-manifest column that identifies a value's content: duplicates are rows
+                        alike in every modality's key, and a file's content under two labels is a conflict
+    validation_columns  the columns and Great Expectations expectations validate adds for the rows
+    / expectations      that have the modality
 
 Edges loop over `specs_for(modalities)` of the data or of the served model; `register_modality`
 adds one (a plugin or a test), like the encoder and fusion-head registries.
@@ -18,11 +24,15 @@ adds one (a plugin or a test), like the encoder and fusion-head registries.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from itertools import combinations
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from mmfusion.errors import UserError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 HTTP_KINDS = ("file", "text")  # an uploaded file (base64 in a JSON item) | a string field
 
@@ -37,6 +47,8 @@ class ModalitySpec:
     stats: ClassVar[tuple[str, ...]] = ()  # input statistics: inference-log columns, measured on the reference too
     parallel_load: ClassVar[bool] = False  # loading is worth DataLoader worker processes (decoding files)
     defaults: ClassVar[dict[str, Any]] = {}  # the settings and their defaults
+    clean_fields: ClassVar[dict[str, Any]] = {}  # clean-manifest columns it adds, with a row-without-it's value
+    dedup_key: ClassVar[str]  # the clean-manifest column that identifies the content (duplicates, label conflicts)
 
     def __init__(self, root: str | Path = ".", **settings: Any):
         unknown = sorted(set(settings) - set(self.defaults))
@@ -82,6 +94,41 @@ class ModalitySpec:
         """A valid Predictor input (the package stage's smoke test, the service's warm-up)."""
         raise NotImplementedError
 
+    # -- the data edges: clean and validate ------------------------------------------------------
+
+    @property
+    def described(self) -> str:
+        """How clean's messages name a manifest value of the modality ("image path", "text")."""
+        return f"{self.name} path" if self.folder else self.name
+
+    def clean(self, raw: str, data: bytes | None, out_root: Path, params: Any) -> dict[str, Any]:
+        """A present raw value -> its clean-manifest fields, `column` and `clean_fields`. A file modality gets
+        its file's bytes as `data` (clean reads them: a path outside the raw data or an unreadable file is
+        `missing_<name>`) and writes its clean file under `out_root/folder`; a value modality gets None.
+        Raises `Dropped` with the reason that applies; the limits are read from `params` (`clean`)."""
+        raise NotImplementedError
+
+    def missing(self) -> Dropped:
+        """The drop of a row without this modality, where `clean.allow_missing_modality` is off."""
+        return Dropped(f"missing_{self.name}", f"no {self.described} (clean.allow_missing_modality is off)")
+
+    def validation_columns(self, df: pd.DataFrame, root: Path) -> dict[str, Any]:
+        """{column: values} validate adds to the clean manifest (files relative to `root`) for `expectations`."""
+        return {}
+
+    def expectations(self, gxe: Any, params: Any, where: Mapping[str, Any]) -> list:
+        """The Great Expectations expectations (module `gxe`) of this modality, limits from `params` (the
+        `validate` section); each takes `**where`, the row condition that selects the rows that have it."""
+        return []
+
+
+class Dropped(Exception):
+    """A raw row that clean drops: `reason` is its code in reports/clean.json, `detail` the specifics."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
 
 _MODALITIES: dict[str, type[ModalitySpec]] = {}
 
@@ -124,6 +171,27 @@ def specs_for(modalities: Iterable[str], root: str | Path = ".", settings: Mappi
               ) -> dict[str, ModalitySpec]:  # fmt: skip
     """{modality: spec} for `modalities` (a model's or the data's), each with its settings from `settings`."""
     return {m: build_spec(m, root, (settings or {}).get(m)) for m in modalities}
+
+
+def modalities_in(columns: Iterable[str]) -> list[str]:
+    """The registered modalities whose column a manifest has (the data's modalities), in registration order."""
+    have = set(columns)
+    return [m for m, spec in _MODALITIES.items() if spec.column in have]
+
+
+def presence_pattern(present: Iterable[str], modalities: Sequence[str]) -> str:
+    """The name of a row's presence pattern: all of `modalities` joined by `+` (`image+text`), `<m>_only` for
+    one of several, else the present ones joined (`image+vector`); `none` for none."""
+    present = set(present)
+    have = [m for m in modalities if m in present]
+    if len(have) == 1 and len(modalities) > 1:
+        return f"{have[0]}_only"
+    return "+".join(have) or "none"
+
+
+def presence_patterns(modalities: Sequence[str]) -> list[str]:
+    """The patterns of rows with at least one of `modalities`: all of them first, the single ones last."""
+    return [presence_pattern(c, modalities) for n in range(len(modalities), 0, -1) for c in combinations(modalities, n)]
 
 
 def stats_of(modality: str) -> tuple[str, ...]:

@@ -3,19 +3,75 @@
 Reading: the file's bytes key the cache; decoding flattens alpha onto the recorded `background`
 (the model folder's, so the service decodes exactly as featurize did). A request's image is checked
 cheapest first: upload size, format from the header (before decoding), pixel count (decompression
-bombs), then the decode itself.
+bombs), then the decode itself. Cleaning decodes the raw file the same way, checks the size and saves
+a PNG under `images/`; duplicates are told by the raw file's SHA-256.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
-from typing import Any
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image, UnidentifiedImageError
 
-from mmfusion.data.images import ImageDecodeError, decode_image
 from mmfusion.errors import RequestError
-from mmfusion.modalities.base import ModalitySpec, register_modality
+from mmfusion.modalities.base import Dropped, ModalitySpec, register_modality
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+# The one decode path (cleaning, augmentation, featurizing, serving): open, fully load (so truncated
+# files fail here, not later), refuse decompression bombs, and flatten any alpha onto a background colour.
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+class ImageDecodeError(ValueError):
+    """An image could not be decoded; `reason` is a short machine-readable code."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def decode_image(
+    data: bytes | str | Path,
+    background: tuple[int, int, int] = (255, 255, 255),
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
+    """Decode bytes or a file into an RGB image, alpha flattened onto `background`."""
+    source = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as img:
+                if img.width * img.height > max_pixels:
+                    raise ImageDecodeError(
+                        "image_too_large", f"image has {img.width}x{img.height} pixels, over the limit of {max_pixels}"
+                    )
+                img.load()
+                return to_rgb(img, background)
+    except ImageDecodeError:
+        raise
+    except FileNotFoundError as exc:
+        raise ImageDecodeError("missing_image", f"image file not found: {exc.filename}") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError("image_too_large", str(exc)) from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageDecodeError("undecodable_image", f"cannot decode image: {exc}") from exc
+
+
+def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """RGB copy of `img`; transparent pixels become `background` (emoji have alpha)."""
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, background)
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return img.convert("RGB")
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -73,6 +129,8 @@ class ImageSpec(ModalitySpec):
     stats = ("image_width", "image_height")
     parallel_load = True
     defaults = {"background": [255, 255, 255]}  # alpha is flattened onto it (emoji have alpha)
+    clean_fields = {"width": 0, "height": 0, "image_sha256": ""}
+    dedup_key = "image_sha256"  # of the raw file: the same picture under another name is a duplicate
 
     @classmethod
     def settings_from_params(cls, params: Any) -> dict[str, Any]:
@@ -107,3 +165,28 @@ class ImageSpec(ModalitySpec):
 
     def example(self) -> Image.Image:
         return Image.new("RGB", (64, 64), "white")
+
+    def clean(self, raw: str, data: bytes | None, out_root: Path, params: Any) -> dict[str, Any]:
+        """Decode the raw file (alpha onto `clean.background`), check its size and save it as PNG."""
+        try:
+            img = decode_image(data, background=params.background)
+        except ImageDecodeError as exc:
+            raise Dropped(exc.reason, str(exc)) from exc
+        if min(img.size) < params.min_image_size:
+            raise Dropped("image_too_small", f"{img.width}x{img.height} < clean.min_image_size={params.min_image_size}")
+        name = f"{self.folder}/{Path(raw).stem}.png"
+        img.save(out_root / name, format="PNG")
+        sha256 = hashlib.sha256(data).hexdigest()
+        return {self.column: name, "width": img.width, "height": img.height, "image_sha256": sha256}
+
+    def validation_columns(self, df: pd.DataFrame, root: Path) -> dict[str, Any]:
+        return {"image_exists": [bool(p) and (root / p).is_file() for p in df[self.column]]}
+
+    def expectations(self, gxe: Any, params: Any, where: Any) -> list:
+        lo, hi = params.image_size
+        return [
+            gxe.ExpectColumnValuesToBeBetween(column="width", min_value=lo, max_value=hi, **where),
+            gxe.ExpectColumnValuesToBeBetween(column="height", min_value=lo, max_value=hi, **where),
+            gxe.ExpectColumnValuesToBeInSet(column="image_exists", value_set=[True], **where),
+            gxe.ExpectColumnValuesToMatchRegex(column="image_sha256", regex=r"^[0-9a-f]{64}$", **where),
+        ]

@@ -2,16 +2,46 @@
 
 "No text" has one rule, `text_or_none`: a text of whitespace, control or zero-width characters only
 counts as absent, in the Predictor and in the service's check alike. The `lowercase` setting is the
-one cleaning used, recorded in the model folder.
+one cleaning used, recorded in the model folder. Cleaning keeps the normalised text within
+`clean.min_text_chars..max_text_chars` (a longer one is dropped, not truncated); duplicates are told by it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import re
+import unicodedata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from mmfusion.data.text import normalize_text, text_or_none
 from mmfusion.errors import RequestError
-from mmfusion.modalities.base import ModalitySpec, register_modality
+from mmfusion.modalities.base import Dropped, ModalitySpec, register_modality
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+_SPACE = re.compile(r"\s+")
+
+
+def normalize_text(text: str, lowercase: bool = True) -> str:
+    """NFKC, control and format characters removed, whitespace collapsed, optionally lowercased."""
+    text = unicodedata.normalize("NFKC", text or "")
+    text = "".join(
+        " " if ch.isspace() else ch for ch in text if ch.isspace() or unicodedata.category(ch) not in ("Cc", "Cf")
+    )
+    text = _SPACE.sub(" ", text).strip()
+    return text.lower() if lowercase else text
+
+
+def text_or_none(text: str | None, lowercase: bool = True) -> str | None:
+    """`normalize_text(text)`, or None when nothing is left: the one rule for "no text".
+
+    The Predictor and the service's request check both call this, so a text the check
+    accepts is one the model can take (control or zero-width characters only count as none).
+    """
+    if text is None:
+        return None
+    return normalize_text(text, lowercase=lowercase) or None
 
 
 def check_text(text: object, limits: Any, lowercase: bool = True) -> str | None:
@@ -39,6 +69,7 @@ class TextSpec(ModalitySpec):
     http = "text"
     stats = ("text_chars",)
     defaults = {"lowercase": True}
+    dedup_key = column  # the normalised text itself
 
     @classmethod
     def settings_from_params(cls, params: Any) -> dict[str, Any]:
@@ -65,3 +96,24 @@ class TextSpec(ModalitySpec):
 
     def example(self) -> str:
         return "warm up"
+
+    def clean(self, raw: str, data: bytes | None, out_root: Path, params: Any) -> dict[str, Any]:
+        """Normalise the text (`clean.lowercase`) and check its length."""
+        text = normalize_text(raw, lowercase=params.lowercase)
+        if not text:
+            raise self.missing()
+        if len(text) < params.min_text_chars:
+            raise Dropped("text_too_short", f"{len(text)} chars < clean.min_text_chars={params.min_text_chars}")
+        if len(text) > params.max_text_chars:
+            raise Dropped("text_too_long", f"{len(text)} chars > clean.max_text_chars={params.max_text_chars}")
+        return {self.column: text}
+
+    def missing(self) -> Dropped:
+        return Dropped("empty_text", "text is empty after normalisation")
+
+    def validation_columns(self, df: pd.DataFrame, root: Path) -> dict[str, Any]:
+        return {"text_length": df[self.column].str.len()}
+
+    def expectations(self, gxe: Any, params: Any, where: Any) -> list:
+        lo, hi = params.text_length
+        return [gxe.ExpectColumnValueLengthsToBeBetween(column=self.column, min_value=lo, max_value=hi, **where)]

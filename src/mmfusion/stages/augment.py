@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from mmfusion import paths
 from mmfusion.config import Params
 from mmfusion.data.augment import augment_image, augment_text, view_seed
-from mmfusion.data.images import decode_image
+from mmfusion.modalities.image import decode_image
 from mmfusion.data.manifest import read_manifest, write_manifest
 from mmfusion.stages.common import fresh_dir, stage_main, write_json
 

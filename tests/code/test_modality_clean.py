@@ -175,3 +175,23 @@ def test_validate_runs_a_toy_modalitys_expectations_from_its_spec(raw, tmp_path)
     (root / clean.set_index("id").loc["plant-07", "vector"]).unlink()
     with pytest.raises(ValidationFailed, match=r"vector_exists.*plant-07"):
         validate_manifest(clean, root, tmp_path / "val2", ValidateParams(min_per_class=3))
+
+
+def test_split_rebases_and_augment_keeps_a_toy_file_modalitys_values(raw, tmp_path):
+    from mmfusion.data.manifest import read_manifest, write_manifest
+    from mmfusion.stages import augment, split
+
+    df, raw_dir = raw
+    root = tmp_path / "proj"
+    clean, _ = clean_dataset(df, raw_dir, root / "data/clean", CleanParams())
+    write_manifest(clean, root / "data/clean/manifest.csv")
+    params = tiny_params(raw_dir / "manifest.csv")
+    split.run(params, root)
+    train = read_manifest(root / "data/split/train.csv")
+    assert all(p == "" or p.startswith("data/clean/vectors/") for p in train["vector"])  # rebased like images
+    assert all((root / p).is_file() for p in train["vector"] if p)
+    augment.run(params, root)
+    views = read_manifest(root / "data/augmented/manifest.csv", required=("source_id", "vector"))
+    by_source = train.set_index("id")["vector"]
+    assert views["vector"].tolist() == [by_source[s] for s in views["source_id"]]  # no augmentation: kept
+    assert all(p.startswith("data/augmented/images/") for p in views["image"] if p)

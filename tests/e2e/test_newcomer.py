@@ -52,8 +52,8 @@ def make(proj: Path, *args: str, timeout: float = 900) -> subprocess.CompletedPr
 def user_env(proj: Path) -> dict[str, str]:
     """A user's shell: nothing of this test session's Prefect, BentoML or mmfusion settings."""
     env = project_env(proj)
-    for key in list(env):
-        if key.startswith(("PREFECT_API_URL", "PREFECT_HOME", "BENTOML_HOME", "MMFUSION_")):
+    for key in list(env):  # nor the `make test` this may run under (its MAKEFLAGS make every sub-make chatty)
+        if key.startswith(("PREFECT_API_URL", "PREFECT_HOME", "BENTOML_HOME", "MMFUSION_", "MAKE", "MFLAGS")):
             env.pop(key)
     return env
 

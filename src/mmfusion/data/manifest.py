@@ -7,7 +7,7 @@ it are relative to that folder's parent, so a stage output is self-contained.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,26 +15,53 @@ import pandas as pd
 
 from mmfusion.errors import UserError
 
+FIELDS = ("id", "label", "group", "source", "license")  # the raw columns that are no modality's
+# The columns of image+text data (the built-in modalities), as the functions below give them for their specs.
 RAW_COLUMNS = ("id", "image", "text", "label", "group", "source", "license")
-CLEAN_COLUMNS = RAW_COLUMNS + ("width", "height", "image_sha256")  # clean_columns() of the image and text specs
+CLEAN_COLUMNS = RAW_COLUMNS + ("width", "height", "image_sha256")
 STRING_COLUMNS = ("id", "image", "text", "label", "group", "source", "license", "image_sha256", "source_id")
 
 
+def raw_columns(specs: Mapping[str, Any]) -> list[str]:
+    """The raw manifest's columns for the data's modality specs ({name: ModalitySpec}): id, each modality's
+    column, then the other `FIELDS` (`RAW_COLUMNS` for images and texts)."""
+    first, *rest = FIELDS
+    return [first, *(spec.column for spec in specs.values()), *rest]
+
+
 def clean_columns(specs: Mapping[str, Any]) -> list[str]:
-    """The clean manifest's columns for the data's modality specs ({name: ModalitySpec}): id, each modality's
-    column, the other raw columns, then the fields each spec's clean rule adds (`CLEAN_COLUMNS` for images
-    and texts)."""
-    own = [spec.column for spec in specs.values()]
-    first, *rest = [c for c in RAW_COLUMNS if c not in own]
-    return [first, *own, *rest, *(c for spec in specs.values() for c in spec.clean_fields)]
+    """The clean manifest's columns for the data's modality specs: the raw columns, then the fields each
+    spec's clean rule adds (`CLEAN_COLUMNS` for images and texts)."""
+    return [*raw_columns(specs), *(c for spec in specs.values() for c in spec.clean_fields)]
+
+
+def string_columns(specs: Mapping[str, Any]) -> list[str]:
+    """The columns read as strings ('' not NaN): the raw columns, the clean fields whose missing value is a
+    string, and augment's `source_id` (`STRING_COLUMNS` for images and texts)."""
+    fields = (c for spec in specs.values() for c, empty in spec.clean_fields.items() if isinstance(empty, str))
+    return [*raw_columns(specs), *fields, "source_id"]
+
+
+def data_specs(columns: Iterable[str], root: str | Path = ".") -> dict[str, Any]:
+    """{modality: spec} of the modalities whose column a manifest has (the data's), files relative to `root`."""
+    from mmfusion.modalities import specs_for  # the registry, plugins included, at call time
+    from mmfusion.modalities.base import modalities_in
+
+    return specs_for(modalities_in(columns), root)
 
 
 class ManifestError(UserError):
     """A manifest is missing, unreadable or malformed."""
 
 
-def read_manifest(path: str | Path, required: tuple[str, ...] = RAW_COLUMNS) -> pd.DataFrame:
-    """Read a manifest CSV (or Parquet) with text columns kept as strings ('' not NaN)."""
+Required = Sequence[str] | Callable[[Mapping[str, Any]], Sequence[str]]
+
+
+def read_manifest(path: str | Path, required: Required = raw_columns) -> pd.DataFrame:
+    """Read a manifest CSV (or Parquet) with text columns kept as strings ('' not NaN).
+
+    `required` is a list of columns, or a function of the data's modality specs (`raw_columns`,
+    `clean_columns`): then the manifest must also have at least one registered modality's column."""
     path = Path(path)
     if not path.exists():
         raise ManifestError(f"manifest not found: {path}")
@@ -45,12 +72,22 @@ def read_manifest(path: str | Path, required: tuple[str, ...] = RAW_COLUMNS) -> 
         df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[])
     else:
         raise ManifestError(f"manifest must be .csv, .tsv or .parquet: {path}")
+    specs = data_specs(df.columns)
+    if callable(required):
+        if not specs:
+            from mmfusion.modalities import get_modality, list_modalities
+
+            columns = ", ".join(get_modality(m).column for m in list_modalities())
+            raise ManifestError(
+                f"manifest {path} has no modality column (one of {columns}); it has: {', '.join(map(str, df.columns))}"
+            )
+        required = required(specs)
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise ManifestError(
             f"manifest {path} is missing column(s) {', '.join(missing)}; it has: {', '.join(map(str, df.columns))}"
         )
-    for col in STRING_COLUMNS:
+    for col in string_columns(specs):
         if col in df.columns:
             df[col] = df[col].fillna("").astype(str)
     for col in ("width", "height", "view", *(c for c in df.columns if str(c).startswith("has_"))):

@@ -17,6 +17,8 @@ A modality's spec is one class in one module (`modalities/image.py`, `modalities
                         alike in every modality's key, and a file's content under two labels is a conflict
     validation_columns  the columns and Great Expectations expectations validate adds for the rows
     / expectations      that have the modality
+    augment             augment's seeded views of a training value (a new file, or a perturbed value);
+                        a modality without one keeps its value in every view
 
 Edges loop over `specs_for(modalities)` of the data or of the served model; `register_modality`
 adds one (a plugin or a test), like the encoder and fusion-head registries.
@@ -120,6 +122,14 @@ class ModalitySpec:
         """The Great Expectations expectations (module `gxe`) of this modality, limits from `params` (the
         `validate` section); each takes `**where`, the row condition that selects the rows that have it."""
         return []
+
+    # -- the training edge: augment -------------------------------------------------------------
+
+    def augment(self, value: str, params: Any, views: Sequence[tuple[int, str]], out_root: Path) -> list[str] | None:
+        """Seeded views of a present manifest value, one per `(seed, name)` of `views` (`params`: the `augment`
+        section). A file modality writes view `name` under `out_root/folder` and returns the paths relative to
+        `out_root`; a value modality returns the perturbed values. None: no augmentation, the views keep the value."""
+        return None
 
 
 class Dropped(Exception):

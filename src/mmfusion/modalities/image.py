@@ -118,6 +118,34 @@ def check_image(data: bytes, limits: Any, background: tuple[int, int, int] = (25
     return image, fmt or "unknown"
 
 
+# Augmentation (the augment stage): a mild, seeded torchvision v2 view at the image's own size.
+
+
+def build_image_transform(params: Any, size: tuple[int, int]):
+    """The mild image augmentation: random resized crop, small rotation, colour jitter, optional flip."""
+    from torchvision.transforms import v2  # torch: only augmentation pays for it
+
+    height, width = size
+    steps: list = [
+        v2.RandomResizedCrop((height, width), scale=params.crop_scale, ratio=(0.9, 1.1), antialias=True),
+        v2.RandomRotation(params.rotation, fill=255),
+        v2.ColorJitter(params.brightness, params.contrast, params.saturation, params.hue),
+    ]
+    if params.hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(steps)
+
+
+def augment_image(img: Image.Image, params: Any, seed: int) -> Image.Image:
+    """One seeded view of an RGB image, at the image's own size."""
+    import torch
+
+    transform = build_image_transform(params, (img.height, img.width))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transform(img)
+
+
 @register_modality
 class ImageSpec(ModalitySpec):
     """Images: a path relative to the project root in the manifest's `image` column."""
@@ -178,6 +206,15 @@ class ImageSpec(ModalitySpec):
         img.save(out_root / name, format="PNG")
         sha256 = hashlib.sha256(data).hexdigest()
         return {self.column: name, "width": img.width, "height": img.height, "image_sha256": sha256}
+
+    def augment(self, value: str, params: Any, views: Any, out_root: Path) -> list[str]:
+        """Decode once, then save one torchvision v2 view per seed as `images/<name>.png`."""
+        img = self.load(value)
+        names = []
+        for seed, name in views:
+            names.append(f"{self.folder}/{name}.png")
+            augment_image(img, params, seed).save(out_root / names[-1], format="PNG")
+        return names
 
     def validation_columns(self, df: pd.DataFrame, root: Path) -> dict[str, Any]:
         return {"image_exists": [bool(p) and (root / p).is_file() for p in df[self.column]]}

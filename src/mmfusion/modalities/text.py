@@ -8,6 +8,7 @@ one cleaning used, recorded in the model folder. Cleaning keeps the normalised t
 
 from __future__ import annotations
 
+import random
 import re
 import unicodedata
 from pathlib import Path
@@ -57,6 +58,19 @@ def check_text(text: object, limits: Any, lowercase: bool = True) -> str | None:
     if len(text) > limits.max_text_chars:
         raise RequestError(400, "text_too_long", f"text has {len(text)} characters, over the limit of {limits.max_text_chars}")
     return text if text_or_none(text, lowercase=lowercase) is not None else None
+
+
+def augment_text(text: str, params: Any, seed: int) -> str:
+    """Seeded word dropout and one swap of neighbouring words; never returns an empty text."""
+    rng = random.Random(seed)
+    words = text.split()
+    if len(words) <= 1:
+        return text
+    kept = [w for w in words if rng.random() >= params.word_dropout] or [rng.choice(words)]
+    if params.word_swap and len(kept) > 1:
+        i = rng.randrange(len(kept) - 1)
+        kept[i], kept[i + 1] = kept[i + 1], kept[i]
+    return " ".join(kept)
 
 
 @register_modality
@@ -110,6 +124,10 @@ class TextSpec(ModalitySpec):
 
     def missing(self) -> Dropped:
         return Dropped("empty_text", "text is empty after normalisation")
+
+    def augment(self, value: str, params: Any, views: Any, out_root: Path) -> list[str]:
+        """Seeded word dropout and swap, one text per seed."""
+        return [augment_text(value, params, seed) for seed, _ in views]
 
     def validation_columns(self, df: pd.DataFrame, root: Path) -> dict[str, Any]:
         return {"text_length": df[self.column].str.len()}

@@ -1,4 +1,4 @@
-"""ingest: materialise raw data (images + manifest) from a source into data/raw."""
+"""ingest: materialise raw data (the modalities' files + manifest) from a source into data/raw."""
 
 from __future__ import annotations
 
@@ -33,28 +33,51 @@ def select_samples(df: pd.DataFrame, min_class_count: int, limit: int, seed: int
 
 
 def add_feedback(df: pd.DataFrame, feedback_dir: Path, staging: Path) -> pd.DataFrame:
-    """The source's rows plus the exported feedback in `feedback_dir` (manifest.csv + images/), if any.
+    """The source's rows plus the exported feedback in `feedback_dir` (manifest.csv + one folder per file
+    modality, `images/`), if any.
 
-    Feedback images are copied into `staging/images` under their own `feedback-` names (no collision
-    with the source's files); their rows keep source=feedback (split puts them in train)."""
-    from mmfusion.data.manifest import RAW_COLUMNS, read_manifest, resolve_inside
+    Feedback files are copied into the staging folder of their modality under their own `feedback-` names
+    (no collision with the source's files); their rows keep source=feedback (split puts them in train)."""
+    from mmfusion.data.manifest import data_specs, raw_columns, read_manifest, resolve_inside
 
     manifest = feedback_dir / paths.MANIFEST
     if not manifest.exists():
         return df
-    fb = read_manifest(manifest)
+    specs = data_specs(df.columns)  # the source's modalities: the feedback has the same columns
+    fb = read_manifest(manifest, required=raw_columns(specs))
     if fb.empty:
         return df
     clash = set(fb["id"]) & set(df["id"])
     if clash:
         raise ValueError(f"ingest: feedback ids collide with the source's: {', '.join(sorted(clash)[:5])}")
-    images = staging / "images"
-    for rel in fb["image"]:
-        src = resolve_inside(feedback_dir, rel)
-        shutil.copyfile(src, images / src.name)
-    fb = fb.assign(image=[f"images/{Path(r).name}" for r in fb["image"]], source="feedback")
+    for spec in specs.values():
+        if not spec.folder:
+            continue
+        folder = staging / spec.folder
+        folder.mkdir(parents=True, exist_ok=True)
+        for rel in fb[spec.column]:
+            if rel:  # a row without the modality keeps its empty value
+                src = resolve_inside(feedback_dir, rel)
+                shutil.copyfile(src, folder / src.name)
+        fb[spec.column] = [f"{spec.folder}/{Path(r).name}" if r else "" for r in fb[spec.column]]
+    fb = fb.assign(source="feedback")
     log.info("ingest: + %d feedback sample(s) from %s", len(fb), feedback_dir)
-    return pd.concat([df, fb[list(RAW_COLUMNS)]], ignore_index=True)
+    return pd.concat([df, fb[raw_columns(specs)]], ignore_index=True)
+
+
+def drop_unkept_files(df: pd.DataFrame, staging: Path) -> None:
+    """Delete the files of every file modality's staging folder that no row of `df` names (the rows the
+    selection dropped)."""
+    from mmfusion.data.manifest import data_specs
+
+    for spec in data_specs(df.columns).values():
+        folder = staging / spec.folder if spec.folder else None
+        if folder is None or not folder.is_dir():
+            continue
+        keep = set(df[spec.column])
+        for path in folder.iterdir():
+            if f"{spec.folder}/{path.name}" not in keep:
+                path.unlink()
 
 
 def run(params: Params, root: Path = Path(".")) -> dict:
@@ -69,13 +92,9 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     before = len(df)
     ids_derived = bool(df.attrs.get("ids_derived", False))
     df = select_samples(df, p.min_class_count, p.limit)
-    keep = set(df["image"])
     if p.feedback_dir:
         df = add_feedback(df, root / p.feedback_dir, staging)
-        keep |= set(df.loc[df["source"] == "feedback", "image"])
-    for img in (staging / "images").iterdir():
-        if f"images/{img.name}" not in keep:
-            img.unlink()
+    drop_unkept_files(df, staging)
     write_manifest(df, staging / paths.MANIFEST)
     if out.exists():
         shutil.rmtree(out)

@@ -10,7 +10,7 @@ import pandas as pd
 
 from mmfusion import paths
 from mmfusion.config import Params
-from mmfusion.data.manifest import CLEAN_COLUMNS, read_manifest, write_manifest
+from mmfusion.data.manifest import clean_columns, data_specs, read_manifest, write_manifest
 from mmfusion.data.split import check_group_mix, group_mix, split_counts, split_dataset
 from mmfusion.stages.common import fresh_dir, stage_main, write_json
 
@@ -18,8 +18,9 @@ log = logging.getLogger(__name__)
 
 
 def run(params: Params, root: Path = Path(".")) -> dict:
-    """Write data/split/{train,val,test}.csv and a per-class count table (images stay in data/clean)."""
-    df = read_manifest(root / paths.CLEAN / paths.MANIFEST, required=CLEAN_COLUMNS)
+    """Write data/split/{train,val,test}.csv and a per-class count table (the files stay in data/clean)."""
+    df = read_manifest(root / paths.CLEAN / paths.MANIFEST, required=clean_columns)
+    files = [spec.column for spec in data_specs(df.columns).values() if spec.folder]
     # Labelled feedback always trains: the source's rows are split exactly as without it, so the
     # test split stays fixed across retrains (champion and challenger are compared on it).
     is_feedback = df["source"] == "feedback"
@@ -27,10 +28,10 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     if is_feedback.any():
         splits["train"] = pd.concat([splits["train"], df[is_feedback]]).sort_values("id").reset_index(drop=True)
     out = fresh_dir(root / paths.SPLIT)
-    # From here on image paths are relative to the project root (data/clean/images/...).
+    # From here on the file modalities' paths are relative to the project root (data/clean/images/...).
     for name, part in splits.items():
-        # a text-only row (no image) keeps its empty path
-        part = part.assign(image=[(paths.CLEAN / p).as_posix() if p else "" for p in part["image"]])
+        # a row without a file modality keeps its empty path
+        part = part.assign(**{c: [(paths.CLEAN / p).as_posix() if p else "" for p in part[c]] for c in files})
         write_manifest(part, out / f"{name}.csv")
     table = split_counts(splits)
     table.to_csv(out / "class_counts.csv")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mmfusion import paths
 from mmfusion.config import Params
-from mmfusion.data.manifest import CLEAN_COLUMNS, read_manifest
+from mmfusion.data.manifest import clean_columns, read_manifest
 from mmfusion.data.validate import validate_manifest
 from mmfusion.stages.common import fresh_dir, stage_main
 
@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 def run(params: Params, root: Path = Path(".")) -> dict:
     """Validate data/clean; write reports/validation/result.json and Data Docs HTML."""
-    df = read_manifest(root / paths.CLEAN / paths.MANIFEST, required=CLEAN_COLUMNS)
+    df = read_manifest(root / paths.CLEAN / paths.MANIFEST, required=clean_columns)
     out = fresh_dir(root / paths.VALIDATION)
     result = validate_manifest(df, root / paths.CLEAN, out, params.validate)
     log.info(

@@ -1,7 +1,9 @@
 import io
 
 from mmfusion.config import AugmentParams
-from mmfusion.data.augment import augment_image, augment_text, view_seed
+from mmfusion.data.augment import view_seed
+from mmfusion.modalities.image import augment_image
+from mmfusion.modalities.text import augment_text
 from tests.conftest import draw_sample
 
 

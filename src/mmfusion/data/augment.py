@@ -8,12 +8,6 @@ from __future__ import annotations
 
 import hashlib
 
-# Each modality's augmentation belongs to its spec (ModalitySpec.augment); importable from here as before.
-from mmfusion.modalities.image import augment_image, build_image_transform
-from mmfusion.modalities.text import augment_text
-
-__all__ = ["augment_image", "augment_text", "build_image_transform", "view_seed"]
-
 
 def view_seed(seed: int, sample_id: str, view: int) -> int:
     """A stable 63-bit seed for one view of one sample."""

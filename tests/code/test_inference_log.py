@@ -84,12 +84,38 @@ def test_writer_writes_in_background(tmp_path):
 def test_writer_failure_is_counted_not_raised(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    writer = InferenceLogWriter(blocker / "log.sqlite")  # cannot be created
+    writer = InferenceLogWriter(blocker / "log.sqlite", open_retry_s=0.5)  # cannot be created
     assert not writer.healthy
     writer.submit([record(1), record(2)])  # must not raise
     assert writer.flush(timeout=10)
     assert writer.failures == 2 and writer.written == 0
     writer.close()
+
+
+def test_a_log_locked_at_start_is_opened_later_and_loses_nothing(tmp_path, monkeypatch):
+    """A worker started while SQLite recovers a WAL (a kill -9 mid-write, another worker holding the file) got
+    "database is locked" once and then answered every request unlogged: the writer must try again."""
+    import sqlite3
+
+    from mmfusion.monitoring import inference_log
+
+    real, refusals = inference_log.connect, []
+
+    def locked_at_first(path, timeout=10.0):
+        if len(refusals) < 3:
+            refusals.append(path)
+            raise sqlite3.OperationalError("database is locked")
+        return real(path, timeout)
+
+    monkeypatch.setattr(inference_log, "connect", locked_at_first)
+    writer = InferenceLogWriter(tmp_path / "log.sqlite")
+    assert not writer.healthy  # the first try, at start, failed
+    writer.submit([record(i) for i in range(5)])
+    assert writer.flush(timeout=20)
+    writer.close()
+    assert writer.healthy and len(refusals) == 3
+    assert writer.written == 5 and writer.failures == 0
+    assert len(read_inference_log(tmp_path / "log.sqlite")) == 5
 
 
 def test_writer_counts_a_bad_record_and_keeps_going(tmp_path):

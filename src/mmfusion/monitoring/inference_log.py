@@ -189,6 +189,11 @@ class InferenceLogWriter:
 
     Records that cannot be written (a full queue, a disk error, a locked database past the
     timeout) are dropped, counted in `failures`, and logged with the reason.
+
+    A log that cannot be opened at start (SQLite answers "database is locked" while it recovers a WAL
+    that a worker killed with -9 left mid-write, and another process holds it open) is opened again by
+    the writer thread before each batch, for up to `open_retry_s`: the records wait in the queue
+    meanwhile, so a transient lock loses nothing.
     """
 
     def __init__(
@@ -198,17 +203,17 @@ class InferenceLogWriter:
         log_images: bool = False,
         queue_size: int = 10_000,
         max_batch: int = 256,
+        open_retry_s: float = 30.0,
     ):
         self.path = Path(path)
         self.written = 0
         self.failures = 0
         self._max_batch = max_batch
         self._queue: queue.Queue[InferenceRecord | None] = queue.Queue(maxsize=queue_size)
+        self._options = {"log_text": log_text, "log_images": log_images}
+        self._open_retry_s = open_retry_s
         self._log: InferenceLog | None = None
-        try:
-            self._log = InferenceLog(self.path, log_text=log_text, log_images=log_images)
-        except Exception as exc:  # the service still answers without a log; failures are counted
-            log.error("inference log %s cannot be opened: %s; requests will be answered but not logged", path, exc)
+        self._open()
         self._thread = threading.Thread(target=self._run, name="inference-log", daemon=True)
         self._thread.start()
 
@@ -228,6 +233,19 @@ class InferenceLogWriter:
             except queue.Full:
                 self._fail(1, "queue full")
 
+    def _open(self, retry_s: float = 0.0) -> bool:
+        """Open the log (again), trying for up to `retry_s`; False (logged) when it cannot be opened."""
+        deadline = time.monotonic() + retry_s
+        while True:
+            try:
+                self._log = InferenceLog(self.path, **self._options)
+                return True
+            except Exception as exc:  # the service still answers without a log; failures are counted
+                if time.monotonic() >= deadline:
+                    log.error("inference log %s cannot be opened: %s; answers go unlogged until it can", self.path, exc)
+                    return False
+                time.sleep(0.2)
+
     def _fail(self, n: int, reason: object) -> None:
         self.failures += n
         log.warning("inference log: %d record(s) not written (%s); %d failures so far", n, reason, self.failures)
@@ -244,7 +262,7 @@ class InferenceLogWriter:
             stop = any(r is None for r in batch)
             records = [r for r in batch if r is not None]
             if records:
-                if self._log is None:
+                if self._log is None and not self._open(self._open_retry_s):
                     self._fail(len(records), "log not open")
                 else:
                     try:

@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from mmfusion.errors import UserError
+from mmfusion.tables import read_parquet
 
 FIELDS = ("id", "label", "group", "source", "license")  # the raw columns that are no modality's
 # The columns of image+text data (the built-in modalities), as the functions below give them for their specs.
@@ -66,7 +67,7 @@ def read_manifest(path: str | Path, required: Required = raw_columns) -> pd.Data
     if not path.exists():
         raise ManifestError(f"manifest not found: {path}")
     if path.suffix.lower() in (".parquet", ".pq"):
-        df = pd.read_parquet(path)
+        df = read_parquet(path)
     elif path.suffix.lower() in (".csv", ".tsv"):
         sep = "\t" if path.suffix.lower() == ".tsv" else ","
         df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[])

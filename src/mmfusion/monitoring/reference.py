@@ -28,6 +28,7 @@ from safetensors.numpy import load_file, save_file
 from mmfusion.data.manifest import read_manifest
 from mmfusion.features.store import load_features
 from mmfusion.modalities import specs_for, stats_of
+from mmfusion.tables import read_parquet
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,6 @@ def load_reference(model_dir: Path) -> tuple[MonitorData, dict]:
             "re-run `dvc repro evaluate` (and package) to write one"
         )
     meta = json.loads((ref / META).read_text())
-    rows = pd.read_parquet(ref / ROWS)
+    rows = read_parquet(ref / ROWS)
     embeddings = {m: a.astype(np.float32, copy=False) for m, a in load_file(str(ref / EMBEDDINGS)).items()}
     return MonitorData(rows, embeddings), meta

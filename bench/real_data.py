@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     copy_project(REPO, proj)
     params = yaml.safe_load((proj / "params.yaml").read_text())
     params["ingest"]["source"] = "manifest"
-    params["ingest"]["manifest"].update({"path": str(data_dir / "manifest.csv"), "image_root": str(data_dir),
+    params["ingest"]["manifest"].update({"path": str(data_dir / "manifest.csv"), "files_root": str(data_dir),
                                          "id_column": "", "group_column": "group"})  # fmt: skip
     from mmfusion.config import ParamsError, apply_overrides, parse_params
 

@@ -28,9 +28,8 @@ Offline: needs only `apt-get download` against a Debian bookworm mirror (or --de
 already on disk); the .deb is unpacked in Python (no dpkg, no root). Point mmfusion at the
 result with:
 
-  ingest: {source: manifest, manifest: {path: OUT/manifest.csv, image_root: OUT,
-           id_column: "", image_column: image, text_column: text, label_column: label,
-           group_column: group}}
+  ingest: {source: manifest, manifest: {path: OUT/manifest.csv, files_root: OUT,
+           id_column: "", label_column: label, group_column: group}}
 
 Examples:
 

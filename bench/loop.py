@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tr.run("dvc_repro", [dvc, "repro"], proj, env)  # the project as committed, brought up to date
         # retraining on feedback needs the inputs: keep the raw image of every request, then repackage
-        params["package"]["log"].update({"log_images": True, "image_sample_rate": 1.0})
+        params["package"]["log"]["keep"] = {"image": 1.0}
         (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
         tr.run("dvc_repro_package", [dvc, "repro"], proj, env)
         tr.run("promote_first", [py, "-m", "mmfusion.serving.promotion", "compare"], proj, env)

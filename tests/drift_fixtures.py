@@ -61,8 +61,9 @@ def write_log(path: Path, data: MonitorData, version: str, prefix: str = "r") ->
             InferenceRecord(
                 request_id=f"{prefix}{i}", item=0, endpoint="classify", model_version=version, label=row["prediction"],
                 probabilities=probs, embeddings={m: data.embeddings[m][i].tolist() for m in present},
-                text="x" * int(row["text_chars"]) if "text" in present else None,
-                image_size=(72, 72) if "image" in present else None, ts=float(row["ts"]),
+                modalities=present, ts=float(row["ts"]),
+                fields={**({"text_chars": int(row["text_chars"])} if "text" in present else {}),
+                        **({"image_width": 72, "image_height": 72} if "image" in present else {})},
             )
         )  # fmt: skip
     log.append(records)

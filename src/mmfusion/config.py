@@ -27,10 +27,11 @@ class ParamsError(UserError):
 @dataclass(frozen=True)
 class ManifestSourceParams:
     path: str = ""  # CSV or Parquet, relative to the repo root or absolute
-    image_root: str = ""  # image paths in the manifest are relative to this
+    files_root: str = ""  # file modalities' paths in the manifest are relative to this; "" = the manifest's folder
+    # {modality: the manifest's column for it}; a modality not named here uses its own column (image, text).
+    # The data's modalities are those whose column the manifest has.
+    columns: dict[str, str] = field(default_factory=dict)
     id_column: str = "id"
-    image_column: str = "image"
-    text_column: str = "text"
     label_column: str = "label"
     group_column: str = ""  # optional: rows sharing a group never straddle splits
 
@@ -214,11 +215,10 @@ class InferenceLogParams:
     """What the service records per answered request (read by drift monitoring)."""
 
     path: str = "logs/inference.sqlite"  # relative paths are resolved against the project root at package time
-    log_text: bool = True  # the raw text (text drift needs it); off: only its length
-    log_images: bool = False  # the raw image bytes: off by default (size, privacy)
-    # with log_images: the share of requests whose image bytes are kept (1.0 all, 0.0 none), drawn per request;
-    # feedback can only retrain on requests whose image was kept
-    image_sample_rate: float = 1.0
+    # {modality: share of requests whose raw input the log keeps (1.0 all, 0.0 none), drawn per request};
+    # a modality not named keeps its spec's default (`keep_share`: text 1.0, image 0.0 for size and privacy).
+    # Its statistics are logged either way; feedback can only retrain on requests whose inputs were all kept
+    keep: dict[str, float] = field(default_factory=dict)
     queue_size: int = 10_000  # records waiting for the writer thread; beyond it records are dropped and counted
 
 
@@ -247,6 +247,12 @@ class PackageParams:
 RENAMED_KEYS = {
     "train.threads": "train.cpu_threads",
     "package.torch_threads": "package.cpu_threads",
+    "package.log.log_text": "package.log.keep (a share per modality: {text: 1.0})",
+    "package.log.log_images": "package.log.keep (a share per modality: {image: 1.0})",
+    "package.log.image_sample_rate": "package.log.keep (a share per modality: {image: 0.25})",
+    "ingest.manifest.image_root": "ingest.manifest.files_root",
+    "ingest.manifest.image_column": "ingest.manifest.columns (e.g. {image: photo})",
+    "ingest.manifest.text_column": "ingest.manifest.columns (e.g. {text: title})",
 }
 
 

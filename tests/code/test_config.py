@@ -1,7 +1,10 @@
+import re
+
 import pytest
 import yaml
 
-from mmfusion.config import ParamsError, apply_overrides, load_params, params_to_dict, parse_params
+from mmfusion.config import RENAMED_KEYS, ParamsError, apply_overrides, load_params, params_to_dict, parse_params
+from mmfusion.errors import UserError
 from tests.conftest import REPO
 
 
@@ -26,15 +29,30 @@ def test_repo_params_load_with_every_value_as_written():
     assert parse_params(loaded) == load_params(REPO / "params.yaml")
 
 
-@pytest.mark.parametrize(
-    "old, new", [("train.threads", "train.cpu_threads"), ("package.torch_threads", "package.cpu_threads")]
-)
-def test_a_renamed_key_names_its_new_name(old, new):
-    section, key = old.split(".")
-    with pytest.raises(ParamsError, match=f"{old} was renamed to {new}"):
-        parse_params({section: {key: 1}})
-    with pytest.raises(ParamsError, match=f"{old} was renamed to {new}"):
+@pytest.mark.parametrize("old", sorted(RENAMED_KEYS))
+def test_a_renamed_key_names_its_new_name(old):
+    data: dict = {}
+    *parents, key = old.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[key] = 1
+    message = re.escape(f"{old} was renamed to {RENAMED_KEYS[old]}")
+    with pytest.raises(ParamsError, match=message):
+        parse_params(data)
+    with pytest.raises(ParamsError, match=message):
         apply_overrides(yaml.safe_load((REPO / "params.yaml").read_text()), [f"{old}=2"])
+
+
+def test_the_log_keeps_texts_and_no_images_unless_told():
+    from mmfusion.modalities import keep_shares
+
+    assert keep_shares(["image", "text"], load_params(REPO / "params.yaml").package.log.keep) == {"image": 0.0, "text": 1.0}
+    assert keep_shares(["image"], parse_params({"package": {"log": {"keep": {"image": 0.25}}}}).package.log.keep) == {"image": 0.25}
+    with pytest.raises(UserError, match=r"names \['audio'\], not an input of this model"):
+        keep_shares(["image", "text"], {"audio": 1.0})
+    with pytest.raises(UserError, match="between 0 and 1"):
+        keep_shares(["image"], {"image": 2})
 
 
 def test_one_cpu_threads_key_in_every_section_that_sets_threads():

@@ -13,13 +13,22 @@ from mmfusion.monitoring.inference_log import (
     InferenceRecord,
     read_embeddings,
     read_inference_log,
+    read_kept,
 )
 
 
-def record(i: int, text: str | None = "red apple", image: bool = True) -> InferenceRecord:
+def record(i: int, text: str | None = "red apple", image: bool = True, keep: tuple[str, ...] = ()) -> InferenceRecord:
     emb = {"text": [0.1 * i] * 4} if text else {}
     if image:
         emb["image"] = [float(i)] * 6
+    fields = {"text_chars": len(text)} if text else {}
+    if image:
+        fields.update({"image_width": 72, "image_height": 64, "image_format": "PNG", "image_bytes": 123})
+    kept = {}
+    if "image" in keep and image:
+        kept["image"] = ("PNG", b"raw")
+    if "text" in keep and text:
+        kept["text"] = ("text", text.encode())
     return InferenceRecord(
         request_id=f"r{i}",
         item=0,
@@ -29,11 +38,8 @@ def record(i: int, text: str | None = "red apple", image: bool = True) -> Infere
         probabilities={"fruit": 0.7, "plant": 0.3},
         contributions={"image": 0.4, "text": 0.6},
         embeddings=emb,
-        text=text,
-        image_size=(72, 64) if image else None,
-        image_format="PNG" if image else None,
-        image_bytes=123 if image else None,
-        image_data=b"raw" if image else None,
+        fields=fields,
+        kept=kept,
         latency_ms=12.5,
         ts=1000.0 + i,
     )
@@ -46,9 +52,10 @@ def test_round_trip(tmp_path):
     df = read_inference_log(tmp_path / "log.sqlite")
     assert list(df["request_id"]) == ["r1", "r2", "r3"]
     assert df.loc[0, "probabilities"] == {"fruit": 0.7, "plant": 0.3}
-    assert df.loc[0, "confidence"] == 0.7 and df.loc[0, "text"] == "red apple" and df.loc[0, "text_chars"] == 9
+    assert df.loc[0, "confidence"] == 0.7 and df.loc[0, "text_chars"] == 9 and "text" not in df
     assert df.loc[1, "modalities"] == "image" and df.loc[2, "modalities"] == "text"
-    assert (df.loc[0, "image_width"], df.loc[0, "image_height"]) == (72, 64)
+    assert (df.loc[0, "image_width"], df.loc[0, "image_height"], df.loc[0, "image_format"]) == (72, 64, "PNG")
+    assert df.loc[2, ["image_width", "image_format"]].isna().all()
     keys, image = read_embeddings(tmp_path / "log.sqlite", "image")
     assert list(keys["request_id"]) == ["r1", "r2"] and image.shape == (2, 6) and image.dtype == np.float32
     np.testing.assert_allclose(image[1], 2.0)
@@ -56,20 +63,72 @@ def test_round_trip(tmp_path):
     assert list(keys["request_id"]) == ["r3"] and text.shape == (1, 4)
 
 
-def test_wal_mode_and_privacy_flags(tmp_path):
+def test_wal_mode_and_kept_inputs(tmp_path):
     path = tmp_path / "log.sqlite"
-    log = InferenceLog(path, log_text=False, log_images=False)
-    log.append([record(1)])
+    log = InferenceLog(path)
+    log.append([record(1), record(2, keep=("image",)), record(3, keep=("image", "text"))])
     log.close()
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("SELECT COUNT(*) FROM images").fetchone()[0] == 0
-        assert conn.execute("SELECT text, text_chars FROM predictions").fetchone() == (None, 9)
-    log = InferenceLog(path, log_images=True)
-    log.append([record(2)])
-    log.close()
+        assert conn.execute("SELECT text_chars FROM predictions WHERE request_id='r1'").fetchone() == (9,)
+        assert read_kept(conn) == {("r2", 0): {"image": ("PNG", b"raw")},
+                                   ("r3", 0): {"image": ("PNG", b"raw"), "text": ("text", b"red apple")}}  # fmt: skip
+        assert read_kept(conn, [("r3", 0), ("r1", 0)]) == {("r3", 0): {"image": ("PNG", b"raw"), "text": ("text", b"red apple")}}
+
+
+def test_a_log_of_the_old_schema_keeps_its_rows_and_its_kept_inputs(tmp_path):
+    """Logs written before the `inputs` table kept images in `images` and texts in `predictions.text`: they
+    stay readable, feedback on them stays usable, and new rows go in beside the old ones."""
+    path = tmp_path / "old.sqlite"
     with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT request_id, data FROM images").fetchall() == [("r2", b"raw")]
+        conn.executescript(OLD_SCHEMA)
+        conn.execute("INSERT INTO predictions VALUES ('old', 0, 1.0, 't', 'classify', 'v0', 'fruit', 0.9, "
+                     "'{\"fruit\": 0.9}', '{}', 'image,text', 9, 'red apple', 72, 64, 'PNG', 3, 5.0)")  # fmt: skip
+        conn.execute("INSERT INTO images VALUES ('old', 0, 'PNG', x'010203')")
+    log = InferenceLog(path)  # migrates: columns are only added
+    assert log.append([record(7, keep=("text",))]) == 1
+    log.close()
+    df = read_inference_log(path)
+    assert list(df["request_id"]) == ["old", "r7"] and list(df["text_chars"]) == [9, 9]
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+        assert read_kept(conn) == {("old", 0): {"image": ("PNG", b"\x01\x02\x03"), "text": ("text", b"red apple")},
+                                   ("r7", 0): {"text": ("text", b"red apple")}}  # fmt: skip
+
+
+def test_a_modality_registered_later_gets_its_columns(tmp_path):
+    from mmfusion.modalities import ModalitySpec, register_modality, unregister_modality
+
+    path = tmp_path / "log.sqlite"
+    InferenceLog(path).close()  # made before the modality exists
+
+    @register_modality
+    class Pitch(ModalitySpec):
+        name, column, http, stats, log_fields, dedup_key = "pitch", "pitch", "text", ("pitch_hz",), ("pitch_unit",), "pitch"
+
+    try:
+        rec = record(1)
+        rec.fields.update({"pitch_hz": 440.0, "pitch_unit": "Hz"})
+        rec.kept = {"pitch": ("text", b"440")}
+        log = InferenceLog(path)
+        assert log.append([rec]) == 1
+        log.close()
+        row = read_inference_log(path).iloc[0]
+        assert (row["pitch_hz"], row["pitch_unit"]) == (440.0, "Hz")
+    finally:
+        unregister_modality("pitch")
+
+
+OLD_SCHEMA = """
+CREATE TABLE predictions (request_id TEXT NOT NULL, item INTEGER NOT NULL, ts REAL NOT NULL, time TEXT NOT NULL,
+    endpoint TEXT NOT NULL, model_version TEXT NOT NULL, label TEXT NOT NULL, confidence REAL NOT NULL,
+    probabilities TEXT NOT NULL, contributions TEXT NOT NULL, modalities TEXT NOT NULL, text_chars INTEGER,
+    text TEXT, image_width INTEGER, image_height INTEGER, image_format TEXT, image_bytes INTEGER, latency_ms REAL,
+    PRIMARY KEY (request_id, item));
+CREATE TABLE embeddings (request_id TEXT NOT NULL, item INTEGER NOT NULL, modality TEXT NOT NULL,
+    dim INTEGER NOT NULL, vector BLOB NOT NULL, PRIMARY KEY (request_id, item, modality));
+CREATE TABLE images (request_id TEXT NOT NULL, item INTEGER NOT NULL, format TEXT, data BLOB NOT NULL,
+    PRIMARY KEY (request_id, item));
+"""
 
 
 def test_writer_writes_in_background(tmp_path):

@@ -28,19 +28,23 @@ def _png(seed: int) -> bytes:
 
 @pytest.fixture
 def logged(tmp_path):
-    """An inference log with 6 answered requests: r0..r4 kept their image, r5 did not; r6 is a 2-item batch."""
+    """An inference log with 7 answered requests: r0..r4 kept their image and text, r5 only its text; r6 is a
+    2-item batch of texts, item 1 kept, item 0 not."""
     path = tmp_path / "logs" / "inference.sqlite"
-    log = InferenceLog(path, log_images=True)
+    log = InferenceLog(path)
     recs = []
     for i in range(6):
-        data = _png(i)
+        data, text = _png(i), f"red apple {i}"
+        kept = {"image": ("PNG", data), "text": ("text", text.encode())} if i < 5 else {"text": ("text", text.encode())}
         recs.append(InferenceRecord(request_id=f"r{i}", item=0, endpoint="classify", model_version="v1", label="fruit",
-                                    probabilities={"fruit": 0.9, "plant": 0.05, "water": 0.05}, text=f"red apple {i}",
-                                    image_size=(48, 48), image_format="PNG", image_bytes=len(data),
-                                    image_data=data if i < 5 else None, ts=1000.0 + i))  # fmt: skip
+                                    probabilities={"fruit": 0.9, "plant": 0.05, "water": 0.05}, modalities=["image", "text"],
+                                    fields={"image_width": 48, "image_height": 48, "image_format": "PNG",
+                                            "image_bytes": len(data), "text_chars": len(text)},
+                                    kept=kept, ts=1000.0 + i))  # fmt: skip
     for j in range(2):
         recs.append(InferenceRecord(request_id="r6", item=j, endpoint="classify_batch", model_version="v1", label="plant",
-                                    probabilities={"fruit": 0.1, "plant": 0.8, "water": 0.1}, text="leaf", ts=1010.0))  # fmt: skip
+                                    probabilities={"fruit": 0.1, "plant": 0.8, "water": 0.1}, modalities=["text"],
+                                    fields={"text_chars": 4}, kept={"text": ("text", b"leaf")} if j else {}, ts=1010.0))  # fmt: skip
     log.append(recs)
     log.close()
     return path
@@ -62,30 +66,37 @@ def test_feedback_is_stored_and_client_mistakes_are_4xx(logged):
         assert (err.value.status, err.value.reason) == (status, reason)
     not_kept = add_feedback(logged, "r5", 0, "fruit", LABELS)
     assert not not_kept.usable and not_kept.reason == "image_not_kept"
-    batch = add_feedback(logged, "r6", 1, "plant", LABELS)
-    assert not batch.usable and batch.reason == "no_image"
-    assert feedback_counts(logged) == {"total": 3, "usable": 1, "not_usable": {"image_not_kept": 1, "no_image": 1}}
+    text_only = add_feedback(logged, "r6", 1, "plant", LABELS)
+    assert text_only.usable  # every input it had was kept: a text-only row is a training row
+    nothing_kept = add_feedback(logged, "r6", 0, "plant", LABELS)
+    assert not nothing_kept.usable and nothing_kept.reason == "text_not_kept"
+    assert feedback_counts(logged) == {"total": 4, "usable": 2, "not_usable": {"image_not_kept": 1, "text_not_kept": 1}}
     df = read_feedback(logged)
-    assert list(df["request_id"]) == ["r0", "r5", "r6"] and df.loc[0, "label"] == "plant"  # the duplicate changed nothing
+    assert list(df["request_id"]) == ["r0", "r5", "r6", "r6"] and df.loc[0, "label"] == "plant"  # the duplicate changed nothing
+    assert df.loc[0, "inputs"]["text"] == ("text", b"red apple 0") and df.loc[0, "inputs"]["image"][0] == "PNG"
+    assert df.loc[2, "modalities"] == "text" and set(df.loc[2, "inputs"]) == {"text"}
 
 
 def test_export_holds_out_the_newest_and_writes_an_ingestable_manifest(logged, tmp_path):
     from mmfusion.sources.manifest import build
 
+    add_feedback(logged, "r6", 1, "plant", LABELS, now=2999.0)  # text-only, usable, the oldest
     for i in range(5):
         add_feedback(logged, f"r{i}", 0, "water" if i % 2 else "fruit", LABELS, now=3000.0 + i)
     add_feedback(logged, "r5", 0, "fruit", LABELS, now=3010.0)  # stored, not usable
     params = parse_params({"retrain": {"holdout_fraction": 0.4, "export_dir": str(tmp_path / "fb")},
                            "ingest": {"feedback_dir": str(tmp_path / "fb" / "train")}})
     summary = export_feedback(params, tmp_path, log_path=logged)
-    assert (summary["usable"], summary["train"], summary["holdout"]) == (5, 3, 2)
-    assert summary["not_usable"] == {"image_not_kept": 1}
+    assert (summary["usable"], summary["train"], summary["holdout"]) == (6, 4, 2)
+    assert summary["not_usable"] == {"image_not_kept": 1} and summary["modalities"] == ["image", "text"]
     hold = pd.read_csv(tmp_path / "fb" / "holdout" / "manifest.csv")
     assert sorted(hold["request_id"]) == ["r3", "r4"]  # the newest feedback
     src = parse_params({"ingest": {"source": "manifest", "manifest": {"path": str(tmp_path / "fb" / "train" / "manifest.csv")}}})
     df = build(src.ingest, tmp_path / "staging")
-    assert len(df) == 3 and set(df["label"]) == {"fruit", "water"}
-    assert all((tmp_path / "staging" / p).read_bytes()[:4] == b"\x89PNG" for p in df["image"])
+    assert len(df) == 4 and set(df["label"]) == {"fruit", "water", "plant"}
+    images = [p for p in df["image"] if p]
+    assert len(images) == 3 and all((tmp_path / "staging" / p).read_bytes()[:4] == b"\x89PNG" for p in images)
+    assert sorted(df["text"]) == ["leaf", "red apple 0", "red apple 1", "red apple 2"]
 
 
 def test_split_holdout_edges():

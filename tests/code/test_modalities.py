@@ -65,7 +65,7 @@ def test_the_service_decodes_with_the_models_recorded_background():
     Image.new("RGBA", (20, 20), (0, 0, 0, 0)).save(buf, format="PNG")
     dark = specs_for(["image"], settings={"image": {"background": [10, 20, 30]}})["image"]
     image, record = dark.check(buf.getvalue(), _Ctx())
-    assert image.getpixel((5, 5)) == (10, 20, 30) and record["image_format"] == "PNG"
+    assert image.getpixel((5, 5)) == (10, 20, 30) and record["image_format"] == "PNG" and record["image_width"] == 20
     with pytest.raises(RequestError) as err:
         dark.check(b"\x89PNG\r\n\x1a\n broken", _Ctx())
     assert err.value.status == 400 and err.value.reason == "undecodable_image"

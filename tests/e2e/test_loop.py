@@ -48,7 +48,7 @@ def loop(tmp_path_factory):
     params["train"].update({"strategies": ["concat"], "epochs": 25, "patience": 25, "hidden_dim": 32, "batch_size": 16})
     params["evaluate"].update({"bootstrap": 50, "raw_check": 0})
     params["package"].update({"workers": 1, "smoke_test": False})
-    params["package"]["log"].update({"log_images": True, "image_sample_rate": 1.0})
+    params["package"]["log"]["keep"] = {"image": 1.0}
     params["retrain"].update({"holdout_fraction": 0.25})
     params["retrain"]["promotion"].update({"test_tolerance": 0.05, "holdout_tolerance": 0.05})
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -55,11 +55,15 @@ def test_valid_items():
     assert image.mode == "RGB" and image.size == (40, 30)
     assert image.getpixel((0, 0)) == (255, 255, 255)  # alpha flattened by the shared decode path
     assert checked.values["text"] == "  Red Apple " and checked.modalities == ["image", "text"]
-    assert checked.record["image_format"] == "PNG" and checked.record["image_size"] == (40, 30)
-    assert "image_data" not in checked.record and checked.record["image_bytes"] > 0
+    fields = checked.record["fields"]
+    assert fields["image_format"] == "PNG" and (fields["image_width"], fields["image_height"]) == (40, 30)
+    assert fields["image_bytes"] > 0 and fields["text_chars"] == len("  Red Apple ")
+    assert checked.record["kept"] == {} and checked.record["modalities"] == ["image", "text"]
     assert item(None, "leaf").modalities == ["text"]
-    keep = CheckContext(LIMITS, keep_bytes=True)
-    assert item(encode(Image.new("RGB", (8, 8)), "JPEG"), None, keep).record["image_data"]
+    jpeg = encode(Image.new("RGB", (8, 8)), "JPEG")
+    kept = item(jpeg, " Leaf ", CheckContext(LIMITS, keep={"image": True, "text": True})).record["kept"]
+    assert kept == {"image": ("JPEG", jpeg), "text": ("text", b" Leaf ")}  # the upload as sent, the text as checked
+    assert item(jpeg, " Leaf ", CheckContext(LIMITS, keep={"text": True})).record["kept"] == {"text": ("text", b" Leaf ")}
 
 
 def test_text_empty_after_normalisation_counts_as_none():

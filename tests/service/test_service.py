@@ -228,11 +228,11 @@ def test_log_rows_match_answers(server):
         conn.row_factory = sqlite3.Row
         row = conn.execute("SELECT * FROM predictions WHERE request_id = ?", (request_id,)).fetchone()
         embs = conn.execute("SELECT modality, dim FROM embeddings WHERE request_id = ?", (request_id,)).fetchall()
-        images = conn.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+        kept = dict(conn.execute("SELECT modality, format FROM inputs WHERE request_id = ?", (request_id,)).fetchall())
         mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
     assert row["label"] == resp.json()["label"] and row["model_version"] == resp.json()["model_version"]
     assert row["text_chars"] == len("rain cloud") and (row["image_width"], row["image_height"]) == (64, 64)
     assert row["image_format"] == "PNG" and row["image_bytes"] > 0
     assert dict((e["modality"], e["dim"]) for e in embs) == {"image": 1280, "text": 384}
-    assert images == 0  # raw images are off by default
+    assert kept == {"text": "text"}  # by default the text is kept, the raw image is not (package.log.keep)
     assert mode == "wal"

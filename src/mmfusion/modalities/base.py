@@ -7,9 +7,13 @@ A modality's spec is one class in one module (`modalities/image.py`, `modalities
     content / load      a manifest value -> the bytes that key the feature cache / what its encoders take
     settings            the preprocessing the model folder records (`config.json: inputs.<modality>`),
                         so that serving reads it from the model, never from params (timm's pretrained_cfg)
-    check               a request's raw value -> (what the Predictor takes or None, the log's fields);
+    check               a request's raw value -> (what the Predictor takes or None, its inference-log columns);
                         `http` says how the HTTP API takes it: an uploaded file (base64 in JSON) or a string
     stats / measure     the input statistics the inference log keeps and the reference measures
+    log_fields          further inference-log columns `check` fills (not drift-checked: a file's format, bytes)
+    keep_share / kept   the share of requests whose raw input the log keeps by default (`package.log.keep`
+    / restore           overrides it), the (format, bytes) it keeps, and how an export of labelled feedback
+                        turns them back into a manifest value (a file under `folder`, or the value itself)
     value / example     what counts as "missing", and a valid input (package's smoke test, warm-up)
     clean / missing     clean's rule: a raw manifest value -> its clean-manifest fields (`column` and
                         `clean_fields`), or `Dropped` with the reason; the drop of a row without it
@@ -47,6 +51,8 @@ class ModalitySpec:
     folder: ClassVar[str | None] = None  # files under <stage output>/<folder>/; None: the value is in the manifest
     http: ClassVar[str] = "file"
     stats: ClassVar[tuple[str, ...]] = ()  # input statistics: inference-log columns, measured on the reference too
+    log_fields: ClassVar[tuple[str, ...]] = ()  # further inference-log columns (not drift-checked)
+    keep_share: ClassVar[float] = 0.0  # share of requests whose raw input the log keeps (package.log.keep overrides)
     parallel_load: ClassVar[bool] = False  # loading is worth DataLoader worker processes (decoding files)
     defaults: ClassVar[dict[str, Any]] = {}  # the settings and their defaults
     clean_fields: ClassVar[dict[str, Any]] = {}  # clean-manifest columns it adds, with a row-without-it's value
@@ -89,8 +95,31 @@ class ModalitySpec:
         return item_value
 
     def check(self, raw: Any, ctx: Any) -> tuple[Any | None, dict[str, Any]]:
-        """A request's raw value -> (Predictor input or None, inference-log fields); RequestError on a bad one."""
+        """A request's raw value -> (Predictor input or None, {log column: value} for `stats` and `log_fields`);
+        RequestError on a bad one."""
         raise NotImplementedError
+
+    def kept(self, raw: Any, value: Any, fields: dict[str, Any]) -> tuple[str | None, bytes]:
+        """What the inference log keeps of a checked request value (`raw` as sent; `value` and `fields` as
+        `check` returned them): (format, bytes). A file modality keeps the uploaded bytes; a value modality
+        its checked value."""
+        if self.folder:
+            return None, bytes(raw)
+        return self.http, str(value).encode("utf-8")
+
+    def restore(self, fmt: str | None, data: bytes, out_root: Path, name: str) -> str:
+        """A kept input -> its manifest value: a file modality writes `out_root/folder/name<suffix>` and returns
+        the path relative to `out_root`; a value modality returns the value."""
+        if not self.folder:
+            return data.decode("utf-8")
+        rel = f"{self.folder}/{name}{self.suffix(fmt)}"
+        (out_root / self.folder).mkdir(parents=True, exist_ok=True)
+        (out_root / rel).write_bytes(data)
+        return rel
+
+    def suffix(self, fmt: str | None) -> str:
+        """The file name suffix of a kept file of format `fmt`."""
+        return f".{fmt.lower()}" if fmt else ".bin"
 
     def example(self) -> Any:
         """A valid Predictor input (the package stage's smoke test, the service's warm-up)."""
@@ -208,6 +237,20 @@ def stats_of(modality: str) -> tuple[str, ...]:
     """The input statistics of `modality` (inference-log columns); none for a name no spec is registered for."""
     spec = _MODALITIES.get(modality)
     return spec.stats if spec is not None else ()
+
+
+def keep_shares(modalities: Iterable[str], overrides: Mapping[str, float] | None = None) -> dict[str, float]:
+    """{modality: share of requests whose raw input the inference log keeps}: each spec's `keep_share`, overridden
+    by `package.log.keep`; a name there that is not one of `modalities`, or a share outside [0, 1], is an error."""
+    modalities = list(modalities)
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(modalities))
+    if unknown:
+        raise UserError(f"package.log.keep names {unknown}, not an input of this model; its inputs: {modalities}")
+    bad = {m: v for m, v in overrides.items() if not 0.0 <= float(v) <= 1.0}
+    if bad:
+        raise UserError(f"package.log.keep: a share is between 0 and 1, got {bad}")
+    return {m: float(overrides.get(m, get_modality(m).keep_share)) for m in modalities}
 
 
 def settings_from_params(modalities: Iterable[str], params: Any) -> dict[str, dict[str, Any]]:

@@ -146,6 +146,9 @@ def augment_image(img: Image.Image, params: Any, seed: int) -> Image.Image:
         return transform(img)
 
 
+SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp"}  # a kept upload's file name
+
+
 @register_modality
 class ImageSpec(ModalitySpec):
     """Images: a path relative to the project root in the manifest's `image` column."""
@@ -155,6 +158,8 @@ class ImageSpec(ModalitySpec):
     folder = "images"
     http = "file"
     stats = ("image_width", "image_height")
+    log_fields = ("image_format", "image_bytes")
+    keep_share = 0.0  # raw images are large and may be private: kept only where package.log.keep says
     parallel_load = True
     defaults = {"background": [255, 255, 255]}  # alpha is flattened onto it (emoji have alpha)
     clean_fields = {"width": 0, "height": 0, "image_sha256": ""}
@@ -186,10 +191,14 @@ class ImageSpec(ModalitySpec):
 
     def check(self, raw: Any, ctx: Any) -> tuple[Any | None, dict[str, Any]]:
         image, fmt = check_image(raw, ctx.limits, self.background)
-        record = {"image_size": image.size, "image_format": fmt, "image_bytes": len(raw)}
-        if ctx.keep_bytes:
-            record["image_data"] = bytes(raw)
-        return image, record
+        return image, {"image_width": image.width, "image_height": image.height, "image_format": fmt,
+                       "image_bytes": len(raw)}  # fmt: skip
+
+    def kept(self, raw: Any, value: Any, fields: dict[str, Any]) -> tuple[str | None, bytes]:
+        return fields.get("image_format"), bytes(raw)
+
+    def suffix(self, fmt: str | None) -> str:
+        return SUFFIXES.get(str(fmt).upper(), ".img")
 
     def example(self) -> Image.Image:
         return Image.new("RGB", (64, 64), "white")

@@ -82,6 +82,7 @@ class TextSpec(ModalitySpec):
     folder = None
     http = "text"
     stats = ("text_chars",)
+    keep_share = 1.0  # text drift reviews and feedback need the text; package.log.keep: {text: 0} keeps only its length
     defaults = {"lowercase": True}
     dedup_key = column  # the normalised text itself
 
@@ -106,7 +107,7 @@ class TextSpec(ModalitySpec):
 
     def check(self, raw: Any, ctx: Any) -> tuple[Any | None, dict[str, Any]]:
         text = check_text(raw, ctx.limits, self.settings["lowercase"])
-        return text, ({"text": text} if text is not None else {})
+        return text, ({"text_chars": len(text)} if text is not None else {})
 
     def example(self) -> str:
         return "warm up"

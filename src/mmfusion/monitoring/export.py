@@ -1,4 +1,4 @@
-"""Usable labelled feedback -> manifests + images folders that the `manifest` source can ingest.
+"""Usable labelled feedback -> manifests + one folder per file modality, as the ingest stage adds them.
 
     python -m mmfusion.monitoring.export          # writes retrain.export_dir/{train,holdout}
 
@@ -6,7 +6,9 @@ The newest `retrain.holdout_fraction` of the usable feedback goes to `holdout/` 
 champion and challenger are compared on it); the rest to `train/`, which the ingest stage adds to
 the source's samples (`ingest.feedback_dir`). Both folders are rewritten whole from the feedback
 table (the durable store), so an export is reproducible; `dvc.lock` records each ingested version.
-Columns: id, image, text, label, group, source (= feedback), license, request_id, item, ts.
+Columns: id, one per modality of the feedback (its spec's `column`: image, text, ...; empty where the request
+lacked it), label, group, source (= feedback), license, request_id, item, ts. Each kept input becomes a
+manifest value through its spec's `restore` (a file under the modality's folder, or the value itself).
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ import pandas as pd
 
 from mmfusion import paths
 from mmfusion.config import Params, load_params
+from mmfusion.modalities import list_modalities, specs_for
 from mmfusion.monitoring import monitor
 from mmfusion.monitoring.feedback import read_feedback
 
 log = logging.getLogger(__name__)
 
-_EXT = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp"}
-COLUMNS = ["id", "image", "text", "label", "group", "source", "license", "request_id", "item", "ts"]
+META_COLUMNS = ["label", "group", "source", "license", "request_id", "item", "ts"]
 
 
 def split_holdout(df: pd.DataFrame, fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -43,20 +45,27 @@ def split_holdout(df: pd.DataFrame, fraction: float) -> tuple[pd.DataFrame, pd.D
     return df.iloc[: len(df) - n_hold], df.iloc[len(df) - n_hold :]
 
 
-def _write(df: pd.DataFrame, out: Path) -> int:
+def feedback_modalities(df: pd.DataFrame) -> list[str]:
+    """The registered modalities the feedback rows had, in registration order."""
+    seen = {m for ms in df["modalities"] for m in str(ms).split(",") if m}
+    return [m for m in list_modalities() if m in seen]
+
+
+def _write(df: pd.DataFrame, out: Path, modalities: list[str]) -> int:
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    (tmp / "images").mkdir(parents=True)
+    tmp.mkdir(parents=True)
+    specs = specs_for(modalities)
     rows = []
     for r in df.itertuples(index=False):
         sid = f"feedback-{r.request_id}-{r.item}"
-        name = "".join(c if c.isalnum() or c in "._-" else "_" for c in sid) + _EXT.get(str(r.image_format).upper(), ".img")
-        (tmp / "images" / name).write_bytes(r.image)
-        rows.append({"id": sid, "image": f"images/{name}", "text": r.text, "label": r.label, "group": sid,
-                     "source": "feedback", "license": "user feedback", "request_id": r.request_id,
-                     "item": int(r.item), "ts": float(r.ts)})  # fmt: skip
-    pd.DataFrame(rows, columns=COLUMNS).to_csv(tmp / "manifest.csv", index=False)
+        name = "".join(c if c.isalnum() or c in "._-" else "_" for c in sid)
+        values = {specs[m].column: specs[m].restore(*r.inputs[m], tmp, name) if m in r.inputs else "" for m in modalities}
+        rows.append({"id": sid, **values, "label": r.label, "group": sid, "source": "feedback",
+                     "license": "user feedback", "request_id": r.request_id, "item": int(r.item), "ts": float(r.ts)})  # fmt: skip
+    columns = ["id", *(specs[m].column for m in modalities), *META_COLUMNS]
+    pd.DataFrame(rows, columns=columns).to_csv(tmp / "manifest.csv", index=False)
     readme = out / "README.md"
     if readme.exists():  # the committed placeholder that lets DVC track an empty export
         shutil.copy2(readme, tmp / "README.md")
@@ -71,7 +80,8 @@ def export_feedback(params: Params, root: Path = Path("."), log_path: Path | Non
     root = Path(root)
     src = Path(log_path) if log_path else monitor.log_path(params, root)
     df = read_feedback(src)
-    usable = df[df["usable"] & df["image"].notna()]
+    usable = df[df["usable"]]
+    modalities = feedback_modalities(usable)
     train, holdout = split_holdout(usable, params.retrain.holdout_fraction)
     out = paths.resolve(root, params.retrain.export_dir)
     summary = {
@@ -79,8 +89,9 @@ def export_feedback(params: Params, root: Path = Path("."), log_path: Path | Non
         "feedback": int(len(df)),
         "usable": int(len(usable)),
         "not_usable": {str(k): int(v) for k, v in df.loc[~df["usable"], "reason"].value_counts().items()},
-        "train": _write(train, out / "train"),
-        "holdout": _write(holdout, out / "holdout"),
+        "modalities": modalities,
+        "train": _write(train, out / "train", modalities),
+        "holdout": _write(holdout, out / "holdout", modalities),
         "dir": str(out),
         "labels": {str(k): int(v) for k, v in usable["label"].value_counts().sort_index().items()},
         "newest_ts": float(usable["ts"].max()) if len(usable) else None,

@@ -6,8 +6,8 @@ tables are only read):
   feedback  request_id, item, label, ts, time, predicted, model_version, usable, reason
 
 A feedback row is keyed to (request_id, item) of a `predictions` row. It is *usable* for
-retraining when the request's raw image was kept (package.log.log_images / image_sample_rate)
-and its text was logged; otherwise it is stored, counted, and the answer says why not.
+retraining when the raw input of every modality the request had was kept (`package.log.keep`);
+otherwise it is stored, counted, and the answer says why not (`<modality>_not_kept`).
 Client mistakes raise `FeedbackError` (an HTTP status, a reason, a message): unknown request id
 404, unknown item 404, unknown label 400, a second label for the same item 409.
 """
@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from mmfusion.monitoring.inference_log import has_table, read_kept
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS feedback (
     request_id    TEXT NOT NULL,
@@ -32,7 +34,7 @@ CREATE TABLE IF NOT EXISTS feedback (
     predicted     TEXT,
     model_version TEXT,
     usable        INTEGER NOT NULL,
-    reason        TEXT,           -- why not usable: image_not_kept | no_image | no_text
+    reason        TEXT,           -- why not usable: <modality>_not_kept
     PRIMARY KEY (request_id, item)
 );
 CREATE INDEX IF NOT EXISTS feedback_ts ON feedback (ts);
@@ -82,10 +84,6 @@ def connect(path: str | Path, timeout: float = 10.0) -> sqlite3.Connection:
     return conn
 
 
-def _has_table(conn: sqlite3.Connection, name: str) -> bool:
-    return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() is not None
-
-
 def add_feedback(path: str | Path, request_id: str, item: int, label: str, labels: list[str] | tuple[str, ...],
                  now: float | None = None) -> Feedback:
     """Validate and store one label for (request_id, item); FeedbackError on a client mistake."""
@@ -97,24 +95,19 @@ def add_feedback(path: str | Path, request_id: str, item: int, label: str, label
         raise FeedbackError(400, "unknown_label", f"label {label!r} is not one of the model's labels: {', '.join(labels)}")
     conn = connect(path)
     try:
-        if not _has_table(conn, "predictions"):
+        if not has_table(conn, "predictions"):
             raise FeedbackError(404, "unknown_request", f"no request {request_id!r} in the inference log")
         items = conn.execute(
-            "SELECT item, label, model_version, image_format, image_bytes, text FROM predictions WHERE request_id = ?",
-            (request_id,),
+            "SELECT item, label, model_version, modalities FROM predictions WHERE request_id = ?", (request_id,)
         ).fetchall()
         if not items:
             raise FeedbackError(404, "unknown_request", f"no request {request_id!r} in the inference log")
         row = next((r for r in items if r[0] == item), None)
         if row is None:
             raise FeedbackError(404, "unknown_item", f"request {request_id!r} has items 0..{len(items) - 1}, not {item}")
-        _, predicted, version, _fmt, nbytes, text = row
-        kept = _has_table(conn, "images") and conn.execute(
-            "SELECT 1 FROM images WHERE request_id = ? AND item = ?", (request_id, item)
-        ).fetchone() is not None
-        reason = None if kept else ("no_image" if nbytes is None else "image_not_kept")
-        if reason is None and not text:
-            reason = "no_text"
+        _, predicted, version, present = row
+        kept = read_kept(conn, [(request_id, item)]).get((request_id, item), {})
+        reason = next((f"{m}_not_kept" for m in str(present).split(",") if m and m not in kept), None)
         ts = time.time() if now is None else now
         fb = Feedback(request_id, item, label, predicted, version, reason is None, reason, ts)
         try:
@@ -137,29 +130,29 @@ def add_feedback(path: str | Path, request_id: str, item: int, label: str, label
 
 
 def read_feedback(path: str | Path, since: float | None = None) -> pd.DataFrame:
-    """Every feedback row joined with what was logged for it (text, image bytes if kept), oldest first."""
+    """Every feedback row with what was logged for it, oldest first: `modalities` (the present ones) and
+    `inputs` ({modality: (format, raw bytes)} of those kept)."""
     path = Path(path)
     cols = ["request_id", "item", "label", "ts", "time", "predicted", "model_version", "usable", "reason",
-            "text", "image_format", "image"]  # fmt: skip
+            "modalities", "inputs"]  # fmt: skip
     if not path.exists():
         return pd.DataFrame(columns=cols)
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)  # readers never write the log
     try:
-        if not (_has_table(conn, "predictions") and _has_table(conn, "feedback")):
+        if not (has_table(conn, "predictions") and has_table(conn, "feedback")):
             return pd.DataFrame(columns=cols)
-        images = _has_table(conn, "images")
         query = (
             "SELECT f.request_id, f.item, f.label, f.ts, f.time, f.predicted, f.model_version, f.usable, f.reason, "
-            "p.text, " + ("i.format AS image_format, i.data AS image " if images else "NULL AS image_format, NULL AS image ")
-            + "FROM feedback f JOIN predictions p USING (request_id, item) "
-            + ("LEFT JOIN images i USING (request_id, item) " if images else "")
+            "p.modalities FROM feedback f JOIN predictions p USING (request_id, item) "
             + ("WHERE f.ts >= ? " if since is not None else "")
             + "ORDER BY f.ts, f.request_id, f.item"
         )
         df = pd.read_sql_query(query, conn, params=(since,) if since is not None else None)
+        kept = read_kept(conn, zip(df["request_id"], df["item"]))
     finally:
         conn.close()
     df["usable"] = df["usable"].astype(bool)
+    df["inputs"] = [kept.get((str(r), int(i)), {}) for r, i in zip(df["request_id"], df["item"])]
     return df
 
 

@@ -5,11 +5,17 @@ processes may append to one file). Drift monitoring reads it with `read_inferenc
 and `read_embeddings`. Tables:
 
   predictions  request_id, item, ts, time, endpoint, model_version, label, confidence,
-               probabilities (JSON), contributions (JSON), modalities, text_chars, text,
-               image_width, image_height, image_format, image_bytes, latency_ms,
-               client_request_id (the client's own x-request-id, not unique; added to older logs by _migrate)
+               probabilities (JSON), contributions (JSON), modalities (the present ones, comma-separated),
+               latency_ms, client_request_id (the client's own x-request-id, not unique),
+               then one column per input statistic and log field of each modality (`stats`, `log_fields`
+               of its spec: image_width, image_height, image_format, image_bytes, text_chars, ...),
+               added when a modality first appears (columns are only ever added)
   embeddings   request_id, item, modality, dim, vector (float32 little-endian BLOB)
-  images       request_id, item, format, data (only when raw-image logging is on)
+  inputs       request_id, item, modality, format, data: the raw inputs kept (`package.log.keep`, a
+               share per modality): what feedback needs to retrain on a request
+
+Logs written before `inputs` existed kept images in a table `images` and texts in a column
+`predictions.text`; `read_kept` reads those too, so an old log's feedback stays usable.
 
 The service never waits on the disk: `InferenceLogWriter` queues records for one writer
 thread, and a failure to log is counted and logged, never raised into a request.
@@ -25,15 +31,20 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import re
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from mmfusion.modalities import get_modality, list_modalities
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +61,6 @@ CREATE TABLE IF NOT EXISTS predictions (
     probabilities TEXT NOT NULL,
     contributions TEXT NOT NULL,
     modalities    TEXT NOT NULL,
-    text_chars    INTEGER,
-    text          TEXT,
-    image_width   INTEGER,
-    image_height  INTEGER,
-    image_format  TEXT,
-    image_bytes   INTEGER,
     latency_ms    REAL,
     client_request_id TEXT,
     PRIMARY KEY (request_id, item)
@@ -69,19 +74,30 @@ CREATE TABLE IF NOT EXISTS embeddings (
     vector     BLOB NOT NULL,
     PRIMARY KEY (request_id, item, modality)
 );
-CREATE TABLE IF NOT EXISTS images (
+CREATE TABLE IF NOT EXISTS inputs (
     request_id TEXT NOT NULL,
     item       INTEGER NOT NULL,
+    modality   TEXT NOT NULL,
     format     TEXT,
     data       BLOB NOT NULL,
-    PRIMARY KEY (request_id, item)
+    PRIMARY KEY (request_id, item, modality)
 );
 """
+
+CORE_COLUMNS = (
+    "request_id", "item", "ts", "time", "endpoint", "model_version", "label", "confidence",
+    "probabilities", "contributions", "modalities", "latency_ms", "client_request_id",
+)  # fmt: skip
+_COLUMN_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
 
 @dataclass
 class InferenceRecord:
-    """One classified item as the log stores it."""
+    """One classified item as the log stores it.
+
+    `fields`: the inputs' log columns ({column: value}, from each modality spec's `check`);
+    `kept`: the raw inputs kept ({modality: (format, bytes)}); `modalities`: the present ones
+    (default: those with an embedding)."""
 
     request_id: str
     item: int
@@ -91,22 +107,21 @@ class InferenceRecord:
     probabilities: dict[str, float]
     contributions: dict[str, float] = field(default_factory=dict)
     embeddings: dict[str, list[float]] = field(default_factory=dict)
-    text: str | None = None
-    image_size: tuple[int, int] | None = None
-    image_format: str | None = None
-    image_bytes: int | None = None
-    image_data: bytes | None = None
+    modalities: list[str] = field(default_factory=list)
+    fields: dict[str, Any] = field(default_factory=dict)
+    kept: dict[str, tuple[str | None, bytes]] = field(default_factory=dict)
     latency_ms: float | None = None
     client_request_id: str | None = None
     ts: float = field(default_factory=time.time)
 
 
-COLUMNS = (
-    "request_id", "item", "ts", "time", "endpoint", "model_version", "label", "confidence",
-    "probabilities", "contributions", "modalities", "text_chars", "text",
-    "image_width", "image_height", "image_format", "image_bytes", "latency_ms", "client_request_id",
-)  # fmt: skip
-_INSERT_PREDICTION = f"INSERT INTO predictions ({', '.join(COLUMNS)}) VALUES ({','.join('?' * len(COLUMNS))})"
+def modality_columns(modalities: Iterable[str] | None = None) -> list[str]:
+    """The log columns of `modalities` (default: every registered one): each spec's stats, then its log fields."""
+    cols: list[str] = []
+    for m in list_modalities() if modalities is None else modalities:
+        spec = get_modality(m)
+        cols += [c for c in (*spec.stats, *spec.log_fields) if c not in cols]
+    return cols
 
 
 def connect(path: str | Path, timeout: float = 10.0) -> sqlite3.Connection:
@@ -118,26 +133,50 @@ def connect(path: str | Path, timeout: float = 10.0) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes; WAL keeps it consistent
     conn.executescript(SCHEMA)
     _migrate(conn)
+    add_columns(conn, modality_columns())
     return conn
+
+
+def _columns(conn: sqlite3.Connection, table: str = "predictions") -> set[str]:
+    return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+
+
+def has_table(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() is not None
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
     """Bring a log written by an older service up to the current schema (columns are only added)."""
-    have = {row[1] for row in conn.execute("PRAGMA table_info(predictions)")}
-    if "client_request_id" not in have:
+    if "client_request_id" not in _columns(conn):
         with conn:
             conn.execute("ALTER TABLE predictions ADD COLUMN client_request_id TEXT")
     conn.execute("CREATE INDEX IF NOT EXISTS predictions_client_request_id ON predictions (client_request_id)")
 
 
+def add_columns(conn: sqlite3.Connection, columns: Iterable[str]) -> None:
+    """Add the modality log columns the predictions table lacks (a modality registered since it was made)."""
+    have = _columns(conn)
+    new = [c for c in columns if c not in have]
+    for c in new:
+        if not _COLUMN_NAME.match(c) or c in CORE_COLUMNS:
+            raise ValueError(f"inference log: {c!r} cannot be a log column (lowercase letters, digits, _; not a core one)")
+    if new:
+        with conn:
+            for c in new:
+                try:
+                    conn.execute(f"ALTER TABLE predictions ADD COLUMN {c}")
+                except sqlite3.OperationalError as exc:  # another process added it meanwhile
+                    if "duplicate column" not in str(exc):
+                        raise
+
+
 class InferenceLog:
     """Synchronous appends to the SQLite inference log (used by the writer thread and by tests)."""
 
-    def __init__(self, path: str | Path, log_text: bool = True, log_images: bool = False):
+    def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.log_text = log_text
-        self.log_images = log_images
         self._conn = connect(self.path)
+        self._have = _columns(self._conn)
 
     def append(self, records: list[InferenceRecord]) -> int:
         """Write `records` in one transaction; returns how many were written.
@@ -153,35 +192,65 @@ class InferenceLog:
         return sum(self.append([r]) for r in records)  # find the duplicates one by one
 
     def _insert(self, records: list[InferenceRecord]) -> int:
-        rows, emb_rows, img_rows = [], [], []
+        extra = sorted({c for r in records for c in r.fields})
+        if not set(extra) <= self._have:
+            add_columns(self._conn, extra)
+            self._have = _columns(self._conn)
+        columns = (*CORE_COLUMNS, *extra)
+        rows, emb_rows, kept_rows = [], [], []
         for r in records:
             conf = max(r.probabilities.values()) if r.probabilities else 0.0
-            w, h = r.image_size if r.image_size else (None, None)
-            modalities = sorted(r.embeddings) or [m for m, present in (("image", r.image_size), ("text", r.text)) if present]
+            present = r.modalities or sorted(r.embeddings)
             rows.append(
                 (
                     r.request_id, r.item, r.ts, datetime.fromtimestamp(r.ts, timezone.utc).isoformat(),
                     r.endpoint, r.model_version, r.label, float(conf),
-                    json.dumps(r.probabilities), json.dumps(r.contributions), ",".join(modalities),
-                    len(r.text) if r.text is not None else None,
-                    r.text if (self.log_text and r.text is not None) else None,
-                    w, h, r.image_format, r.image_bytes, r.latency_ms, r.client_request_id,
+                    json.dumps(r.probabilities), json.dumps(r.contributions), ",".join(present),
+                    r.latency_ms, r.client_request_id, *(r.fields.get(c) for c in extra),
                 )
             )  # fmt: skip
             for modality, vec in r.embeddings.items():
                 arr = np.asarray(vec, dtype="<f4").ravel()
                 emb_rows.append((r.request_id, r.item, modality, int(arr.size), arr.tobytes()))
-            if self.log_images and r.image_data is not None:
-                img_rows.append((r.request_id, r.item, r.image_format, r.image_data))
+            for modality, (fmt, data) in r.kept.items():
+                kept_rows.append((r.request_id, r.item, modality, fmt, bytes(data)))
+        insert = f"INSERT INTO predictions ({', '.join(columns)}) VALUES ({','.join('?' * len(columns))})"
         with self._conn:  # one transaction
-            self._conn.executemany(_INSERT_PREDICTION, rows)
+            self._conn.executemany(insert, rows)
             self._conn.executemany("INSERT INTO embeddings VALUES (?,?,?,?,?)", emb_rows)
-            if img_rows:
-                self._conn.executemany("INSERT INTO images VALUES (?,?,?,?)", img_rows)
+            if kept_rows:
+                self._conn.executemany("INSERT INTO inputs VALUES (?,?,?,?,?)", kept_rows)
         return len(rows)
 
     def close(self) -> None:
         self._conn.close()
+
+
+def read_kept(conn: sqlite3.Connection, keys: Iterable[tuple[str, int]] | None = None
+              ) -> dict[tuple[str, int], dict[str, tuple[str | None, bytes]]]:  # fmt: skip
+    """{(request_id, item): {modality: (format, raw bytes)}} of the kept inputs (of `keys`, default all).
+
+    Reads the `inputs` table and, in a log written before it existed, the `images` table and the
+    `predictions.text` column (the old places of kept images and texts)."""
+    parts = []
+    if has_table(conn, "inputs"):
+        parts.append("SELECT request_id, item, modality, format, data FROM inputs")
+    if has_table(conn, "images"):
+        parts.append("SELECT request_id, item, 'image', format, data FROM images")
+    if "text" in _columns(conn):
+        parts.append("SELECT request_id, item, 'text', 'text', CAST(text AS BLOB) FROM predictions WHERE text IS NOT NULL")
+    out: dict[tuple[str, int], dict[str, tuple[str | None, bytes]]] = {}
+    if not parts:
+        return out
+    query = f"SELECT * FROM ({' UNION ALL '.join(parts)})"
+    if keys is None:
+        rows = conn.execute(query).fetchall()
+    else:  # one indexed lookup per key: feedback reads a few rows of a log that may hold many images
+        query += " WHERE request_id = ? AND item = ?"
+        rows = [row for r, i in dict.fromkeys((str(r), int(i)) for r, i in keys) for row in conn.execute(query, (r, i))]
+    for rid, item, modality, fmt, data in rows:
+        out.setdefault((str(rid), int(item)), {}).setdefault(str(modality), (fmt, bytes(data)))
+    return out
 
 
 class InferenceLogWriter:
@@ -199,8 +268,6 @@ class InferenceLogWriter:
     def __init__(
         self,
         path: str | Path,
-        log_text: bool = True,
-        log_images: bool = False,
         queue_size: int = 10_000,
         max_batch: int = 256,
         open_retry_s: float = 30.0,
@@ -210,7 +277,6 @@ class InferenceLogWriter:
         self.failures = 0
         self._max_batch = max_batch
         self._queue: queue.Queue[InferenceRecord | None] = queue.Queue(maxsize=queue_size)
-        self._options = {"log_text": log_text, "log_images": log_images}
         self._open_retry_s = open_retry_s
         self._log: InferenceLog | None = None
         self._open()
@@ -238,7 +304,7 @@ class InferenceLogWriter:
         deadline = time.monotonic() + retry_s
         while True:
             try:
-                self._log = InferenceLog(self.path, **self._options)
+                self._log = InferenceLog(self.path)
                 return True
             except Exception as exc:  # the service still answers without a log; failures are counted
                 if time.monotonic() >= deadline:

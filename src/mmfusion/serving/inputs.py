@@ -29,13 +29,13 @@ class CheckContext:
     """What the checks need besides the input: the limits and whether raw file bytes go to the log."""
 
     limits: ServeLimits
-    keep_bytes: bool = False  # keep raw uploaded bytes for the inference log (log_images)
+    keep: t.Mapping[str, bool] = field(default_factory=dict)  # {modality: this request's raw input goes to the log}
 
 
 @dataclass
 class CheckedItem:
     """One validated input: `values` is what the Predictor gets ({modality: value}, present ones only),
-    `record` what the inference log stores about the inputs (InferenceRecord fields)."""
+    `record` what the inference log stores about the inputs (InferenceRecord's `fields`, `kept`, `modalities`)."""
 
     values: dict[str, t.Any]
     record: dict[str, t.Any] = field(default_factory=dict)
@@ -55,17 +55,22 @@ def check_item(raw: t.Mapping[str, t.Any], specs: t.Mapping[str, ModalitySpec], 
     if extra:
         raise RequestError(400, "unsupported_modality", f"this model takes {list(specs)}, not {extra}")
     values: dict[str, t.Any] = {}
-    record: dict[str, t.Any] = {}
+    fields: dict[str, t.Any] = {}
+    kept: dict[str, tuple[str | None, bytes]] = {}
     # string fields first: cheap, and an empty text must not cost a file decode
     for m in sorted(given, key=lambda m: specs[m].http != "text"):
-        value, rec = specs[m].check(given[m], ctx)
-        record.update(rec)
+        value, log_fields = specs[m].check(given[m], ctx)
+        fields.update(log_fields)
         if value is not None:
             values[m] = value
+            if ctx.keep.get(m):
+                kept[m] = specs[m].kept(given[m], value, log_fields)
     if not values:
         blank = " (the text is empty after normalisation: only whitespace, control or zero-width characters)" if given else ""
         raise RequestError(400, "no_input", f"send at least one of {list(specs)}{blank}")
-    return CheckedItem(values={m: values[m] for m in specs if m in values}, record=record)
+    present = [m for m in specs if m in values]
+    return CheckedItem(values={m: values[m] for m in present},
+                       record={"fields": fields, "kept": kept, "modalities": present})  # fmt: skip
 
 
 def decode_base64(value: object, limits: ServeLimits, field_name: str = "image") -> bytes:

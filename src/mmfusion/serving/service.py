@@ -47,7 +47,7 @@ from bentoml.validators import ContentType
 from pydantic import BeforeValidator, Field, create_model
 from typing_extensions import Annotated
 
-from mmfusion.modalities import get_modality, list_modalities
+from mmfusion.modalities import get_modality, keep_shares, list_modalities
 from mmfusion.monitoring.inference_log import InferenceLogWriter, InferenceRecord
 from mmfusion.serving.batcher import MicroBatcher, Overloaded
 from mmfusion.serving.guard import (
@@ -149,7 +149,8 @@ class MMFusion:
         self.predictor = Predictor.from_dir(self.bento_model.path, device=PARAMS.device, head_runtime=PARAMS.head_runtime)
         self.modalities = list(self.predictor.modalities)
         self.specs = self.predictor.inputs  # each input's check, with the model's recorded preprocessing
-        self.check_ctx = CheckContext(LIMITS, keep_bytes=PARAMS.log.log_images)
+        self.check_ctx = CheckContext(LIMITS)
+        self.keep = keep_shares(self.modalities, PARAMS.log.keep)  # package checked them against this model
         self.batcher = MicroBatcher(
             self.predictor.predict,
             max_batch_size=PARAMS.batching.max_batch_size if SETTINGS.batching else 1,
@@ -160,12 +161,7 @@ class MMFusion:
         self.batcher.run_sync([{m: spec.example() for m, spec in self.specs.items()}])
         self.info = self.predictor.describe()
         self.version = self.info.get("version") or self.info.get("model_version") or self.predictor.version
-        self.log = InferenceLogWriter(
-            SETTINGS.log_path,
-            log_text=PARAMS.log.log_text,
-            log_images=PARAMS.log.log_images,
-            queue_size=PARAMS.log.queue_size,
-        )
+        self.log = InferenceLogWriter(SETTINGS.log_path, queue_size=PARAMS.log.queue_size)
         log.info("model %s loaded (version %s)", SETTINGS.model_tag, self.version)
 
     async def __is_ready__(self) -> bool:
@@ -230,8 +226,9 @@ class MMFusion:
         return {**body, "model_version": self.version, "latency_ms": latency_ms}
 
     def _request_ctx(self) -> CheckContext:
-        """The checks' context for one request: raw image bytes kept for a sampled share (package.log)."""
-        return dataclasses.replace(self.check_ctx, keep_bytes=_keep_image())
+        """The checks' context for one request: which raw inputs the log keeps, drawn per modality with its
+        share (package.log.keep)."""
+        return dataclasses.replace(self.check_ctx, keep={m: random.random() < share for m, share in self.keep.items()})
 
     @staticmethod
     def _error(ctx: bentoml.Context, exc: RequestError) -> dict:
@@ -384,11 +381,6 @@ def _read_uploads(fields: dict[str, t.Any]) -> dict[str, t.Any]:
         for m in uploads:
             Path(fields[m]).unlink(missing_ok=True)
     return raw
-
-
-def _keep_image() -> bool:
-    """Whether this request's raw image bytes go to the log: package.log.log_images x image_sample_rate."""
-    return PARAMS.log.log_images and random.random() < PARAMS.log.image_sample_rate
 
 
 install_safe_multipart()

@@ -43,8 +43,11 @@ def add_feedback(df: pd.DataFrame, feedback_dir: Path, staging: Path) -> pd.Data
     manifest = feedback_dir / paths.MANIFEST
     if not manifest.exists():
         return df
-    specs = data_specs(df.columns)  # the source's modalities: the feedback has the same columns
-    fb = read_manifest(manifest, required=raw_columns(specs))
+    specs = data_specs(df.columns)  # the source's modalities
+    fb = read_manifest(manifest, required=[c for c in raw_columns(specs) if c not in {s.column for s in specs.values()}])
+    for spec in specs.values():  # requests that all lacked a modality export no column for it
+        if spec.column not in fb:
+            fb[spec.column] = ""
     if fb.empty:
         return df
     clash = set(fb["id"]) & set(df["id"])
@@ -104,7 +107,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         "label_field": p.label_field if p.source == "emoji" else p.manifest.label_column,
         "samples": int(len(df)),
         "feedback_samples": int((df["source"] == "feedback").sum()),
-        "ids": "derived from image path + text" if ids_derived else "from the manifest",
+        "ids": "derived from each row's values (ingest.manifest.columns)" if ids_derived else "from the manifest",
         "dropped_small_classes_or_limit": int(before - len(df)),
         "labels": {k: int(v) for k, v in df["label"].value_counts().sort_index().items()},
     }

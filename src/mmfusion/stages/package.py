@@ -30,7 +30,7 @@ from mmfusion import paths
 from mmfusion.bentos import build_bento_args, export_bento
 from mmfusion.config import PackageParams, Params
 from mmfusion.inference.predictor import Predictor
-from mmfusion.modalities import get_modality
+from mmfusion.modalities import get_modality, keep_shares
 from mmfusion.stages.common import stage_main, write_json
 
 log = logging.getLogger(__name__)
@@ -180,6 +180,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         raise FileNotFoundError(f"no model to package in {model_dir} (run `dvc repro evaluate`)")
     start = time.perf_counter()
     info = describe_model(model_dir, p)
+    keep = keep_shares(info["modalities"], p.log.keep)  # a share for a modality the model lacks fails here, not at serve
     model_tag, created = save_bento_model(model_dir, p.model_name, info)
     bento_tag = build_bento(root / paths.BENTOFILE, root / paths.BENTO_BUILD_CTX, build_bento_args(p, model_tag, root),
                             description=bento_description(info))  # fmt: skip
@@ -196,6 +197,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         "runtimes": {"encoders": info["runtimes"], "head": info["head_runtime"]},
         "metrics": info["metrics"],
         "smoke_test": info.get("smoke_test"),
+        "log_keeps": keep,
         "serve": {"command": f"bentoml serve {bento_tag} --host 127.0.0.1 --port 3000"},
         "seconds": round(time.perf_counter() - start, 2),
     }

@@ -10,6 +10,7 @@ import torch
 from mmfusion.config import EvaluateParams
 from mmfusion.errors import UserError
 from mmfusion.fusion import FusionHead
+from mmfusion.modalities.base import presence_pattern
 from mmfusion.training.data import FeatureSet
 from mmfusion.training.loop import predict_logits
 from mmfusion.training.metrics import bootstrap_ci, classification_metrics, fit_temperature
@@ -58,15 +59,8 @@ def hide(n: int, modalities: tuple[str, ...], missing: str | None, present: torc
 
 
 def presence_pattern_names(present: torch.Tensor, modalities: tuple[str, ...]) -> list[str]:
-    """Each row's pattern: `image+text` (every modality), `<m>_only` (one), or the present ones joined by `+`."""
-    names = []
-    for row in present.tolist():
-        have = [m for m, h in zip(modalities, row) if h]
-        names.append(
-            "+".join(modalities) if len(have) == len(modalities) else f"{have[0]}_only" if len(have) == 1
-            else "+".join(have) or "none"
-        )
-    return names
+    """Each row's presence pattern (`mmfusion.modalities.base.presence_pattern`) from a presence mask."""
+    return [presence_pattern([m for m, h in zip(modalities, row) if h], modalities) for row in present.tolist()]
 
 
 def accuracy_by_presence(logits: np.ndarray, y: np.ndarray, present: torch.Tensor, modalities: tuple[str, ...]) -> dict:

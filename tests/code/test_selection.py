@@ -82,6 +82,8 @@ def test_the_served_model_is_the_refit_bag_and_reproduces_the_reported_test_scor
     head, config = load_checkpoint(best)  # the path Predictor.from_dir takes
     assert config["strategy"] == metrics["winner"] and config["selection"]["mode"] == "cv"
     assert head.name == "ensemble" and len(head.members) >= 1
+    # each input's preprocessing survives selection: serving reads it from here, never from params
+    assert config["inputs"] == {"image": {"background": [255, 255, 255]}, "text": {"lowercase": True}}
     test = load_split(evaluated / "features", "test", LABELS)
     acc = (predict_logits(head, test).argmax(1) == test.y.numpy()).mean()
     assert acc == pytest.approx(metrics["strategies"][metrics["winner"]]["test"]["accuracy"], abs=1e-6)
@@ -105,6 +107,7 @@ def test_ensemble_records_its_members_and_loads_through_the_checkpoint(evaluated
     assert all(c.evaluation.temperature != 1.0 for c in candidates)  # holdout: fitted on val, for every strategy
     assert set(ens.members) <= {"image_only", "text_only", "late_stacking"}
     assert sum(ens.members.values()) == pytest.approx(1.0, abs=1e-3)
+    assert set(ens.config["inputs"]) == {"image", "text"} and all(c.config.get("inputs") for c in candidates)
     save_checkpoint(tmp_path / "m", ens.head, ens.config)
     head, _ = load_checkpoint(tmp_path / "m")
     with torch.no_grad():

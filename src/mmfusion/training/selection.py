@@ -64,10 +64,15 @@ def holdout_candidates(
     return out
 
 
+# What a selected model's config.json carries over from the configs it was trained with: its labels, encoders,
+# each input's recorded preprocessing (`inputs`; `text` in models written before it) and training settings.
+# Serving reads the preprocessing from here: a key dropped here is a silent train/serve skew.
+CARRIED = ("labels", "encoders", "inputs", "text", "train")
+
+
 def _base_config(d: Path) -> dict:
     config = read_config(d)
-    keep = ("labels", "encoders", "text", "train")
-    return {k: config[k] for k in keep if k in config}
+    return {k: config[k] for k in CARRIED if k in config}
 
 
 def cv_candidates(
@@ -140,8 +145,9 @@ def ensemble_candidate(
     evaluation = evaluate_from_logits("ensemble", head.eval(), logits, y_heldout, test, labels, p, cv, calibrate=folds is None)
     total = sum(weights.values())
     members = {n: round(w / total, 4) for n, w in weights.items()}
-    config = {**{k: v for k, v in chosen[0].config.items() if k in ("labels", "text", "train")},
+    config = {**{k: v for k, v in chosen[0].config.items() if k in CARRIED and k != "encoders"},
               "encoders": {m: enc for c in chosen for m, enc in c.config["encoders"].items()},
+              "inputs": {m: i for c in chosen for m, i in (c.config.get("inputs") or {}).items()},
               "strategy": "ensemble", "members": members,
               "selection": {"mode": "cv" if folds is not None else "holdout", **(cv or {})}}  # fmt: skip
     log.info("ensemble: %s", ", ".join(f"{n} x{w}" for n, w in weights.items()))

@@ -25,7 +25,9 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	@# --compile-bytecode: uv writes no .pyc by default, and where PYTHONDONTWRITEBYTECODE is set (as on
 	@# our machines) Python never writes them either: every stage process, server and test would compile
 	@# torch, transformers, GX and Prefect from source again (measured: `import flows.stages` 15.4 s -> 3.8 s).
-	$(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) -r requirements.lock
+	@# --no-deps: the lock is the whole environment (a freeze of a working one), so nothing is resolved again;
+	@# resemblyzer's declared webrtcvad (an sdist needing a compiler) is provided by webrtcvad-wheels instead.
+	$(VENV)/bin/uv pip install -q --compile-bytecode --no-deps --python $(PY) -r requirements.lock
 	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps -e .
 	touch $@
 

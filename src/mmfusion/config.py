@@ -379,6 +379,8 @@ class ComputeParams:
 FLOW_SECTIONS = ("monitor", "retrain")
 # Sections that say how and where the work runs, not what it produces: no DVC stage depends on them.
 SETTINGS_SECTIONS = ("compute",)
+# Sections of settings per thing rather than per stage: the stages that read them list them in dvc.yaml.
+SHARED_SECTIONS = ("modalities",)
 
 
 @dataclass(frozen=True)
@@ -395,6 +397,9 @@ class Params:
     monitor: MonitorParams = field(default_factory=MonitorParams)
     retrain: RetrainParams = field(default_factory=RetrainParams)
     compute: ComputeParams = field(default_factory=ComputeParams)
+    # {modality: its settings}: each registered spec's `defaults` overridden here (audio: sample rate, clip
+    # limits, silence level), recorded into the model folder (`inputs`) so serving reads them from the model
+    modalities: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
@@ -464,7 +469,31 @@ def parse_params(data: dict[str, Any]) -> Params:
     """Validate a params mapping (as read from YAML) into `Params`."""
     params = _build(Params, data, "")
     _check_agreement(params)
+    _check_modalities(params.modalities)
     return params
+
+
+def _check_modalities(section: dict[str, dict[str, Any]]) -> None:
+    """`modalities.<name>.<setting>`: a registered modality and one of its spec's settings, of its type."""
+    from mmfusion.modalities import get_modality, list_modalities  # the registry never imports config
+
+    for name, settings in section.items():
+        if name not in list_modalities():
+            raise ParamsError(f"modalities.{name}: no such modality; registered: {', '.join(list_modalities())} "
+                              "(a plugin's modality needs MMFUSION_PLUGINS)")  # fmt: skip
+        if not isinstance(settings, dict):
+            raise ParamsError(f"modalities.{name}: expected a mapping of settings, got {settings!r}")
+        defaults = get_modality(name).defaults
+        for key, value in settings.items():
+            if key not in defaults:
+                raise ParamsError(f"unknown params key modalities.{name}.{key}; allowed keys in modalities.{name}: "
+                                  f"{', '.join(defaults) or '(none)'}")  # fmt: skip
+            default = defaults[key]
+            number = isinstance(default, (int, float)) and not isinstance(default, bool)
+            if number and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ParamsError(f"modalities.{name}.{key}: expected a number, got {value!r}")
+            if isinstance(default, list) and not isinstance(value, list):
+                raise ParamsError(f"modalities.{name}.{key}: expected a list, got {value!r}")
 
 
 def _check_agreement(p: Params) -> None:

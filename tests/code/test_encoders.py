@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -27,6 +28,9 @@ def sample_items(modality: str, n: int = 5) -> list:
     if modality == "image":
         colors = [c for c, _ in CLASSES.values()]
         return [draw_sample(colors[i % 3], seed=i, size=40 + 8 * i).convert("RGB") for i in range(n)]
+    if modality == "audio":  # tones of several pitches and lengths (16 kHz mono, as the audio modality decodes)
+        return [(0.3 * np.sin(2 * np.pi * (220 * (i + 1)) * np.arange(int(16000 * (0.5 + 0.3 * i))) / 16000)).astype(np.float32)
+                for i in range(n)]  # fmt: skip
     words = [w for _, ws in CLASSES.values() for w in ws]
     return [f"a {words[i]} seen {'very ' * i}often" for i in range(n)]
 
@@ -35,6 +39,7 @@ def test_the_defaults_are_registered_and_offline():
     assert {"efficientnet_lite0", "minilm_l6"} <= set(OFFLINE)
     assert list_encoders("image", offline_only=True) == ["efficientnet_lite0"]
     assert list_encoders("text", offline_only=True) == ["minilm_l6"]
+    assert list_encoders("audio", offline_only=True) == ["logmel_stats", "resemblyzer"]
 
 
 @pytest.mark.parametrize("name", OFFLINE)

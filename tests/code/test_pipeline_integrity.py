@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmfusion.config import FLOW_SECTIONS, SETTINGS_SECTIONS, Params
+from mmfusion.config import FLOW_SECTIONS, SETTINGS_SECTIONS, SHARED_SECTIONS, Params
 from mmfusion.stages import STAGES
 from tests.conftest import REPO
 
@@ -104,8 +104,8 @@ def test_stage_names_agree_everywhere():
     modules = {p.stem for p in (SRC / "mmfusion" / "stages").glob("*.py")} - {"__init__", "common"}
     assert list(DVC_STAGES) == list(STAGES)
     # stages first, then the non-stage flows, then settings of where the work runs
-    assert params_sections == list(STAGES) + list(FLOW_SECTIONS) + list(SETTINGS_SECTIONS)
-    assert schema_sections == list(STAGES) + list(FLOW_SECTIONS) + list(SETTINGS_SECTIONS)
+    assert params_sections == list(STAGES) + list(FLOW_SECTIONS) + list(SETTINGS_SECTIONS) + list(SHARED_SECTIONS)
+    assert schema_sections == list(STAGES) + list(FLOW_SECTIONS) + list(SETTINGS_SECTIONS) + list(SHARED_SECTIONS)
     assert modules == set(STAGES)
     assert all((REPO / "flows" / f"{name}.py").exists() for name in FLOW_SECTIONS)
     assert not set(FLOW_SECTIONS) & set(DVC_STAGES)

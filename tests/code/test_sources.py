@@ -77,8 +77,8 @@ def test_a_modality_is_in_the_data_when_its_column_is(tmp_path):
 
 
 def test_an_unknown_modality_in_columns_names_the_registered_ones(tiny_manifest, tmp_path):
-    params = tiny_params(tiny_manifest, ingest={"manifest": {"path": str(tiny_manifest), "columns": {"audio": "wav"}}})
-    with pytest.raises(ManifestError, match=r"'audio', not a registered modality; registered: image, text"):
+    params = tiny_params(tiny_manifest, ingest={"manifest": {"path": str(tiny_manifest), "columns": {"speech": "wav"}}})
+    with pytest.raises(ManifestError, match=r"'speech', not a registered modality; registered: image, text, audio"):
         ingest.run(params, tmp_path)
 
 

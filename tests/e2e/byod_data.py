@@ -107,8 +107,8 @@ def wrong_columns(root: Path) -> tuple[Path, dict, dict]:
     """A manifest whose columns are named differently from the params: one clear line naming them."""
     rows = _rows(2, 4, root / "images")
     path = root / "manifest.tsv"
-    pd.DataFrame(rows).rename(columns={"image": "file", "label": "category"}).to_csv(path, sep="\t", index=False)
-    return path, {"group_column": "group"}, {}
+    pd.DataFrame(rows).rename(columns={"image": "file", "label": "vote"}).to_csv(path, sep="\t", index=False)
+    return path, {"group_column": "group", "label_column": "category", "columns": {"image": "picture"}}, {}
 
 
 def no_usable_images(root: Path) -> tuple[Path, dict, dict]:

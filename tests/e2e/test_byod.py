@@ -121,6 +121,6 @@ def test_what_each_shape_reports(runs):
     ingest = json.loads((proj / "reports/ingest.json").read_text())
     assert len(ingest["labels"]) == 52 and ingest["dropped_small_classes_or_limit"] == 4
     _, done = runs["wrong_columns"]
-    assert "missing column(s) image" in done.stderr
+    assert "missing column(s) picture (for image)" in done.stderr  # the columns the params name, as named there
     _, done = runs["one_class_only"]
     assert "class" in ERROR_LINE.search(done.stderr).group(0)

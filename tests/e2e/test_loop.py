@@ -104,8 +104,8 @@ def test_the_loop(loop):
             assert r.status_code == 200, r.text
             assert r.json()["usable_for_retraining"] is True
         r = httpx.post(f"{url}/feedback", json={"request_id": bid, "item": 1, "label": "plant"}, timeout=30)
-        assert r.status_code == 200 and r.json()["usable_for_retraining"] is False
-        assert r.json()["not_usable_reason"] == "no_image"
+        # a text-only request whose text was kept is a training row (every input it had was kept)
+        assert r.status_code == 200 and r.json()["usable_for_retraining"] is True, r.text
         r = httpx.post(f"{url}/feedback", json={"request_id": bid, "item": 0, "label": "water"}, timeout=30)
         assert r.status_code == 200 and r.json()["usable_for_retraining"] is True
         errors = [
@@ -125,15 +125,15 @@ def test_the_loop(loop):
     record = yaml.safe_load(out.stdout[out.stdout.index("raw_before"):])
     assert record["raw_before"] and record["raw_after"] and record["raw_before"] != record["raw_after"]
     raw = pd.read_csv(proj / "data" / "raw" / "manifest.csv")
-    assert (raw["source"] == "feedback").sum() == 7  # 9 usable, newest 25% (2) held out
+    assert (raw["source"] == "feedback").sum() == 7  # 10 usable, newest 25% (3) held out
     assert (raw["source"] != "feedback").sum() == 30  # nothing of the old data lost
     assert (proj / "data" / "split" / "test.csv").read_text() == test_before  # the fixed test split
     train = pd.read_csv(proj / "data" / "split" / "train.csv")
     assert (train["source"] == "feedback").sum() == 7
-    assert len(pd.read_csv(proj / "feedback" / "holdout" / "manifest.csv")) == 2
+    assert len(pd.read_csv(proj / "feedback" / "holdout" / "manifest.csv")) == 3
     report = json.loads((proj / "reports" / "retrain" / "latest.json").read_text())
     assert set(report["scores"]["challenger"]) == {"test", "holdout"}
-    assert report["scores"]["challenger"]["holdout"]["rows"] == 2
+    assert report["scores"]["challenger"]["holdout"]["rows"] == 3
     assert report["promoted"] is True, report["decision"]
     state = live(proj)
     assert state["live"]["bento_tag"] != champion and state["previous"][0]["bento_tag"] == champion

@@ -104,8 +104,10 @@ def test_pipeline_deployment_runs_dvc_repro_and_records_stage_flows(project, ser
         # What the UI's Run button does: create a flow run from the deployment. Forced when another
         # test has run the stages already, so that every stage runs (and is recorded) here.
         force = (project / "dvc.lock").exists()
-        run = httpx.post(f"{server}/deployments/{dep['id']}/create_flow_run",
-                         json={"parameters": {"targets": ["augment"], "force": force}}, timeout=10).json()
+        created = httpx.post(f"{server}/deployments/{dep['id']}/create_flow_run",
+                             json={"parameters": {"targets": ["augment"], "force": force}}, timeout=30)
+        assert created.status_code in (200, 201), (created.status_code, created.text)
+        run = created.json()
         deadline = time.monotonic() + 420
         while time.monotonic() < deadline:
             state = httpx.get(f"{server}/flow_runs/{run['id']}", timeout=5).json()["state"]

@@ -210,7 +210,8 @@ def test_reused_request_id_keeps_both_rows(server):
     rows = []
     while time.monotonic() < deadline and len(rows) < 2:
         with sqlite3.connect(f"file:{server.log_path}?mode=ro", uri=True, timeout=10) as conn:
-            rows = conn.execute("SELECT request_id, text FROM predictions WHERE client_request_id = 'reused-1' ORDER BY ts").fetchall()
+            rows = conn.execute("SELECT p.request_id, CAST(i.data AS TEXT) FROM predictions p JOIN inputs i USING (request_id, item) "
+                                "WHERE p.client_request_id = 'reused-1' AND i.modality = 'text' ORDER BY p.ts").fetchall()  # fmt: skip
         time.sleep(0.2)
     assert rows == [(ids[0], "red apple"), (ids[1], "blue wave")]
 

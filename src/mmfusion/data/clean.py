@@ -140,15 +140,17 @@ def drop_conflicts_and_duplicates(
     return df[~dup_mask].reset_index(drop=True)
 
 
-def clean_dataset(raw: pd.DataFrame, raw_root: Path, out_root: Path, params: CleanParams) -> tuple[pd.DataFrame, dict]:
+def clean_dataset(raw: pd.DataFrame, raw_root: Path, out_root: Path, params: CleanParams,
+                  settings: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[pd.DataFrame, dict]:  # fmt: skip
     """Clean `raw` (files relative to `raw_root`) into `out_root`; return (clean manifest, report).
 
     The modalities are the registered ones whose column `raw` has; a file modality's files go to
     `out_root/<its folder>`. `raw_root` is only read. The report holds counts per reason, the kept
     rows per presence pattern (`image+text`, `image_only`, `text_only` for images and texts) and one
-    row per dropped sample.
+    row per dropped sample. `settings`: each modality's settings ({modality: {...}}, a run's
+    `settings_from_params`; the specs' defaults where missing).
     """
-    specs = specs_for(modalities_in(raw.columns), raw_root)
+    specs = specs_for(modalities_in(raw.columns), raw_root, settings)
     for spec in specs.values():
         if spec.folder:
             (out_root / spec.folder).mkdir(parents=True, exist_ok=True)

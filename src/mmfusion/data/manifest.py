@@ -43,12 +43,14 @@ def string_columns(specs: Mapping[str, Any]) -> list[str]:
     return [*raw_columns(specs), *fields, "source_id"]
 
 
-def data_specs(columns: Iterable[str], root: str | Path = ".") -> dict[str, Any]:
-    """{modality: spec} of the modalities whose column a manifest has (the data's), files relative to `root`."""
-    from mmfusion.modalities import specs_for  # the registry, plugins included, at call time
+def data_specs(columns: Iterable[str], root: str | Path = ".", params: Any = None) -> dict[str, Any]:
+    """{modality: spec} of the modalities whose column a manifest has (the data's), files relative to `root`,
+    with the settings of a pipeline run's `params` (each spec's defaults without)."""
+    from mmfusion.modalities import settings_from_params, specs_for  # the registry, plugins included, at call time
     from mmfusion.modalities.base import modalities_in
 
-    return specs_for(modalities_in(columns), root)
+    modalities = modalities_in(columns)
+    return specs_for(modalities, root, settings_from_params(modalities, params) if params is not None else None)
 
 
 class ManifestError(UserError):
@@ -91,9 +93,12 @@ def read_manifest(path: str | Path, required: Required = raw_columns) -> pd.Data
     for col in string_columns(specs):
         if col in df.columns:
             df[col] = df[col].fillna("").astype(str)
-    for col in ("width", "height", "view", *(c for c in df.columns if str(c).startswith("has_"))):
+    numeric: dict[str, type] = {"view": int, **{c: int for c in df.columns if str(c).startswith("has_")}}
+    for spec in specs.values():  # each modality's clean-manifest fields with a numeric default (width, audio_seconds)
+        numeric.update({c: type(v) for c, v in spec.clean_fields.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    for col, kind in numeric.items():
         if col in df.columns:
-            df[col] = pd.to_numeric(df[col]).astype(int)
+            df[col] = pd.to_numeric(df[col]).astype(kind)
     return df
 
 

@@ -122,7 +122,8 @@ def _jsonable(v: Any) -> Any:
         return str(v)
 
 
-def validate_manifest(df: pd.DataFrame, root: Path, out_dir: Path, params: ValidateParams) -> dict:
+def validate_manifest(df: pd.DataFrame, root: Path, out_dir: Path, params: ValidateParams,
+                      settings: Mapping[str, Mapping[str, Any]] | None = None) -> dict:  # fmt: skip
     """Run the suite over a clean manifest (files relative to `root`); write result.json and Data Docs.
 
     Raises ValidationFailed, after writing the reports, when a critical expectation fails.
@@ -134,7 +135,7 @@ def validate_manifest(df: pd.DataFrame, root: Path, out_dir: Path, params: Valid
 
     out_dir.mkdir(parents=True, exist_ok=True)
     df = df.copy()
-    specs = specs_for(modalities_in(df.columns), root)
+    specs = specs_for(modalities_in(df.columns), root, settings)
     columns = clean_columns(specs) + add_derived_columns(df, root, specs)
     labels = sorted(df["label"].unique().tolist())
     counts = class_counts(df)

@@ -30,8 +30,10 @@ from mmfusion.modalities.base import (
 )
 from mmfusion.modalities.image import ImageSpec
 from mmfusion.modalities.text import TextSpec
+from mmfusion.modalities.audio import AudioSpec  # noqa: E402  (registered third: image, text, audio)
 
 __all__ = [
+    "AudioSpec",
     "ImageSpec",
     "ModalitySpec",
     "TextSpec",

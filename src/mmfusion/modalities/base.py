@@ -67,8 +67,9 @@ class ModalitySpec:
 
     @classmethod
     def settings_from_params(cls, params: Any) -> dict[str, Any]:
-        """The preprocessing settings a pipeline run uses (recorded into the model folder by train)."""
-        return dict(cls.defaults)
+        """The settings a pipeline run uses (recorded into the model folder by train): the spec's `defaults`
+        overridden by `modalities.<name>` in params.yaml (checked against `defaults` when params load)."""
+        return {**cls.defaults, **(getattr(params, "modalities", {}) or {}).get(cls.name, {})}
 
     # -- manifest values (paths relative to `root` for file modalities) ----------------------------
 

@@ -7,6 +7,7 @@ maps a modality to another column name); a modality kept as files (`spec.folder`
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import shutil
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from mmfusion.config import IngestParams, ManifestSourceParams
 from mmfusion.data.manifest import ManifestError, read_manifest, resolve_inside
 from mmfusion.modalities import get_modality, list_modalities
 
+log = logging.getLogger(__name__)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -68,6 +70,9 @@ def build(params: IngestParams, out_dir: Path) -> pd.DataFrame:
         raise ManifestError("ingest.source is 'manifest' but ingest.manifest.path is empty")
     src = read_manifest(Path(m.path), required=())
     modalities = data_columns(m, list(src.columns))
+    absent = [name for name in list_modalities() if name not in modalities]
+    log.info("manifest %s: modalities %s; no column for %s (ingest.manifest.columns maps a modality to yours)",
+             m.path, ", ".join(f"{n} (column {c})" for n, c in modalities.items()), ", ".join(absent) or "none")  # fmt: skip
     specs = {name: get_modality(name) for name in modalities}
     derive_id = not m.id_column or m.id_column not in src.columns
     fields = {"label": m.label_column}

@@ -29,7 +29,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     source ids); view k of a sample has one seed, shared by its modalities."""
     p = params.augment
     train = read_manifest(root / paths.SPLIT / "train.csv")
-    specs = data_specs(train.columns, root)
+    specs = data_specs(train.columns, root, params)
     out = fresh_dir(root / paths.AUGMENTED)
     for spec in specs.values():
         if spec.folder:

@@ -11,6 +11,8 @@ from mmfusion.config import Params
 from mmfusion.data.clean import clean_dataset
 from mmfusion.data.manifest import read_manifest, write_manifest
 from mmfusion.errors import UserError
+from mmfusion.modalities import settings_from_params
+from mmfusion.modalities.base import modalities_in
 from mmfusion.stages.common import fresh_dir, stage_main, write_json
 
 log = logging.getLogger(__name__)
@@ -21,7 +23,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     raw_dir = root / paths.RAW
     raw = read_manifest(raw_dir / paths.MANIFEST)
     out = fresh_dir(root / paths.CLEAN)
-    df, report = clean_dataset(raw, raw_dir, out, params.clean)
+    df, report = clean_dataset(raw, raw_dir, out, params.clean, settings_from_params(modalities_in(raw.columns), params))
     write_manifest(df, out / paths.MANIFEST)
     write_json(root / paths.CLEAN_REPORT, report)
     log.info(

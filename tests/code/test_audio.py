@@ -203,3 +203,14 @@ def test_the_pretrained_audio_encoder_loads_offline_from_its_wheel():
     assert out.shape == (3, 256) and np.isfinite(out).all()
     np.testing.assert_allclose(out[0], out[2], atol=1e-6)  # deterministic
     assert np.linalg.norm(out[0] - out[1]) > 0.1
+
+
+def test_the_batched_resemblyzer_equals_its_own_one_clip_embedding():
+    """The encoder runs every clip's partial windows through the LSTM in one call: the same numbers as
+    resemblyzer's `embed_utterance`, clip by clip, for clips shorter and longer than one window."""
+    enc = create_encoder("resemblyzer", device="cpu")
+    rng = np.random.default_rng(0)
+    clips = [tone(220, 0.5), tone(440, 2.0) + 0.01 * rng.normal(size=32000).astype(np.float32), tone(880, 5.3)]
+    batched = enc.encode(clips).numpy()
+    for clip, row in zip(clips, batched):
+        np.testing.assert_allclose(row, enc.model.embed_utterance(clip), atol=1e-5)

@@ -92,6 +92,9 @@ class LogMelStatsEncoder(Encoder):
         return sum(int(np.asarray(i).size > self.max_samples) for i in items)
 
 
+RESEMBLYZER_RATE, RESEMBLYZER_COVERAGE = 1.3, 0.75  # embed_utterance's defaults: partial windows per second, last-window coverage
+
+
 class ResemblyzerEncoder(Encoder):
     """Resemblyzer's pretrained voice encoder (a 3-layer LSTM over 40-band mel frames, GE2E-trained): its
     weights, `pretrained.pt`, ship inside the `resemblyzer` wheel (Apache-2.0), so it loads offline. A clip's
@@ -147,8 +150,25 @@ class ResemblyzerEncoder(Encoder):
         return list(prepared)
 
     def _forward(self, batch: list[np.ndarray]) -> torch.Tensor:
+        """resemblyzer's `embed_utterance` for a batch: every clip's 1.6 s partial windows (its own slicing and
+        padding) go through the LSTM in one call, then each clip's partial embeddings are averaged and
+        L2-normalised, as `embed_utterance` does one clip at a time."""
+        from resemblyzer.audio import wav_to_mel_spectrogram
+
+        mels, owner = [], []
+        for i, wave in enumerate(batch):
+            wav_slices, mel_slices = self.model.compute_partial_slices(len(wave), RESEMBLYZER_RATE, RESEMBLYZER_COVERAGE)
+            stop = wav_slices[-1].stop
+            if stop >= len(wave):
+                wave = np.pad(wave, (0, stop - len(wave)), "constant")
+            mel = wav_to_mel_spectrogram(wave)
+            mels += [mel[s] for s in mel_slices]
+            owner += [i] * len(mel_slices)
         with torch.no_grad():
-            return torch.from_numpy(np.stack([self.model.embed_utterance(w) for w in batch]).astype(np.float32))
+            partial = self.model(torch.from_numpy(np.stack(mels)).to(self.device)).cpu().numpy()
+        owner_of = np.asarray(owner)
+        embeds = np.stack([partial[owner_of == i].mean(axis=0) for i in range(len(batch))])
+        return torch.from_numpy((embeds / np.linalg.norm(embeds, axis=1, keepdims=True)).astype(np.float32))
 
     def count_truncated(self, items) -> int:
         return sum(int(np.asarray(i).size > self.max_seconds * self.sample_rate) for i in items)

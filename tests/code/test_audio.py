@@ -214,3 +214,17 @@ def test_the_batched_resemblyzer_equals_its_own_one_clip_embedding():
     batched = enc.encode(clips).numpy()
     for clip, row in zip(clips, batched):
         np.testing.assert_allclose(row, enc.model.embed_utterance(clip), atol=1e-5)
+
+
+def test_featurize_reports_an_unreadable_clip_per_row_and_encodes_the_rest(tmp_path):
+    """A decode error of any modality (the shared InputDecodeError) is one failed row with its reason, never a crash."""
+    from mmfusion.features.extract import extract_features
+
+    (tmp_path / "audio").mkdir()
+    (tmp_path / "audio" / "ok.wav").write_bytes(encode(tone(440, 1.0)))
+    (tmp_path / "audio" / "junk.wav").write_bytes(b"RIFF not audio")
+    spec = specs_for(["audio"], tmp_path)["audio"]
+    result = extract_features(create_encoder("logmel_stats", device="cpu"), spec,
+                              ["audio/ok.wav", "audio/gone.wav", "audio/junk.wav"], None, progress=False)  # fmt: skip
+    assert result.features[0].any() and set(result.failed) == {1, 2}
+    assert result.failed[1].startswith("missing_audio") and result.failed[2].startswith("unsupported_audio")

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from mmfusion.modalities.image import ImageDecodeError
+from mmfusion.modalities.base import InputDecodeError
 from mmfusion.encoders.base import Encoder
 from mmfusion.features.cache import FeatureCache
 from mmfusion.modalities import ModalitySpec, build_spec
@@ -47,6 +47,13 @@ class ExtractResult:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+def _load_or_none(source: ModalitySpec, value: str) -> Any:
+    try:
+        return source.load(value)
+    except InputDecodeError:
+        return None
+
+
 class _MissDataset(Dataset):
     def __init__(self, values: list[str], source: ModalitySpec, encoder: Encoder):
         self.values, self.source, self.encoder = values, source, encoder
@@ -57,7 +64,7 @@ class _MissDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[int, Any, str]:
         try:
             return i, self.encoder.prepare(self.source.load(self.values[i])), ""
-        except ImageDecodeError as exc:
+        except InputDecodeError as exc:
             return i, None, f"{exc.reason}: {exc}"
         except (OSError, ValueError) as exc:
             return i, None, f"unreadable: {exc}"
@@ -103,7 +110,7 @@ def extract_features(
     for row, value in enumerate(values):
         try:
             key = content_key(source.content(value))
-        except ImageDecodeError as exc:
+        except InputDecodeError as exc:
             failed[row] = f"{exc.reason}: {exc}"
             continue
         rows_by_key.setdefault(key, []).append(row)
@@ -117,8 +124,9 @@ def extract_features(
         order = sorted(range(len(miss_keys)), key=lambda i: len(miss_values[i]))
         miss_keys, miss_values = [miss_keys[i] for i in order], [miss_values[i] for i in order]
     truncated = 0
-    if encoder.may_truncate:  # counted over every distinct sample, cached or not
-        truncated = encoder.count_truncated([source.load(values[rows[0]]) for rows in rows_by_key.values()])
+    if encoder.may_truncate:  # counted over every distinct sample, cached or not (an unreadable one is failed below)
+        truncated = encoder.count_truncated([item for rows in rows_by_key.values()
+                                             if (item := _load_or_none(source, values[rows[0]])) is not None])  # fmt: skip
 
     t_encode = time.perf_counter()
     encoded = 0

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mmfusion.errors import RequestError
-from mmfusion.modalities.base import Dropped, ModalitySpec, register_modality
+from mmfusion.modalities.base import Dropped, InputDecodeError, ModalitySpec, register_modality
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -32,12 +32,8 @@ if TYPE_CHECKING:
 SILENCE_FLOOR = 1e-10  # power floor of the dBFS level (an all-zero clip reads -100 dBFS)
 
 
-class AudioDecodeError(ValueError):
+class AudioDecodeError(InputDecodeError):
     """A clip could not be read or is outside the limits; `reason` is a short machine-readable code."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -81,12 +77,13 @@ def probe_audio(data: bytes | str | Path, settings: dict[str, Any]) -> AudioInfo
     return head
 
 
-def decode_audio(data: bytes | str | Path, settings: dict[str, Any]) -> np.ndarray:
-    """A clip as float32 mono at `settings["sample_rate"]`, limits checked on the header first."""
+def decode_audio(data: bytes | str | Path, settings: dict[str, Any], head: AudioInfo | None = None) -> np.ndarray:
+    """A clip as float32 mono at `settings["sample_rate"]`, limits checked on the header first (`head`: the
+    header `probe_audio` already read and checked)."""
     import soundfile as sf
     import soxr
 
-    head = probe_audio(data, settings)
+    head = head or probe_audio(data, settings)
     try:
         samples, rate = sf.read(_source(data), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
@@ -191,7 +188,7 @@ class AudioSpec(ModalitySpec):
             raise RequestError(413, "upload_too_large", f"audio is {len(raw)} bytes, over the limit of {ctx.limits.max_upload_bytes}")
         try:
             head = probe_audio(raw, self.settings)
-            wave = decode_audio(raw, self.settings)
+            wave = decode_audio(raw, self.settings, head)
         except AudioDecodeError as exc:
             status = {"unsupported_audio": 415, "audio_too_long": 413}.get(exc.reason, 400)
             raise RequestError(status, exc.reason, f"audio: {exc}") from exc

@@ -162,6 +162,15 @@ class ModalitySpec:
         return None
 
 
+class InputDecodeError(ValueError):
+    """A modality's value could not be read or decoded (or is outside its limits); `reason` is a short
+    machine-readable code (`undecodable_image`, `audio_too_long`, ...). Featurize reports it per row."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 class Dropped(Exception):
     """A raw row that clean drops: `reason` is its code in reports/clean.json, `detail` the specifics."""
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image, UnidentifiedImageError
 
 from mmfusion.errors import RequestError
-from mmfusion.modalities.base import Dropped, ModalitySpec, register_modality
+from mmfusion.modalities.base import Dropped, InputDecodeError, ModalitySpec, register_modality
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -29,12 +29,8 @@ if TYPE_CHECKING:
 DEFAULT_MAX_PIXELS = 40_000_000
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(InputDecodeError):
     """An image could not be decoded; `reason` is a short machine-readable code."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 def decode_image(

@@ -63,17 +63,27 @@ ERROR_LINE = re.compile(r"^(ingest|clean|validate|split|augment|featurize|train|
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, server):  # noqa: F811
-    """Every shape through one `dvc repro` each; {shape: (project, completed process)}."""
+    """Every shape through one `dvc repro` each; {shape: (project, completed process)}.
+
+    Two repros at a time: a repro of tiny data is mostly stage processes importing torch, Prefect and GX,
+    one core each, so two use both cores (measured: the fixture took 257 s one at a time in CI). Each
+    shape has its own project and BentoML store; the feature cache is shared, as two users' runs may share
+    one: its entries are content-addressed and written by atomic rename.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     base = tmp_path_factory.mktemp("byod")
-    out = {}
+    projects = {}
     for name, (build, _) in SHAPES.items():
         data = base / name / "userdata"
         data.mkdir(parents=True)
         manifest, columns, overrides = build(data)
         proj = copy_project(base / name / "proj")
         configure(proj, manifest, columns, overrides, base / "cache")
-        out[name] = (proj, repro(proj, server, base / "bentoml"))
-    return out
+        projects[name] = proj
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        done = {name: pool.submit(repro, proj, server, base / name / "bentoml") for name, proj in projects.items()}
+        return {name: (projects[name], future.result()) for name, future in done.items()}
 
 
 @pytest.mark.parametrize("shape", [s for s, (_, want) in SHAPES.items() if want == "bento"])

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from mmfusion.config import ParamsError, ServeLimits, parse_params
 from mmfusion.encoders import create_encoder
@@ -228,3 +229,44 @@ def test_featurize_reports_an_unreadable_clip_per_row_and_encodes_the_rest(tmp_p
                               ["audio/ok.wav", "audio/gone.wav", "audio/junk.wav"], None, progress=False)  # fmt: skip
     assert result.features[0].any() and set(result.failed) == {1, 2}
     assert result.failed[1].startswith("missing_audio") and result.failed[2].startswith("unsupported_audio")
+
+
+@pytest.mark.parametrize("name", ["logmel_stats", "resemblyzer"])
+def test_audio_encoders_run_under_onnx_and_int8_close_to_torch(name, tmp_path):
+    """Each audio encoder exports (logmel's STFT as a convolution, resemblyzer's LSTM over partial windows):
+    fp32 ONNX equals torch, int8 (calibrated on WAV bytes, decoded as featurize decodes them) stays close."""
+    from mmfusion.encoders.runtime import Calibration, Int8Settings
+
+    rng = np.random.default_rng(1)
+    clips = [tone(150 * (i + 1), 0.4 + 0.5 * i) + 0.02 * rng.normal(size=int(SR * (0.4 + 0.5 * i))).astype(np.float32)
+             for i in range(4)]  # fmt: skip
+    calibration = Calibration([encode(c) for c in clips], seed=0)
+    ref = create_encoder(name, device="cpu").encode(clips)
+    out = {}
+    for runtime in ("onnx", "onnx-int8"):
+        enc = create_encoder(name, device="cpu").set_runtime(
+            runtime, threads=1, cache_dir=tmp_path, int8=Int8Settings(calibration_size=4), calibration=calibration
+        )
+        out[runtime] = enc.encode(clips)
+        assert enc.fingerprint != create_encoder(name, device="cpu").fingerprint
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(out["onnx"], ref).min() > 0.9999
+    assert cos(out["onnx-int8"], ref).min() > 0.9
+
+
+def test_truncation_is_counted_from_headers_and_the_rate_must_match_the_encoder(tmp_path):
+    """featurize counts clips over the encoder's limit without decoding them again, and refuses an encoder whose
+    sample rate differs from modalities.audio.sample_rate (it would hear every clip at the wrong speed)."""
+    from mmfusion.errors import UserError
+
+    (tmp_path / "audio").mkdir()
+    (tmp_path / "audio" / "short.wav").write_bytes(encode(tone(440, 1.0)))
+    (tmp_path / "audio" / "long.wav").write_bytes(encode(np.zeros(int(31 * SR), dtype=np.float32)))
+    spec = specs_for(["audio"], tmp_path)["audio"]
+    spec.load = lambda value: pytest.fail(f"decoded {value} to count truncation")
+    for name in ("logmel_stats", "resemblyzer"):
+        enc = create_encoder(name, device="cpu")
+        assert enc.count_truncated_values(spec, ["audio/short.wav", "audio/long.wav", "audio/gone.wav"]) == 1
+        enc.check_input_settings({**SETTINGS, "sample_rate": 16000})
+        with pytest.raises(UserError, match="modalities.audio.sample_rate: 16000"):
+            enc.check_input_settings({**SETTINGS, "sample_rate": 22050})

@@ -242,6 +242,12 @@ class Encoder(ABC):
         """A collated batch as the ONNX graph's inputs (numpy)."""
         raise NotImplementedError(f"encoder {self.name!r} has no ONNX export")
 
+    def onnx_forward(self, batch: Any) -> torch.Tensor:
+        """One collated batch through the ONNX session -> [B, dim] float32 CPU (an encoder whose graph is only
+        part of its forward, like resemblyzer's LSTM, overrides this)."""
+        (out,) = self.session.run(None, self.onnx_feed(batch))
+        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
+
     def item_from_content(self, content: bytes) -> Any:
         """A decoded item from a sample's content bytes (calibration inputs are stored as content)."""
         raise NotImplementedError
@@ -297,8 +303,7 @@ class Encoder(ABC):
     def forward(self, batch: Any) -> torch.Tensor:
         """One collated batch -> [B, dim] float32 on CPU, under inference_mode and autocast (or through ONNX Runtime)."""
         if self.runtime != "torch":
-            (out,) = self.session.run(None, self.onnx_feed(batch))
-            return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
+            return self.onnx_forward(batch)
         amp = (
             torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
             if self.amp_dtype is not None
@@ -324,6 +329,35 @@ class Encoder(ABC):
     def count_truncated(self, items: Sequence[Any]) -> int:
         """How many items preprocessing would cut (texts over the tokenizer limit); 0 by default."""
         return 0
+
+    def count_truncated_values(self, source: Any, values: Sequence[str]) -> int:
+        """How many of the manifest `values` (of modality spec `source`) preprocessing would cut: by default
+        each is loaded (unreadable ones skipped: featurize reports them) and `count_truncated` counts.
+        An encoder whose inputs are costly to load counts from something cheaper (audio: file headers)."""
+        from mmfusion.modalities.base import InputDecodeError
+
+        items = []
+        for value in values:
+            try:
+                items.append(source.load(value))
+            except InputDecodeError:
+                continue
+        return self.count_truncated(items)
+
+    @property
+    def input_settings(self) -> dict[str, Any]:
+        """Modality settings the encoder's inputs must have been decoded with (audio: {"sample_rate": 16000});
+        featurize refuses a mismatch with `modalities.<modality>` (see `check_input_settings`)."""
+        return {}
+
+    def check_input_settings(self, settings: dict[str, Any]) -> None:
+        """UserError when the modality's decode settings differ from what this encoder takes."""
+        for key, want in self.input_settings.items():
+            if key in settings and settings[key] != want:
+                raise UserError(
+                    f"encoder {self.name!r} takes {self.modality} with {key}={want!r}, but modalities.{self.modality}."
+                    f"{key} is {settings[key]!r}: set modalities.{self.modality}.{key}: {want!r} in params.yaml"
+                )
 
     def __repr__(self) -> str:
         return (

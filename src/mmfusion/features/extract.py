@@ -47,13 +47,6 @@ class ExtractResult:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def _load_or_none(source: ModalitySpec, value: str) -> Any:
-    try:
-        return source.load(value)
-    except InputDecodeError:
-        return None
-
-
 class _MissDataset(Dataset):
     def __init__(self, values: list[str], source: ModalitySpec, encoder: Encoder):
         self.values, self.source, self.encoder = values, source, encoder
@@ -125,8 +118,7 @@ def extract_features(
         miss_keys, miss_values = [miss_keys[i] for i in order], [miss_values[i] for i in order]
     truncated = 0
     if encoder.may_truncate:  # counted over every distinct sample, cached or not (an unreadable one is failed below)
-        truncated = encoder.count_truncated([item for rows in rows_by_key.values()
-                                             if (item := _load_or_none(source, values[rows[0]])) is not None])  # fmt: skip
+        truncated = encoder.count_truncated_values(source, [values[rows[0]] for rows in rows_by_key.values()])
 
     t_encode = time.perf_counter()
     encoded = 0

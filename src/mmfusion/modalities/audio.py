@@ -172,6 +172,15 @@ class AudioSpec(ModalitySpec):
     def load(self, value: str) -> np.ndarray:
         return decode_audio(self.root / value, self.settings)
 
+    def seconds(self, value: str) -> float:
+        """The clip's duration from its header (nothing decoded); NaN when it cannot be read."""
+        import soundfile as sf
+
+        try:
+            return float(sf.info(str(self.root / value)).duration)
+        except (sf.LibsndfileError, RuntimeError, OSError, TypeError, ValueError):
+            return float("nan")
+
     def measure(self, value: str) -> dict[str, float]:
         try:
             wave = self.load(value)

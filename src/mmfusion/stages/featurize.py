@@ -96,6 +96,7 @@ def encode_modality(
     encoder = create_encoder(name, device="cpu" if on_cluster else p.device, batch_size=p.batch_size or None)
     inputs = {"root": root, **get_modality(modality).settings_from_params(params)}
     source = build_input(modality, **inputs)
+    encoder.check_input_settings(inputs)
     if source.column not in allrows.columns:
         raise UserError(f"featurize: modality {modality!r} needs a {source.column!r} column in the split manifests")
     values = allrows[source.column].fillna("").astype(str).tolist()

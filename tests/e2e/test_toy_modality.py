@@ -1,12 +1,13 @@
 """New modalities go the whole way: a `vector` modality added in one plugin module and the built-in `audio`
 modality, with image and text, through manifest -> clean -> validate -> split -> featurize -> train ->
-evaluate -> package (one real `dvc repro`) -> `/classify` and `/classify_batch` of the served Bento
--> inference log -> drift monitor -> feedback -> export. Nothing outside `tests/e2e/toy_vector.py` is
+evaluate -> package (`make run`, as the README says) -> `/classify` and `/classify_batch` of the served Bento
+-> inference log -> drift monitor (`make drift`) -> feedback -> export. Nothing outside `tests/e2e/toy_vector.py` is
 edited for the vector (it is loaded into every process with `MMFUSION_PLUGINS`, as a user's plugin is).
 
 The data: pictures, texts, tones and vectors whose class shows in each, rows without some of them, and
 files clean must drop (a corrupt vector, a wrong-shape one, a silent clip, a clip that is not audio).
 The monitor sees a window of ordinary requests, then one whose audio is noise: only audio is flagged.
+The Makefile's install step is skipped (`make -o .venv/.installed`, `.venv` linked to this environment).
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ import yaml
 
 import soundfile as sf
 
+from pathlib import Path
+
 from mmfusion.procs import stop_process_group
 from tests.conftest import CLASSES as PICTURES
 from tests.conftest import draw_sample
-from tests.e2e.test_pipeline import DVC, copy_project, project_env, server  # noqa: F401  (the server fixture)
+from tests.e2e.test_pipeline import copy_project, project_env, server  # noqa: F401  (the server fixture)
 from tests.service.conftest import start_server
 
 pytestmark = pytest.mark.slow
@@ -38,6 +41,13 @@ DIM = 8  # toy_vector.DIM (never imported here: the registries are process-wide)
 CLASSES = {"fruit": ["apple", "pear", "plum"], "plant": ["leaf", "fern", "moss"], "water": ["rain", "wave", "lake"]}
 PITCH = {"fruit": 330.0, "plant": 660.0, "water": 1320.0}  # each class's tone
 AUDIO_FORMATS = [("WAV", 16000), ("FLAC", 22050), ("OGG", 44100)]
+VENV = Path(sys.executable).parent.parent
+
+
+def make(proj: Path, env: dict, *args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
+    """`make ARGS` in the project, as a user types it (the install step taken as done)."""
+    return subprocess.run(["make", "-o", ".venv/.installed", *args], cwd=proj, env=env, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
 
 
 def clip(label: str, rng: np.random.Generator, noise_only: bool = False, fmt: str = "WAV", sr: int = 16000) -> bytes:
@@ -129,14 +139,16 @@ def project(tmp_path_factory, server):  # noqa: F811
     params["package"].update({"workers": 1})
     params["monitor"].update({"min_rows": 10})
     params["monitor"]["window"].update({"by": "count", "size": 15})
-    params["retrain"].update({"export_dir": "feedback"})
+    params["retrain"].update({"export_dir": "feedback", "auto": False})  # `make drift` checks; it starts no retrain
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = project_env(proj, server)
-    env.update({"MMFUSION_PLUGINS": PLUGIN, "BENTOML_HOME": str(root / "bentoml")})
-    for key in ("MMFUSION_MODEL", "MMFUSION_INFERENCE_LOG", "MMFUSION_PARAMS"):
-        env.pop(key, None)
-    repro = subprocess.run([DVC, "repro"], cwd=proj, env=env, capture_output=True, text=True, timeout=1200)
-    assert repro.returncode == 0, repro.stdout[-3000:] + repro.stderr[-3000:]
+    (proj / ".venv").symlink_to(VENV)
+    env = project_env(proj, server)  # the stage flows report to this module's Prefect server (`make run` reuses it)
+    env.update({"MMFUSION_PLUGINS": PLUGIN, "BENTOML_HOME": str(proj / ".bentoml")})  # the Makefile's store
+    for key in list(env):  # nor this test session's mmfusion settings, nor the make it may run under
+        if key.startswith(("MMFUSION_MODEL", "MMFUSION_INFERENCE_LOG", "MMFUSION_PARAMS", "MAKE", "MFLAGS")):
+            env.pop(key)
+    run = make(proj, env, "run")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return {"proj": proj, "env": env, "root": root, "rng": data["rng"]}
 
 
@@ -231,8 +243,7 @@ def test_the_served_bento_takes_logs_monitors_and_exports_new_modalities(project
     assert kept == {"image": 24, "text": 24, "audio": 30, "vector": 24}
     assert dims == {"image": 1280, "text": 384, "audio": 128, "vector": 2 * DIM}
 
-    monitor = subprocess.run([sys.executable, "-m", "mmfusion.monitoring.monitor", "--root", str(proj)], cwd=proj,
-                             env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    monitor = make(proj, env, "drift", timeout=300)
     assert monitor.returncode in (0, 1), monitor.stderr[-3000:]
     verdicts = {p.stem: json.loads(p.read_text()) for p in (proj / "reports" / "monitor").rglob("w*.json")}
     first, second = (verdicts[k] for k in sorted(verdicts))

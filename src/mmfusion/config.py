@@ -373,6 +373,9 @@ class ComputeParams:
     # featurize: cache misses per shard (one Prefect task), rounded up to a multiple of the encoder batch.
     # Large shards keep the per-task overhead small (bench/scale.py).
     shard_size: int = 512
+    # local engine: trials (CV folds) spread over this many processes when that pays; 0 = one per core,
+    # 1 = all in the stage's own process. The results are the same either way.
+    local_processes: int = 0
 
 
 # Params sections of Prefect flows that are not DVC stages (flows/<name>.py); every other section is a stage.

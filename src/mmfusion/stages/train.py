@@ -16,7 +16,7 @@ from mmfusion.devices import resolve_device
 from mmfusion.features.store import load_meta
 from mmfusion.stages.common import fresh_dir, stage_main, write_json
 from mmfusion.training.data import load_training_data
-from mmfusion.training.strategies import check_strategies, fit_strategy, fit_strategy_from_files
+from mmfusion.training.strategies import check_strategies, fit_strategy_from_files
 
 log = logging.getLogger(__name__)
 
@@ -30,20 +30,18 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     check_compute(params.compute)
     device = resolve_device(p.device)
     train, val, labels = load_training_data(features, p.use_augmented)
-    out = fresh_dir(root / paths.STRATEGIES)
+    fresh_dir(root / paths.STRATEGIES)  # each strategy writes its own folder in it
     threads = torch.get_num_threads()
     if device.type == "cpu" and p.cpu_threads > 0:
         torch.set_num_threads(p.cpu_threads)
     start = time.perf_counter()
     strategies = {}
     try:
-        if params.compute.engine == "local":
-            for name in p.strategies:
-                strategies[name] = fit_strategy(name, train, val, labels, encoders, params, out / name, device)
-        else:  # one Prefect task per strategy on the cluster; each worker reads features/ and writes its folder
-            fitted = map_tasks(fit_strategy_from_files, list(p.strategies), params.compute, "train-strategy",
-                               params=params, root=str(root.resolve()))  # fmt: skip
-            strategies = dict(zip(p.strategies, fitted))
+        # one trial per strategy, each reading features/ and writing its own folder: in this process, over local
+        # processes when that pays, or one Prefect task each on a cluster (mmfusion.compute.map_tasks)
+        fitted = map_tasks(fit_strategy_from_files, list(p.strategies), params.compute, "train-strategy",
+                           progress=f"train: {len(p.strategies)} strategies", params=params, root=str(root.resolve()))  # fmt: skip
+        strategies = dict(zip(p.strategies, fitted))
     finally:
         used_threads = torch.get_num_threads()
         torch.set_num_threads(threads)

@@ -29,16 +29,16 @@ def fails_on_three(item: int) -> int:
 
 
 def test_the_pool_runs_only_when_it_pays():
-    assert not compute.pool_pays(0.1, 40, 2)  # 4 s of work: a pool's start costs more
-    assert compute.pool_pays(3.0, 44, 2)  # CV on the emoji data: 3 s trials
+    assert not compute.pool_pays(0.3, 7, 2)  # a tiny dataset's CV: a pool's start costs more than it saves
+    assert compute.pool_pays(3.0, 43, 2)  # CV on the emoji data: 3 s trials
     assert not compute.pool_pays(30.0, 1, 2) and not compute.pool_pays(30.0, 10, 1)
 
 
 def test_items_spread_over_processes_and_errors_surface(monkeypatch):
     monkeypatch.setattr(compute, "POOL_START_S", 0.0)
     c = parse_params({"compute": {"local_processes": 2}}).compute
-    pids = compute.map_tasks(pid_after, [0.01, 0.3, 0.3, 0.3], c, "probe")
-    assert pids[0] == os.getpid() and os.getpid() not in pids[1:] and len(set(pids[1:])) == 2
+    pids = compute.map_tasks(pid_after, [0.01, 0.01, 0.3, 0.3, 0.3], c, "probe")
+    assert pids[:2] == [os.getpid()] * 2 and os.getpid() not in pids[2:]  # the first two time the rest here
     with pytest.raises(ValueError, match="item 3 is bad"):
         compute.map_tasks(fails_on_three, [0, 1, 2, 3, 4, 5], c, "probe")
     alone = parse_params({"compute": {"local_processes": 1}}).compute

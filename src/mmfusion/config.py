@@ -201,6 +201,14 @@ class ServeLimits:
 
 
 @dataclass(frozen=True)
+class ServeAuth:
+    """Who may call the service (mmfusion.serving.auth). The token itself is never a param: the service reads
+    it from MMFUSION_API_TOKEN or the file MMFUSION_API_TOKEN_FILE names. /feedback always needs it once set."""
+
+    classify: bool = False  # /classify and /classify_batch need the token too (then one must be set)
+
+
+@dataclass(frozen=True)
 class ServeBatching:
     """Adaptive batching of the model call, in each service process (`mmfusion.serving.batcher.MicroBatcher`):
     requests that arrive while the model is busy share its next call, up to `max_batch_size` items."""
@@ -241,6 +249,7 @@ class PackageParams:
     limits: ServeLimits = field(default_factory=ServeLimits)
     batching: ServeBatching = field(default_factory=ServeBatching)
     log: InferenceLogParams = field(default_factory=InferenceLogParams)
+    auth: ServeAuth = field(default_factory=ServeAuth)
 
 
 # Keys that were renamed: an old key is an error naming the new one (not the generic "unknown key").

@@ -1,6 +1,7 @@
 """HTTP-level safety that must act before (or around) BentoML: bodies, timeouts, concurrency, error shape, shutdown.
 
-- `RequestGuard` (ASGI middleware, outermost of ours): reads a request body completely before
+- `RequestGuard` (ASGI middleware, outermost of ours): asks the token gate (mmfusion.serving.auth)
+  whether a protected path may go on, before anything else is read. Then it reads a request body completely before
   the app sees it, under a size limit (413) and a time limit (408), so slow or stalled clients
   never hold a concurrency slot or a model queue place. Then it admits at most
   `max_concurrency` requests per worker (429), gives each `timeout_s` (504), and, after SIGTERM,
@@ -121,8 +122,10 @@ class RequestGuard:
         timeout_s: float = 30.0,
         max_concurrency: int = 128,
         slack_bytes: int = 64 * 1024,
+        gate: t.Any = None,
     ):
         self.app = app
+        self.gate = gate  # mmfusion.serving.auth.TokenGate: asked before the body is read
         self.max_body_bytes = max_body_bytes
         # multipart framing and the text field ride on top of the image itself
         self.limit = max_body_bytes + slack_bytes
@@ -144,11 +147,18 @@ class RequestGuard:
             extra = [(b"connection", b"close")] if close else []
             if status == 503:
                 extra.append((b"retry-after", b"1"))
+            if status == 401:
+                extra.append((b"www-authenticate", b'Bearer realm="mmfusion"'))
             for m in _json_messages(status, error_body(status, reason, message), extra):
                 await send(m)
 
         if _Drain.stopping:
             await reply(503, "shutting_down", "the server is shutting down; retry on another instance or in a moment", True)
+            return
+
+        refusal = self.gate.check(scope) if self.gate is not None else None
+        if refusal is not None:  # before the body: an unauthorised upload is never read, let alone kept
+            await reply(*refusal, close=True)
             return
 
         body_in = await self._read_body(scope, receive, reply)

@@ -49,6 +49,7 @@ from typing_extensions import Annotated
 
 from mmfusion.modalities import get_modality, keep_shares, list_modalities
 from mmfusion.monitoring.inference_log import InferenceLogWriter, InferenceRecord
+from mmfusion.serving.auth import TokenGate
 from mmfusion.serving.batcher import MicroBatcher, Overloaded
 from mmfusion.serving.guard import (
     RequestGuard,
@@ -65,6 +66,7 @@ log = logging.getLogger("mmfusion.serving")
 SETTINGS = load_settings()
 PARAMS = SETTINGS.params
 LIMITS = PARAMS.limits
+GATE = TokenGate.from_env(PARAMS.auth.classify)  # who may write (mmfusion.serving.auth); per worker process
 _CLIENT_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
 
 
@@ -329,6 +331,7 @@ class MMFusion:
                     "queued": self.log.queued,
                 },
                 "model_calls": self.batcher.stats(),
+                "auth": GATE.describe(),
             },
         }
 
@@ -391,4 +394,5 @@ MMFusion.add_asgi_middleware(
     body_timeout_s=PARAMS.body_timeout_s,
     timeout_s=PARAMS.timeout_s,
     max_concurrency=PARAMS.max_concurrency,
+    gate=GATE,
 )

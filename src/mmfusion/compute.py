@@ -233,7 +233,13 @@ def _map_local(fn: Callable[..., Any], items: list[Any], compute: ComputeParams,
                 bar.update()
             return results
         log.info("%s: %d more tasks of about %.1f s: spread over %d processes", progress or fn.__name__, len(rest), seconds, processes)
-        return results + _map_pool(fn, rest, fixed, processes, bar)
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            return results + _map_pool(fn, rest, fixed, processes, bar)
+        except BrokenProcessPool as exc:  # a worker died (killed, out of memory): the results do not depend on where
+            log.warning("%s: the process pool broke (%s); the %d remaining tasks run in this process", progress or fn.__name__, exc, len(rest))
+            return results + [fn(item, **fixed) for item in rest]
 
 
 _POOL_CALL: tuple[Callable[..., Any], dict[str, Any]] | None = None

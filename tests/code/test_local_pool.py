@@ -28,6 +28,12 @@ def fails_on_three(item: int) -> int:
     return item
 
 
+def exits_in_a_pool(item: int, parent: int) -> int:
+    if os.getpid() != parent:
+        os._exit(3)  # a worker that dies (killed, out of memory)
+    return item * 10
+
+
 def test_the_pool_runs_only_when_it_pays():
     assert not compute.pool_pays(0.3, 7, 2)  # a tiny dataset's CV: a pool's start costs more than it saves
     assert compute.pool_pays(3.0, 43, 2)  # CV on the emoji data: 3 s trials
@@ -41,6 +47,8 @@ def test_items_spread_over_processes_and_errors_surface(monkeypatch):
     assert pids[:2] == [os.getpid()] * 2 and os.getpid() not in pids[2:]  # the first two time the rest here
     with pytest.raises(ValueError, match="item 3 is bad"):
         compute.map_tasks(fails_on_three, [0, 1, 2, 3, 4, 5], c, "probe")
+    # a pool whose workers die: the remaining items run here, and the results are whole
+    assert compute.map_tasks(exits_in_a_pool, [0, 1, 2, 3, 4], c, "probe", parent=os.getpid()) == [0, 10, 20, 30, 40]
     alone = parse_params({"compute": {"local_processes": 1}}).compute
     assert set(compute.map_tasks(pid_after, [0.01, 0.01, 0.01], alone, "probe")) == {os.getpid()}
 

@@ -170,8 +170,8 @@ def map_tasks(
     """`[fn(item, **fixed) for item in items]`, on the engine `compute` names.
 
     local: that loop (an error stops it at once), with a progress bar labelled `progress` when one is
-    given; in this process, or after the first item in `compute.local_processes` processes when that
-    pays (the module docstring). dask: one Prefect task per item on the cluster (the Prefect UI
+    given; in this process, or after the first two items in `compute.local_processes` processes when
+    that pays (the module docstring). dask: one Prefect task per item on the cluster (the Prefect UI
     shows them); every task runs to its end, then a TasksFailedError carries the failures and the
     other results. `fn` must be importable on the workers (a module-level function of mmfusion).
     """
@@ -202,12 +202,12 @@ def local_processes(c: ComputeParams) -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def pool_pays(first_s: float, rest: int, processes: int) -> bool:
-    """True when `rest` items of `first_s` seconds each finish sooner over `processes` processes, after
+def pool_pays(item_s: float, rest: int, processes: int) -> bool:
+    """True when `rest` items of `item_s` seconds each finish sooner over `processes` processes, after
     the pool's start, than one after the other here."""
     if processes < 2 or rest < 2:
         return False
-    return first_s * rest > POOL_START_S + first_s * -(-rest // processes)
+    return item_s * rest > POOL_START_S + item_s * -(-rest // processes)
 
 
 def _map_local(fn: Callable[..., Any], items: list[Any], compute: ComputeParams, progress: str, fixed: dict[str, Any]) -> list[Any]:
@@ -266,7 +266,7 @@ def _map_pool(fn: Callable[..., Any], items: list[Any], fixed: dict[str, Any], p
         futures = [pool.submit(_pool_call, item) for item in items]
         for future in futures:
             future.add_done_callback(lambda _: bar.update())
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        wait(futures, return_when=FIRST_EXCEPTION)
         failed = [f for f in futures if f.done() and f.exception() is not None]
         if failed:
             pool.shutdown(cancel_futures=True)

@@ -81,7 +81,8 @@ def featurize_once(encoder, spec, values: list[str], workers: int) -> np.ndarray
 
 def cosines(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    return {"mean": round(float(cos.mean()), 5), "min": round(float(cos.min()), 5)}
+    stats = {"mean": cos.mean(), "p05": np.quantile(cos, 0.05), "min": cos.min()}
+    return {k: round(float(v), 5) for k, v in stats.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch and ONNX Runtime threads (0: torch's default)")
     ap.add_argument("--workers", type=int, default=1, help="featurize's DataLoader workers (default %(default)s)")
     ap.add_argument("--drumkits", type=Path, default=Path("/tmp/mmfusion-datasets/drumkits"))
+    ap.add_argument("--reduce-range", default="auto", choices=("auto", "true", "false"),
+                    help="int8 7-bit weights (default %(default)s: by this CPU)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "audio-encoders.json")
     args = ap.parse_args(argv)
     import torch
@@ -99,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
+    settings = Int8Settings(reduce_range={"true": True, "false": False}.get(args.reduce_range, "auto")).resolved()
     with tempfile.TemporaryDirectory() as scratch:
         root, values, source = clip_files(args.n, args.drumkits, Path(scratch))
         spec = specs_for(["audio"], root)["audio"]
@@ -107,14 +111,13 @@ def main(argv: list[str] | None = None) -> int:
             "clips": len(items), "source": source, "seconds_of_audio": round(sum(len(x) for x in items) / 16000, 1),
             "threads": torch.get_num_threads(), "featurize_workers": args.workers, "rounds": args.rounds,
             "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "load_average": list(os.getloadavg()),
-            "encoders": {},
+            "int8": settings.ident(), "encoders": {},
         }  # fmt: skip
         for name in ENCODERS:
             torch_out = None
             per_runtime = {}
             for runtime in runtimes:
                 encoder = create_encoder(name, device="cpu")
-                settings = Int8Settings()
                 calibration = lambda: sample_calibration(values, spec.content, settings)  # noqa: E731
                 t0 = time.perf_counter()
                 encoder.set_runtime(runtime, threads=args.threads, cache_dir=Path(scratch) / "onnx", int8=settings, calibration=calibration)

@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     train = read_manifest(REPO / paths.SPLIT / "train.csv", required=("id", "image"))
     image_paths = train["image"].tolist()[: args.n]
     runtimes = [r for r in args.runtimes.split(",") if r]
-    int8 = Int8Settings(**__import__("dataclasses").asdict(params.featurize.int8))
+    # reduce_range auto: resolved for this CPU
+    int8 = Int8Settings(**__import__("dataclasses").asdict(params.featurize.int8)).resolved()
     source = ImageSpec(root=REPO)
     encoders = {}
     for runtime in runtimes:

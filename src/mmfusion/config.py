@@ -102,8 +102,13 @@ class Int8Params:
     calibration_size: int = 64  # distinct training inputs (originals, not augmented views) per encoder
     seed: int = 0
     per_channel: bool = True
-    reduce_range: bool = True  # 7-bit weights: no int16 saturation on AVX2-only CPUs (VPMADDUBSW)
+    # auto: full 8-bit weights on VNNI/AMX/ARM, 7-bit on AVX2-only CPUs (int16 saturation in VPMADDUBSW) | true | false
+    reduce_range: bool | str = "auto"
     calibrate_method: str = "minmax"  # minmax | entropy | percentile
+    # fidelity guard: int8 against torch on this many held-out training inputs; below either cosine -> fp32 ONNX
+    fidelity_size: int = 64  # 0 = no check
+    min_mean_cosine: float = 0.985
+    min_p05_cosine: float = 0.95
 
 
 @dataclass(frozen=True)

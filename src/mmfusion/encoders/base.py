@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import socket
 import threading
@@ -35,6 +36,7 @@ import torch
 from mmfusion.devices import resolve_device
 from mmfusion.errors import UserError
 
+log = logging.getLogger(__name__)
 _HASH_CACHE: dict[tuple[str, int, int], str] = {}
 _HASH_LOCK = threading.Lock()
 
@@ -113,6 +115,8 @@ class Encoder(ABC):
         self.onnx_cache_dir: Path | None = None
         self.int8 = None  # runtime.Int8Settings for onnx-int8
         self.calibration = None  # runtime.Calibration for onnx-int8
+        self.int8_fidelity = None  # onnx-int8: its measured agreement with torch (runtime.guard_int8_fidelity)
+        self.int8_fallback = None  # onnx after int8 failed that guard: the int8 settings and measurement
         self._session = None
         self._session_lock = threading.Lock()  # not _load_lock: building a session loads the model
 
@@ -177,6 +181,11 @@ class Encoder(ABC):
             runtime["calibration"] = {"size": len(self.calibration.contents), "digest": self.calibration.digest}
             if not brief:
                 runtime["calibration"] = self.calibration.to_json()
+        # not in the fingerprint: the decision is the runtime itself (onnx after a fallback)
+        if self.int8_fidelity:
+            runtime["fidelity"] = self.int8_fidelity
+        if self.int8_fallback:
+            runtime["int8_fallback"] = self.int8_fallback
         return {
             "encoder": self.name,
             "dim": self.dim,
@@ -213,6 +222,8 @@ class Encoder(ABC):
         runtime = resolve_runtime(runtime, self)
         if runtime == "onnx-int8":
             int8 = int8 or Int8Settings()
+            if not isinstance(int8.reduce_range, bool):  # auto: by this CPU's ISA class
+                int8 = int8.resolved()
             calibration = calibration() if callable(calibration) else calibration
             if calibration is None or not calibration.contents:
                 raise ValueError(f"encoder {self.name!r}: runtime onnx-int8 needs calibration inputs (real training samples)")
@@ -221,18 +232,29 @@ class Encoder(ABC):
         self.onnx_cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.int8 = int8 if runtime == "onnx-int8" else None
         self.calibration = calibration if runtime == "onnx-int8" else None
+        self.int8_fidelity = self.int8_fallback = None
         self._session = None
         self.__dict__.pop("_fingerprint", None)
         return self
 
     def set_runtime_from(self, recorded: dict[str, Any] | None, threads: int = 0, cache_dir: str | Path | None = None) -> Encoder:
         """Set the runtime a model folder recorded (`describe()["runtime"]`); none recorded means torch."""
-        from mmfusion.encoders.runtime import Calibration, Int8Settings
+        from mmfusion.encoders.runtime import FULL_RANGE_ISAS, Calibration, Int8Settings, cpu_isa
 
         recorded = recorded or {"name": "torch"}
         int8 = Int8Settings(**recorded["int8"]) if "int8" in recorded else None
         calibration = Calibration.from_json(recorded["calibration"]) if "calibration" in recorded else None
-        return self.set_runtime(recorded["name"], threads=threads, cache_dir=cache_dir, int8=int8, calibration=calibration)
+        # as recorded, never measured again: the same runtime, so the same fingerprint
+        self.set_runtime(recorded["name"], threads=threads, cache_dir=cache_dir, int8=int8, calibration=calibration)
+        self.int8_fidelity, self.int8_fallback = recorded.get("fidelity"), recorded.get("int8_fallback")
+        if int8 is not None and int8.reduce_range is False and cpu_isa() not in FULL_RANGE_ISAS:
+            log.warning(
+                "encoder %s: its int8 model has full 8-bit weights (quantised on CPU class %s), but this CPU (%s) sums "
+                "int8 products in int16, which saturates them: embeddings drift from those the model was trained on; "
+                "re-run featurize on this kind of CPU, or with featurize.runtime onnx",
+                self.name, int8.isa or "unrecorded", cpu_isa(),
+            )  # fmt: skip
+        return self
 
     def export_spec(self) -> Any:
         """runtime.ExportSpec: the torch module over a collated batch, for ONNX export (exportable encoders)."""

@@ -13,10 +13,21 @@ encoders' runtime and the calibration inputs themselves (see `Encoder.describe`)
 model rebuilds its ONNX files offline when the cache does not have them: the fp32 export only
 needs the pip-shipped weights, the int8 model the recorded calibration inputs.
 
-`reduce_range` (7-bit weights) is on by default: on x86 CPUs without VNNI (AVX2 only, like the
-2-core machines here) ONNX Runtime's u8s8 kernels sum pairs of products in int16 (VPMADDUBSW),
-which saturates with full 8-bit weights; measured on EfficientNet-Lite0 over real emoji, mean
-cosine to torch 0.84 without it, 0.94 with it.
+`reduce_range: auto` (the default) is resolved from the CPU's int8 instruction set when the
+encoder is quantised (`cpu_isa`, from /proc/cpuinfo: ONNX Runtime reports none). On x86 CPUs
+without VNNI (AVX2 only) ONNX Runtime's u8s8 kernels sum pairs of products in int16
+(VPMADDUBSW), which saturates with full 8-bit weights: they get 7-bit weights (measured on
+EfficientNet-Lite0 over real emoji, mean cosine to torch 0.84 without, 0.94 with). VNNI and AMX
+(and ARM's dot-product or widening kernels) accumulate in int32, exactly, so they get full 8-bit
+weights: 7 bits only cost them fidelity. The resolved value and the ISA class are part of the
+fingerprint, so int8 features of one CPU class are never mixed with another's.
+
+The fidelity guard (`guard_int8_fidelity`, featurize only): after quantising, the int8 model and
+torch (fp32) encode real held-out training inputs; below `min_mean_cosine` mean or `min_p05_cosine`
+5th percentile of the per-item cosine, the encoder falls back to fp32 ONNX with a warning. The
+measurement is cached beside the int8 model; the decision is recorded in the model folder as the
+runtime actually used (`onnx` after a fallback), so a served model rebuilds it offline without
+measuring again.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import random
 import re
 import shutil
@@ -33,7 +45,8 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,18 +67,90 @@ DEFAULT_ONNX_CACHE = ".cache/onnx"
 _BUILD_LOCK = threading.Lock()
 
 
+# --- the CPU's int8 instruction set ----------------------------------------------------------
+
+# ISA classes whose int8 dot products accumulate in int32 (no int16 saturation): full 8-bit weights
+FULL_RANGE_ISAS = ("amx", "vnni", "arm-dot", "arm")
+
+
+def read_cpu_flags(path: str | Path = "/proc/cpuinfo") -> set[str]:
+    """The CPU feature flags of /proc/cpuinfo (x86 `flags`, ARM `Features`); empty where there is none."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def classify_isa(flags: set[str], machine: str) -> str:
+    """A CPU's int8 class from its flags and `platform.machine()`: amx|vnni|avx2|x86|arm-dot|arm|unknown.
+
+    x86 without VNNI (`avx2`, or `x86`: SSE only or flags unknown) multiplies u8 by s8 with
+    (V)PMADDUBSW, whose int16 pair sums saturate; VNNI (avx512_vnni, avx_vnni) and AMX accumulate in
+    int32. ARM64 uses SDOT/UDOT (`asimddp`) or widening 16-bit products into 32-bit sums: exact too.
+    """
+    m = machine.lower()
+    if m in ("x86_64", "amd64", "i386", "i686", "x86"):
+        if "amx_int8" in flags:
+            return "amx"
+        if flags & {"avx512_vnni", "avx_vnni", "avx_vnni_int8"}:
+            return "vnni"
+        return "avx2" if "avx2" in flags else "x86"
+    if m in ("aarch64", "arm64") or m.startswith("arm"):
+        return "arm-dot" if "asimddp" in flags else "arm"
+    return "unknown"
+
+
+@lru_cache(maxsize=1)
+def cpu_isa() -> str:
+    """This CPU's int8 class (`classify_isa` of /proc/cpuinfo and the machine)."""
+    return classify_isa(read_cpu_flags(), platform.machine())
+
+
+def resolve_reduce_range(reduce_range: bool | str, isa: str) -> bool:
+    """`auto`: 7-bit weights (True) unless the ISA class accumulates int8 products exactly; true/false as given."""
+    if isinstance(reduce_range, bool):
+        return reduce_range
+    if str(reduce_range).lower() != AUTO:
+        raise ValueError(f"featurize.int8.reduce_range must be auto, true or false, got {reduce_range!r}")
+    return isa not in FULL_RANGE_ISAS
+
+
 @dataclass(frozen=True)
 class Int8Settings:
-    """Static int8 quantisation settings (part of the fingerprint of an onnx-int8 encoder)."""
+    """Static int8 quantisation settings (the model's fields are part of the fingerprint of an onnx-int8 encoder)."""
 
     calibration_size: int = 64  # training inputs whose activation ranges set the scales
     seed: int = 0  # which training inputs (a seeded sample)
     per_channel: bool = True
-    reduce_range: bool = True  # 7-bit weights: no int16 saturation on AVX2-only CPUs (module docstring)
+    reduce_range: bool | str = AUTO  # auto: by the CPU's ISA class (module docstring); true: 7-bit weights
     calibrate_method: str = "minmax"  # minmax | entropy | percentile
+    isa: str = ""  # the ISA class it was resolved on ("" in records made before ISA classes)
+    # the fidelity guard (guard_int8_fidelity): not the model's identity, a model that fails it is not used
+    fidelity_size: int = 64  # held-out training inputs (after the calibration sample); 0 = no check
+    min_mean_cosine: float = 0.985
+    min_p05_cosine: float = 0.95
+
+    def resolved(self, isa: str | None = None) -> Int8Settings:
+        """These settings with `reduce_range` a bool and `isa` set (this CPU's class unless given)."""
+        isa = self.isa or isa or cpu_isa()
+        return replace(self, reduce_range=resolve_reduce_range(self.reduce_range, isa), isa=isa)
 
     def ident(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields that define the int8 model (hashed into the fingerprint, recorded in model folders)."""
+        if not isinstance(self.reduce_range, bool):
+            raise ValueError("Int8Settings.ident: resolve reduce_range first (Int8Settings.resolved)")
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _GUARD_FIELDS}
+        if not self.isa:
+            out.pop("isa")  # records made before ISA classes keep their fingerprints
+        return out
+
+
+_GUARD_FIELDS = ("fidelity_size", "min_mean_cosine", "min_p05_cosine")
 
 
 @dataclass
@@ -122,12 +207,25 @@ def runtime_for(modality: str, runtime: str, per_modality: dict[str, str] | None
 
 def sample_calibration(values: Sequence[str], content: Callable[[str], bytes], settings: Int8Settings) -> Calibration:
     """A seeded sample of `settings.calibration_size` distinct, readable training inputs (by content)."""
+    return sample_int8_inputs(values, content, settings)[0]
+
+
+def sample_int8_inputs(
+    values: Sequence[str], content: Callable[[str], bytes], settings: Int8Settings, held_out: int = 0
+) -> tuple[Calibration, list[bytes]]:
+    """The calibration sample and up to `held_out` more distinct readable inputs of the same seeded order
+    (not used for calibration: what the fidelity guard measures on)."""
+    out = _sample_distinct(values, content, settings.seed, settings.calibration_size + held_out)
+    return Calibration(out[: settings.calibration_size], settings.seed), out[settings.calibration_size :]
+
+
+def _sample_distinct(values: Sequence[str], content: Callable[[str], bytes], seed: int, size: int) -> list[bytes]:
     order = list(range(len(values)))
-    random.Random(settings.seed).shuffle(order)
+    random.Random(seed).shuffle(order)
     seen: set[bytes] = set()
     out: list[bytes] = []
     for i in order:
-        if len(out) >= settings.calibration_size:
+        if len(out) >= size:
             break
         try:
             data = content(values[i])
@@ -137,7 +235,7 @@ def sample_calibration(values: Sequence[str], content: Callable[[str], bytes], s
         if key not in seen:
             seen.add(key)
             out.append(data)
-    return Calibration(out, settings.seed)
+    return out
 
 
 def default_cache_dir() -> Path:
@@ -213,6 +311,8 @@ def quantize_int8(fp32: Path, out: Path, feeds: list[dict[str, np.ndarray]], set
         raise ValueError(f"int8 calibrate_method must be one of {', '.join(methods)}, got {settings.calibrate_method!r}")
     if not feeds:
         raise ValueError("int8 quantisation needs calibration inputs (none were readable)")
+    if not isinstance(settings.reduce_range, bool):
+        raise ValueError("quantize_int8: resolve reduce_range first (Int8Settings.resolved)")
 
     class Reader(_Reader, CalibrationDataReader):
         pass
@@ -267,14 +367,18 @@ def create_session(path: Path, threads: int, device_type: str = "cpu"):
     return ort.InferenceSession(str(path), create_session_options(threads), providers=providers_for(device_type))
 
 
+def onnx_folder(encoder: Encoder, cache_dir: Path) -> Path:
+    """<cache_dir>/<fingerprint>-<precision>: the same namespace as the encoder's feature cache."""
+    return Path(cache_dir) / re.sub(r"[^A-Za-z0-9._@+-]", "_", f"{encoder.fingerprint}-{encoder.precision}")
+
+
 def build_onnx_file(encoder: Encoder, cache_dir: Path) -> Path:
     """The encoder's ONNX file for its runtime, from the cache or built (export, then quantise) into it.
 
     Layout: <cache_dir>/<fingerprint>/model.onnx (+ encoder.json for people). Built in a temporary
     folder and renamed into place, so concurrent builders (two service workers) never see half a file.
     """
-    # the same namespace as the encoder's feature cache
-    folder = Path(cache_dir) / re.sub(r"[^A-Za-z0-9._@+-]", "_", f"{encoder.fingerprint}-{encoder.precision}")
+    folder = onnx_folder(encoder, cache_dir)
     final = folder / "model.onnx"
     if final.exists():
         return final
@@ -311,6 +415,89 @@ def build_onnx_file(encoder: Encoder, cache_dir: Path) -> Path:
     return final
 
 
+# --- the fidelity guard -------------------------------------------------------------------------
+
+
+def measure_int8_fidelity(encoder: Encoder, contents: Sequence[bytes]) -> np.ndarray:
+    """Per-item cosine of the encoder's int8 embeddings to torch's (fp32, no autocast) on `contents`."""
+    import torch
+
+    items = [encoder.prepare(encoder.item_from_content(c)) for c in contents]
+    order = list(range(len(items)))
+    if encoder.batch_by_length:
+        order.sort(key=lambda i: len(items[i]))
+    cos = np.empty(len(items), dtype=np.float64)
+    for start in range(0, len(order), encoder.batch_size):
+        chunk = order[start : start + encoder.batch_size]
+        batch = encoder.collate([items[i] for i in chunk])
+        int8 = encoder.onnx_forward(batch).double()
+        with torch.inference_mode():
+            ref = encoder._forward(batch).double().cpu()
+        cos[chunk] = torch.nn.functional.cosine_similarity(int8, ref, dim=1, eps=1e-12).numpy()
+    return cos
+
+
+def int8_fidelity(encoder: Encoder, held_out: Sequence[bytes]) -> dict[str, Any]:
+    """The int8 model's agreement with torch: mean, p05 and min per-item cosine over `held_out` inputs,
+    topped up to `fidelity_size` with calibration inputs when the training data has too few others.
+
+    Cached as fidelity.json beside the int8 model (by the inputs' digest and this CPU's ISA class:
+    int8 kernels differ between classes), so a re-run reads it instead of measuring again.
+    """
+    settings = encoder.int8
+    held = list(held_out)[: settings.fidelity_size]
+    calibration = encoder.calibration.contents[: max(0, settings.fidelity_size - len(held))]
+    contents = held + calibration
+    digest = Calibration(contents).digest
+    path = build_onnx_file(encoder, encoder.onnx_cache_dir).with_name("fidelity.json")
+    try:
+        cached = json.loads(path.read_text())
+        if cached.get("inputs_digest") == digest and cached.get("cpu") == cpu_isa():
+            return {k: v for k, v in cached.items() if k != "inputs_digest"}
+    except (OSError, ValueError):
+        pass
+    start = time.perf_counter()
+    cos = measure_int8_fidelity(encoder, contents)
+    result = {
+        "mean": round(float(cos.mean()), 5),
+        "p05": round(float(np.quantile(cos, 0.05)), 5),
+        "min": round(float(cos.min()), 5),
+        "inputs": {"held_out": len(held), "calibration": len(calibration)},
+        "against": "torch fp32",
+        "cpu": cpu_isa(),
+    }
+    tmp = path.with_name(f".fidelity-{os.getpid()}-{threading.get_ident()}.json")
+    tmp.write_text(json.dumps({**result, "inputs_digest": digest}, indent=2) + "\n")
+    tmp.replace(path)
+    log.info("%s int8 fidelity in %.1f s: %s", encoder.name, time.perf_counter() - start, result)
+    return result
+
+
+def guard_int8_fidelity(encoder: Encoder, held_out: Sequence[bytes]) -> Encoder:
+    """An onnx-int8 encoder stays int8 when it agrees with torch on real inputs (`int8_fidelity`: mean and
+    p05 cosine at least `min_mean_cosine` / `min_p05_cosine`); otherwise it falls back to fp32 ONNX, with
+    a warning naming the numbers. Either way `describe()` records the measurement; returns the encoder."""
+    settings = encoder.int8
+    if encoder.runtime != "onnx-int8" or settings.fidelity_size <= 0:
+        return encoder
+    result = int8_fidelity(encoder, held_out)
+    guard = {"min_mean_cosine": settings.min_mean_cosine, "min_p05_cosine": settings.min_p05_cosine}
+    if result["mean"] >= settings.min_mean_cosine and result["p05"] >= settings.min_p05_cosine:
+        encoder.int8_fidelity = {**result, **guard}
+        return encoder
+    n = result["inputs"]["held_out"] + result["inputs"]["calibration"]
+    log.warning(
+        "encoder %s: int8 (reduce_range %s on a %s CPU) agrees with torch at mean cosine %.4f, p05 %.4f, min %.4f "
+        "on %d real inputs, below the guard (mean >= %s, p05 >= %s): it runs as fp32 ONNX instead",
+        encoder.name, settings.reduce_range, settings.isa, result["mean"], result["p05"], result["min"], n,
+        settings.min_mean_cosine, settings.min_p05_cosine,
+    )  # fmt: skip
+    failed = {"int8": settings.ident(), **result, **guard}
+    encoder.set_runtime("onnx", threads=encoder.runtime_threads, cache_dir=encoder.onnx_cache_dir)
+    encoder.int8_fallback = failed
+    return encoder
+
+
 # --- featurize's settings --------------------------------------------------------------------
 
 
@@ -324,6 +511,12 @@ def check_featurize_runtime(p: Any) -> None:
     settings = Int8Settings(**asdict(p.int8))
     if settings.calibration_size < 1:
         raise ValueError("featurize.int8.calibration_size must be >= 1")
+    resolve_reduce_range(settings.reduce_range, cpu_isa())  # auto, true or false
+    if settings.fidelity_size < 0:
+        raise ValueError("featurize.int8.fidelity_size must be >= 0 (0: no fidelity check)")
+    for key in ("min_mean_cosine", "min_p05_cosine"):
+        if not -1.0 <= getattr(settings, key) <= 1.0:
+            raise ValueError(f"featurize.int8.{key} must be a cosine, between -1 and 1")
     if settings.calibrate_method not in ("minmax", "entropy", "percentile"):
         raise ValueError(f"featurize.int8.calibrate_method must be minmax, entropy or percentile, got {settings.calibrate_method!r}")
     if p.onnx_threads < 0:
@@ -333,13 +526,23 @@ def check_featurize_runtime(p: Any) -> None:
 def apply_featurize_runtime(
     encoder: Encoder, p: Any, modality: str, root: Path, train_values: Callable[[], Sequence[str]], content: Callable[[str], bytes]
 ) -> Encoder:
-    """Set the runtime featurize params `p` name for `modality`; int8 calibrates on a seeded sample of `train_values()`."""
-    settings = Int8Settings(**asdict(p.int8))
+    """Set the runtime featurize params `p` name for `modality`; int8 calibrates on a seeded sample of
+    `train_values()` (reduce_range resolved for this CPU) and must then pass the fidelity guard on the
+    next inputs of that sample, or the encoder runs as fp32 ONNX (`guard_int8_fidelity`)."""
+    settings = Int8Settings(**asdict(p.int8)).resolved()
     cache = paths.resolve(root, p.onnx_cache_dir)
-    return encoder.set_runtime(
+    held_out: list[bytes] = []
+
+    def calibration() -> Calibration:
+        sample, rest = sample_int8_inputs(list(train_values()), content, settings, settings.fidelity_size)
+        held_out.extend(rest)
+        return sample
+
+    encoder.set_runtime(
         runtime_for(modality, p.runtime, p.runtimes),
         threads=p.onnx_threads or p.cpu_threads,
         cache_dir=cache,
         int8=settings,
-        calibration=lambda: sample_calibration(list(train_values()), content, settings),
+        calibration=calibration,
     )
+    return guard_int8_fidelity(encoder, held_out)

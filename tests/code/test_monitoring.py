@@ -162,7 +162,7 @@ def test_monitor_never_writes_the_service_log(tmp_path):
 def test_drift_cli_on_a_missing_log_is_one_clear_line(tmp_path):
     write_reference_dir(tmp_path / "model", synthetic(50, seed=1), "v1")
     params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump({"monitor": {"model_dir": str(tmp_path / "model"), "log_path": str(tmp_path / "none.sqlite")}}))
+    params_file.write_text(yaml.safe_dump({"monitor": {"model_dir": str(tmp_path / "model"), "log_url": str(tmp_path / "none.sqlite")}}))
     proc = subprocess.run(
         ["make", "-s", "drift", f"ARGS=--params {params_file} --root {tmp_path}"],
         cwd=REPO, capture_output=True, text=True, timeout=120, check=False,

@@ -151,16 +151,29 @@ def test_settings_from_bento_args_and_env(tmp_path, monkeypatch):
     from mmfusion.config import PackageParams
 
     args = build_bento_args(PackageParams(), "mmfusion:v1", tmp_path)
-    assert args["package"]["log"]["path"] == str((tmp_path / "logs/inference.sqlite").resolve())
+    assert args["package"]["log"]["url"] == f"sqlite:///{(tmp_path / 'logs/inference.sqlite').resolve()}"
     monkeypatch.delenv("MMFUSION_MODEL", raising=False)
     monkeypatch.delenv("MMFUSION_INFERENCE_LOG", raising=False)
     s = load_settings(args)
-    assert s.model_tag == "mmfusion:v1" and s.log_path == tmp_path.resolve() / "logs/inference.sqlite"
+    assert s.model_tag == "mmfusion:v1" and s.log_url.database == str(tmp_path.resolve() / "logs/inference.sqlite")
     s = load_settings({"package": json.dumps({"batching": {"enabled": "true"}, "limits": {"max_text_chars": 5}})})
     assert s.batching and s.params.limits.max_text_chars == 5 and s.model_tag == "mmfusion:latest"
     monkeypatch.setenv("MMFUSION_MODEL", "mmfusion:other")
     monkeypatch.setenv("MMFUSION_INFERENCE_LOG", str(tmp_path / "x.sqlite"))
     s = load_settings(args)
-    assert s.model_tag == "mmfusion:other" and s.log_path == tmp_path / "x.sqlite"
+    assert s.model_tag == "mmfusion:other" and s.log_url.database == str(tmp_path / "x.sqlite")
+    monkeypatch.setenv("MMFUSION_INFERENCE_LOG", "postgresql://svc:s3cret@db:5432/log")  # the deployment's secret
+    assert load_settings(args).log_url.password == "s3cret"
     with pytest.raises(ValueError, match="package.limits.max_txt"):
         load_settings({"package": {"limits": {"max_txt": 1}}})
+
+
+def test_a_log_url_with_a_password_is_never_baked_into_a_bento(tmp_path):
+    from mmfusion.config import InferenceLogParams, PackageParams
+
+    params = PackageParams(log=InferenceLogParams(url="postgresql://svc:s3cret@db:5432/log"))
+    with pytest.raises(ValueError, match="holds a password") as exc:
+        build_bento_args(params, "mmfusion:v1", tmp_path)
+    assert "s3cret" not in str(exc.value) and "***" in str(exc.value)
+    params = PackageParams(log=InferenceLogParams(url="postgresql://svc@db:5432/log"))  # PGPASSWORD at serve time
+    assert build_bento_args(params, "mmfusion:v1", tmp_path)["package"]["log"]["url"] == "postgresql+psycopg://svc@db:5432/log"

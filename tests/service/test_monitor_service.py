@@ -22,7 +22,7 @@ import pandas as pd
 from PIL import Image, ImageOps
 
 from mmfusion.config import parse_params
-from mmfusion.monitoring.inference_log import connect
+from mmfusion.monitoring.inference_log import InferenceLog
 from mmfusion.monitoring.monitor import run_monitor
 from mmfusion.monitoring.reference import build_reference
 from tests.conftest import CLASSES, draw_sample
@@ -107,12 +107,15 @@ def copy_rows(service_log: Path, out: Path, prefix: str, expected: int, timeout:
             break
         time.sleep(0.2)
     assert n == expected, f"{n} of {expected} rows logged"
-    conn = connect(out)
+    InferenceLog(out).close()  # the schema, as the service made its own
+    conn = sqlite3.connect(out)
     conn.execute("ATTACH DATABASE ? AS svc", (f"file:{service_log}?mode=ro",))
     ours = "SELECT request_id FROM svc.predictions WHERE client_request_id LIKE ?"
     with conn:  # the service names each request itself; ours are found by the x-request-id we sent
         for table in ("predictions", "embeddings"):
-            conn.execute(f"INSERT INTO main.{table} SELECT * FROM svc.{table} WHERE request_id IN ({ours})", (prefix + "%",))
+            cols = ", ".join(r[1] for r in conn.execute(f"PRAGMA svc.table_info({table})"))
+            conn.execute(f"INSERT INTO main.{table} ({cols}) SELECT {cols} FROM svc.{table} WHERE request_id IN ({ours})",
+                         (prefix + "%",))  # fmt: skip
     conn.execute("DETACH DATABASE svc")
     conn.close()
 
@@ -132,7 +135,7 @@ def test_monitor_flags_a_style_shift_seen_by_the_real_service(server, packaged, 
         {
             "monitor": {
                 "model_dir": str(model_dir),
-                "log_path": str(log_path),
+                "log_url": str(log_path),
                 "window": {"by": "count", "size": WINDOW},
                 "min_rows": 20,
                 "plot_rows": 40,

@@ -150,6 +150,7 @@ class AudioSpec(ModalitySpec):
     http = "file"
     stats = ("audio_seconds", "audio_dbfs")
     log_fields = ("audio_sample_rate", "audio_channels", "audio_format", "audio_bytes")
+    column_types = {"audio_sample_rate": "int", "audio_channels": "int", "audio_bytes": "int"}
     keep_share = 0.0  # raw clips are large and may be private (voices): kept only where package.log.keep says
     parallel_load = True
     defaults = {

@@ -52,6 +52,8 @@ class ModalitySpec:
     http: ClassVar[str] = "file"
     stats: ClassVar[tuple[str, ...]] = ()  # input statistics: inference-log columns, measured on the reference too
     log_fields: ClassVar[tuple[str, ...]] = ()  # further inference-log columns (not drift-checked)
+    # SQL types of those columns where not the default (stats: float, log fields: text): {column: float|int|text}
+    column_types: ClassVar[dict[str, str]] = {}
     keep_share: ClassVar[float] = 0.0  # share of requests whose raw input the log keeps (package.log.keep overrides)
     parallel_load: ClassVar[bool] = False  # loading is worth DataLoader worker processes (decoding files)
     defaults: ClassVar[dict[str, Any]] = {}  # the settings and their defaults

@@ -155,6 +155,7 @@ class ImageSpec(ModalitySpec):
     http = "file"
     stats = ("image_width", "image_height")
     log_fields = ("image_format", "image_bytes")
+    column_types = {"image_width": "int", "image_height": "int", "image_bytes": "int"}
     keep_share = 0.0  # raw images are large and may be private: kept only where package.log.keep says
     parallel_load = True
     defaults = {"background": [255, 255, 255]}  # alpha is flattened onto it (emoji have alpha)

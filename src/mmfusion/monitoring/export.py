@@ -26,6 +26,7 @@ import pandas as pd
 from mmfusion import paths
 from mmfusion.config import Params, load_params
 from mmfusion.modalities import list_modalities, specs_for
+from mmfusion import logdb
 from mmfusion.monitoring import monitor
 from mmfusion.monitoring.feedback import read_feedback
 
@@ -75,17 +76,17 @@ def _write(df: pd.DataFrame, out: Path, modalities: list[str]) -> int:
     return len(rows)
 
 
-def export_feedback(params: Params, root: Path = Path("."), log_path: Path | None = None) -> dict:
+def export_feedback(params: Params, root: Path = Path("."), log_url: str | None = None) -> dict:
     """Write the usable feedback of the inference log as `train/` and `holdout/` manifests; returns counts."""
     root = Path(root)
-    src = Path(log_path) if log_path else monitor.log_path(params, root)
+    src = logdb.resolve_url(log_url, Path(root)) if log_url else monitor.log_url(params, root)
     df = read_feedback(src)
     usable = df[df["usable"]]
     modalities = feedback_modalities(usable)
     train, holdout = split_holdout(usable, params.retrain.holdout_fraction)
     out = paths.resolve(root, params.retrain.export_dir)
     summary = {
-        "log": str(src),
+        "log": logdb.describe(src),
         "feedback": int(len(df)),
         "usable": int(len(usable)),
         "not_usable": {str(k): int(v) for k, v in df.loc[~df["usable"], "reason"].value_counts().items()},
@@ -105,10 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mmfusion.monitoring.export", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--root", default=".")
-    parser.add_argument("--log", default=None, help="the inference log (default: monitor.log_path or package.log.path)")
+    parser.add_argument("--log", default=None, help="the inference log, a SQLAlchemy URL or a SQLite file (default: monitor.log_url, else package.log.url)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    summary = export_feedback(load_params(args.params), Path(args.root), Path(args.log) if args.log else None)
+    summary = export_feedback(load_params(args.params), Path(args.root), args.log)
     print(json.dumps(summary, indent=2))
     return 0
 

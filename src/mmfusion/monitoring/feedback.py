@@ -1,7 +1,7 @@
 """Labelled feedback: the true label of an answered request, stored next to the log rows it labels.
 
-Table `feedback` in the inference log's SQLite file (created here if missing; the log's own
-tables are only read):
+Table `feedback` in the inference log's database (its schema: `logdb/migrations`; the log's
+own tables are only read):
 
   feedback  request_id, item, label, ts, time, predicted, model_version, usable, reason
 
@@ -14,31 +14,17 @@ Client mistakes raise `FeedbackError` (an HTTP status, a reason, a message): unk
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
+import sqlalchemy as sa
+from sqlalchemy.engine import URL
 
-from mmfusion.monitoring.inference_log import has_table, read_kept
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS feedback (
-    request_id    TEXT NOT NULL,
-    item          INTEGER NOT NULL,
-    label         TEXT NOT NULL,
-    ts            REAL NOT NULL,
-    time          TEXT NOT NULL,
-    predicted     TEXT,
-    model_version TEXT,
-    usable        INTEGER NOT NULL,
-    reason        TEXT,           -- why not usable: <modality>_not_kept
-    PRIMARY KEY (request_id, item)
-);
-CREATE INDEX IF NOT EXISTS feedback_ts ON feedback (ts);
-"""
+from mmfusion import logdb
+from mmfusion.monitoring.inference_log import open_log, read_kept
 
 
 class FeedbackError(Exception):
@@ -74,17 +60,7 @@ class Feedback:
         }
 
 
-def connect(path: str | Path, timeout: float = 10.0) -> sqlite3.Connection:
-    """A WAL connection to the inference log file with the feedback table created if missing."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(str(path), timeout=timeout)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.executescript(SCHEMA)
-    return conn
-
-
-def add_feedback(path: str | Path, request_id: str, item: int, label: str, labels: list[str] | tuple[str, ...],
+def add_feedback(url: str | Path | URL, request_id: str, item: int, label: str, labels: list[str] | tuple[str, ...],
                  now: float | None = None) -> Feedback:
     """Validate and store one label for (request_id, item); FeedbackError on a client mistake."""
     if not isinstance(request_id, str) or not request_id.strip():
@@ -93,12 +69,10 @@ def add_feedback(path: str | Path, request_id: str, item: int, label: str, label
         raise FeedbackError(400, "invalid_item", f"item must be a non-negative integer, got {item!r}")
     if label not in labels:
         raise FeedbackError(400, "unknown_label", f"label {label!r} is not one of the model's labels: {', '.join(labels)}")
-    conn = connect(path)
-    try:
-        if not has_table(conn, "predictions"):
-            raise FeedbackError(404, "unknown_request", f"no request {request_id!r} in the inference log")
+    url = open_log(url)
+    with logdb.engine(url).connect() as conn:
         items = conn.execute(
-            "SELECT item, label, model_version, modalities FROM predictions WHERE request_id = ?", (request_id,)
+            sa.text("SELECT item, label, model_version, modalities FROM predictions WHERE request_id = :r"), {"r": request_id}
         ).fetchall()
         if not items:
             raise FeedbackError(404, "unknown_request", f"no request {request_id!r} in the inference log")
@@ -107,58 +81,56 @@ def add_feedback(path: str | Path, request_id: str, item: int, label: str, label
             raise FeedbackError(404, "unknown_item", f"request {request_id!r} has items 0..{len(items) - 1}, not {item}")
         _, predicted, version, present = row
         kept = read_kept(conn, [(request_id, item)]).get((request_id, item), {})
+        conn.rollback()  # end the read; the insert is its own transaction
         reason = next((f"{m}_not_kept" for m in str(present).split(",") if m and m not in kept), None)
         ts = time.time() if now is None else now
         fb = Feedback(request_id, item, label, predicted, version, reason is None, reason, ts)
         try:
-            with conn:
+            with conn.begin():
                 conn.execute(
-                    "INSERT INTO feedback VALUES (?,?,?,?,?,?,?,?,?)",
-                    (request_id, item, label, ts, datetime.fromtimestamp(ts, timezone.utc).isoformat(),
-                     predicted, version, int(fb.usable), reason),
+                    sa.text("INSERT INTO feedback (request_id, item, label, ts, time, predicted, model_version, usable, reason) "
+                            "VALUES (:r, :i, :label, :ts, :time, :predicted, :version, :usable, :reason)"),
+                    {"r": request_id, "i": item, "label": label, "ts": ts,
+                     "time": datetime.fromtimestamp(ts, timezone.utc).isoformat(), "predicted": predicted,
+                     "version": version, "usable": int(fb.usable), "reason": reason},
                 )  # fmt: skip
-        except sqlite3.IntegrityError:
+        except sa.exc.IntegrityError:
             (old,) = conn.execute(
-                "SELECT label FROM feedback WHERE request_id = ? AND item = ?", (request_id, item)
-            ).fetchone()
+                sa.text("SELECT label FROM feedback WHERE request_id = :r AND item = :i"), {"r": request_id, "i": item}
+            ).one()
             raise FeedbackError(
                 409, "duplicate_feedback", f"request {request_id!r} item {item} already has feedback (label {old!r})"
             ) from None
         return fb
-    finally:
-        conn.close()
 
 
-def read_feedback(path: str | Path, since: float | None = None) -> pd.DataFrame:
+def read_feedback(url: str | Path | URL, since: float | None = None) -> pd.DataFrame:
     """Every feedback row with what was logged for it, oldest first: `modalities` (the present ones) and
     `inputs` ({modality: (format, raw bytes)} of those kept)."""
-    path = Path(path)
+    url = logdb.resolve_url(url)
     cols = ["request_id", "item", "label", "ts", "time", "predicted", "model_version", "usable", "reason",
             "modalities", "inputs"]  # fmt: skip
-    if not path.exists():
+    if not logdb.exists(url):
         return pd.DataFrame(columns=cols)
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)  # readers never write the log
-    try:
-        if not (has_table(conn, "predictions") and has_table(conn, "feedback")):
+    with logdb.reading(url) as conn:  # readers never write the log
+        if not (logdb.has_table(conn, "predictions") and logdb.has_table(conn, "feedback")):
             return pd.DataFrame(columns=cols)
         query = (
             "SELECT f.request_id, f.item, f.label, f.ts, f.time, f.predicted, f.model_version, f.usable, f.reason, "
-            "p.modalities FROM feedback f JOIN predictions p USING (request_id, item) "
-            + ("WHERE f.ts >= ? " if since is not None else "")
+            "p.modalities FROM feedback f JOIN predictions p ON p.request_id = f.request_id AND p.item = f.item "
+            + ("WHERE f.ts >= :since " if since is not None else "")
             + "ORDER BY f.ts, f.request_id, f.item"
         )
-        df = pd.read_sql_query(query, conn, params=(since,) if since is not None else None)
+        df = pd.read_sql_query(sa.text(query), conn, params={"since": since} if since is not None else None)
         kept = read_kept(conn, zip(df["request_id"], df["item"]))
-    finally:
-        conn.close()
     df["usable"] = df["usable"].astype(bool)
     df["inputs"] = [kept.get((str(r), int(i)), {}) for r, i in zip(df["request_id"], df["item"])]
     return df
 
 
-def feedback_counts(path: str | Path, since: float | None = None) -> dict:
+def feedback_counts(url: str | Path | URL, since: float | None = None) -> dict:
     """{total, usable, not_usable: {reason: n}} of the feedback rows (newer than `since`)."""
-    df = read_feedback(path, since)
+    df = read_feedback(url, since)
     return {
         "total": int(len(df)),
         "usable": int(df["usable"].sum()) if len(df) else 0,

@@ -1,24 +1,29 @@
 """The inference log: what the served model saw and answered, one row per classified item.
 
-A local SQLite database in WAL mode (readers never block the writer; several server
-processes may append to one file). Drift monitoring reads it with `read_inference_log`
-and `read_embeddings`. Tables:
+A database at a SQLAlchemy URL (`mmfusion.logdb`): a local SQLite file in WAL mode by
+default (readers never block the writer; several server processes may append to one file), or a
+PostgreSQL server that several replicas share. Its schema is versioned by Alembic
+(`logdb/migrations`). Drift monitoring reads it with `read_inference_log` and `read_embeddings`.
+Tables:
 
   predictions  request_id, item, ts, time, endpoint, model_version, label, confidence,
                probabilities (JSON), contributions (JSON), modalities (the present ones, comma-separated),
                latency_ms, client_request_id (the client's own x-request-id, not unique),
+               host, pid (the replica and process that answered),
                then one column per input statistic and log field of each modality (`stats`, `log_fields`
                of its spec: image_width, image_height, image_format, image_bytes, text_chars, ...),
                added when a modality first appears (columns are only ever added)
-  embeddings   request_id, item, modality, dim, vector (float32 little-endian BLOB)
+  embeddings   request_id, item, modality, dim, vector (float32 little-endian bytes)
   inputs       request_id, item, modality, format, data: the raw inputs kept (`package.log.keep`, a
                share per modality): what feedback needs to retrain on a request
+  feedback     see `mmfusion.monitoring.feedback`
 
 Logs written before `inputs` existed kept images in a table `images` and texts in a column
 `predictions.text`; `read_kept` reads those too, so an old log's feedback stays usable.
 
-The service never waits on the disk: `InferenceLogWriter` queues records for one writer
-thread, and a failure to log is counted and logged, never raised into a request.
+The service never waits on the database: `InferenceLogWriter` queues records for one writer
+thread, which inserts them in batches, and a failure to log is counted and logged, never raised
+into a request.
 
 Rows are only ever inserted, never replaced: (request_id, item) is the key, and the service
 makes every request_id itself (uuid4), so each answered item keeps its own row. A record whose
@@ -30,9 +35,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import re
-import sqlite3
+import socket
 import threading
 import time
 from collections.abc import Iterable
@@ -43,52 +49,20 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, Connection
 
+from mmfusion import logdb
 from mmfusion.modalities import get_modality, list_modalities
 
 log = logging.getLogger(__name__)
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS predictions (
-    request_id    TEXT NOT NULL,
-    item          INTEGER NOT NULL,
-    ts            REAL NOT NULL,
-    time          TEXT NOT NULL,
-    endpoint      TEXT NOT NULL,
-    model_version TEXT NOT NULL,
-    label         TEXT NOT NULL,
-    confidence    REAL NOT NULL,
-    probabilities TEXT NOT NULL,
-    contributions TEXT NOT NULL,
-    modalities    TEXT NOT NULL,
-    latency_ms    REAL,
-    client_request_id TEXT,
-    PRIMARY KEY (request_id, item)
-);
-CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts);
-CREATE TABLE IF NOT EXISTS embeddings (
-    request_id TEXT NOT NULL,
-    item       INTEGER NOT NULL,
-    modality   TEXT NOT NULL,
-    dim        INTEGER NOT NULL,
-    vector     BLOB NOT NULL,
-    PRIMARY KEY (request_id, item, modality)
-);
-CREATE TABLE IF NOT EXISTS inputs (
-    request_id TEXT NOT NULL,
-    item       INTEGER NOT NULL,
-    modality   TEXT NOT NULL,
-    format     TEXT,
-    data       BLOB NOT NULL,
-    PRIMARY KEY (request_id, item, modality)
-);
-"""
-
 CORE_COLUMNS = (
     "request_id", "item", "ts", "time", "endpoint", "model_version", "label", "confidence",
-    "probabilities", "contributions", "modalities", "latency_ms", "client_request_id",
+    "probabilities", "contributions", "modalities", "latency_ms", "client_request_id", "host", "pid",
 )  # fmt: skip
-_COLUMN_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+COLUMN_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+HOST = socket.gethostname()
 
 
 @dataclass
@@ -97,7 +71,7 @@ class InferenceRecord:
 
     `fields`: the inputs' log columns ({column: value}, from each modality spec's `check`);
     `kept`: the raw inputs kept ({modality: (format, bytes)}); `modalities`: the present ones
-    (default: those with an embedding)."""
+    (default: those with an embedding); `host`, `pid`: the replica and process that answered."""
 
     request_id: str
     item: int
@@ -113,70 +87,69 @@ class InferenceRecord:
     latency_ms: float | None = None
     client_request_id: str | None = None
     ts: float = field(default_factory=time.time)
+    host: str = HOST
+    pid: int = field(default_factory=os.getpid)
 
 
-def modality_columns(modalities: Iterable[str] | None = None) -> list[str]:
-    """The log columns of `modalities` (default: every registered one): each spec's stats, then its log fields."""
-    cols: list[str] = []
+def modality_columns(modalities: Iterable[str] | None = None) -> dict[str, str]:
+    """{column: float|int|text} of `modalities` (default: every registered one): each spec's stats (float
+    unless its `column_types` says otherwise), then its log fields (text unless it says otherwise)."""
+    cols: dict[str, str] = {}
     for m in list_modalities() if modalities is None else modalities:
         spec = get_modality(m)
-        cols += [c for c in (*spec.stats, *spec.log_fields) if c not in cols]
+        for c in spec.stats:
+            cols.setdefault(c, spec.column_types.get(c, "float"))
+        for c in spec.log_fields:
+            cols.setdefault(c, spec.column_types.get(c, "text"))
     return cols
 
 
-def connect(path: str | Path, timeout: float = 10.0) -> sqlite3.Connection:
-    """A connection to the log at `path` in WAL mode, with the schema created if missing."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(str(path), timeout=timeout, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes; WAL keeps it consistent
-    conn.executescript(SCHEMA)
-    _migrate(conn)
-    add_columns(conn, modality_columns())
-    return conn
-
-
-def _columns(conn: sqlite3.Connection, table: str = "predictions") -> set[str]:
-    return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
-
-
-def has_table(conn: sqlite3.Connection, name: str) -> bool:
-    return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() is not None
-
-
-def _migrate(conn: sqlite3.Connection) -> None:
-    """Bring a log written by an older service up to the current schema (columns are only added)."""
-    if "client_request_id" not in _columns(conn):
-        with conn:
-            conn.execute("ALTER TABLE predictions ADD COLUMN client_request_id TEXT")
-    conn.execute("CREATE INDEX IF NOT EXISTS predictions_client_request_id ON predictions (client_request_id)")
-
-
-def add_columns(conn: sqlite3.Connection, columns: Iterable[str]) -> None:
-    """Add the modality log columns the predictions table lacks (a modality registered since it was made)."""
-    have = _columns(conn)
-    new = [c for c in columns if c not in have]
+def add_columns(conn: Connection, wanted: dict[str, str]) -> None:
+    """Add the modality log columns ({name: float|int|text}) the predictions table lacks (columns are
+    only ever added; another process adding the same one meanwhile is fine)."""
+    have = logdb.columns(conn)
+    new = {c: k for c, k in wanted.items() if c not in have}
     for c in new:
-        if not _COLUMN_NAME.match(c) or c in CORE_COLUMNS:
+        if not COLUMN_NAME.match(c) or c in CORE_COLUMNS:
             raise ValueError(f"inference log: {c!r} cannot be a log column (lowercase letters, digits, _; not a core one)")
-    if new:
-        with conn:
-            for c in new:
-                try:
-                    conn.execute(f"ALTER TABLE predictions ADD COLUMN {c}")
-                except sqlite3.OperationalError as exc:  # another process added it meanwhile
-                    if "duplicate column" not in str(exc):
-                        raise
+    if not new:
+        return
+    pg = conn.dialect.name == "postgresql"
+    for c, kind in new.items():
+        ddl = logdb.SQL_TYPES[kind].compile(dialect=conn.dialect)
+        try:
+            conn.execute(sa.text(f"ALTER TABLE predictions ADD COLUMN {'IF NOT EXISTS ' if pg else ''}{c} {ddl}"))
+            conn.commit()
+        except sa.exc.OperationalError as exc:  # SQLite: another process added it meanwhile
+            conn.rollback()
+            if "duplicate column" not in str(exc):
+                raise
+
+
+def open_log(url: str | Path | URL, root: Path | None = None) -> URL:
+    """The log at `url` (a URL or a SQLite file path) with its schema created or migrated (Alembic) and
+    every registered modality's columns; its resolved URL. logdb.LogUnavailable when unreachable."""
+    url = logdb.resolve_url(url, root)
+    logdb.upgrade(url)
+    with logdb.engine(url).connect() as conn:
+        add_columns(conn, modality_columns())
+    return url
 
 
 class InferenceLog:
-    """Synchronous appends to the SQLite inference log (used by the writer thread and by tests)."""
+    """Synchronous batched appends to the inference log (used by the writer thread and by tests)."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._conn = connect(self.path)
-        self._have = _columns(self._conn)
+    def __init__(self, url: str | Path | URL):
+        self.url = open_log(url)
+        self._engine = logdb.engine(self.url)
+        with self._engine.connect() as conn:
+            self._have = logdb.columns(conn)
+        self._types = modality_columns()
+
+    @property
+    def path(self) -> Path | None:
+        """The SQLite file (None for a server)."""
+        return logdb.sqlite_path(self.url)
 
     def append(self, records: list[InferenceRecord]) -> int:
         """Write `records` in one transaction; returns how many were written.
@@ -185,7 +158,7 @@ class InferenceLog:
         replaces the row there); the others are. So written < len(records) means duplicates."""
         try:
             return self._insert(records)
-        except sqlite3.IntegrityError:
+        except sa.exc.IntegrityError:
             if len(records) == 1:
                 log.warning("inference log: row %s/%s is already there; not overwritten", records[0].request_id, records[0].item)
                 return 0
@@ -194,85 +167,96 @@ class InferenceLog:
     def _insert(self, records: list[InferenceRecord]) -> int:
         extra = sorted({c for r in records for c in r.fields})
         if not set(extra) <= self._have:
-            add_columns(self._conn, extra)
-            self._have = _columns(self._conn)
-        columns = (*CORE_COLUMNS, *extra)
+            with self._engine.connect() as conn:
+                add_columns(conn, {c: self._types.get(c, "text") for c in extra})
+                self._have = logdb.columns(conn)
         rows, emb_rows, kept_rows = [], [], []
         for r in records:
             conf = max(r.probabilities.values()) if r.probabilities else 0.0
             present = r.modalities or sorted(r.embeddings)
-            rows.append(
-                (
-                    r.request_id, r.item, r.ts, datetime.fromtimestamp(r.ts, timezone.utc).isoformat(),
-                    r.endpoint, r.model_version, r.label, float(conf),
-                    json.dumps(r.probabilities), json.dumps(r.contributions), ",".join(present),
-                    r.latency_ms, r.client_request_id, *(r.fields.get(c) for c in extra),
-                )
-            )  # fmt: skip
+            row = {
+                "request_id": r.request_id, "item": int(r.item), "ts": float(r.ts),
+                "time": datetime.fromtimestamp(r.ts, timezone.utc).isoformat(), "endpoint": r.endpoint,
+                "model_version": r.model_version, "label": r.label, "confidence": float(conf),
+                "probabilities": json.dumps(r.probabilities), "contributions": json.dumps(r.contributions),
+                "modalities": ",".join(present), "latency_ms": r.latency_ms, "client_request_id": r.client_request_id,
+                "host": r.host, "pid": r.pid,
+            }  # fmt: skip
+            for c in extra:
+                row[c] = logdb.coerce(r.fields.get(c), self._types.get(c, "text"))
+            rows.append(row)
             for modality, vec in r.embeddings.items():
                 arr = np.asarray(vec, dtype="<f4").ravel()
-                emb_rows.append((r.request_id, r.item, modality, int(arr.size), arr.tobytes()))
+                emb_rows.append({"request_id": r.request_id, "item": int(r.item), "modality": modality,
+                                 "dim": int(arr.size), "vector": arr.tobytes()})  # fmt: skip
             for modality, (fmt, data) in r.kept.items():
-                kept_rows.append((r.request_id, r.item, modality, fmt, bytes(data)))
-        insert = f"INSERT INTO predictions ({', '.join(columns)}) VALUES ({','.join('?' * len(columns))})"
-        with self._conn:  # one transaction
-            self._conn.executemany(insert, rows)
-            self._conn.executemany("INSERT INTO embeddings VALUES (?,?,?,?,?)", emb_rows)
+                kept_rows.append({"request_id": r.request_id, "item": int(r.item), "modality": modality,
+                                  "format": fmt, "data": bytes(data)})  # fmt: skip
+        columns = (*CORE_COLUMNS, *extra)
+        insert = sa.text(f"INSERT INTO predictions ({', '.join(columns)}) VALUES ({', '.join(':' + c for c in columns)})")
+        with self._engine.begin() as conn:  # one transaction; executemany (psycopg: pipelined)
+            conn.execute(insert, rows)
+            if emb_rows:
+                conn.execute(sa.text("INSERT INTO embeddings (request_id, item, modality, dim, vector) "
+                                     "VALUES (:request_id, :item, :modality, :dim, :vector)"), emb_rows)  # fmt: skip
             if kept_rows:
-                self._conn.executemany("INSERT INTO inputs VALUES (?,?,?,?,?)", kept_rows)
+                conn.execute(sa.text("INSERT INTO inputs (request_id, item, modality, format, data) "
+                                     "VALUES (:request_id, :item, :modality, :format, :data)"), kept_rows)  # fmt: skip
         return len(rows)
 
     def close(self) -> None:
-        self._conn.close()
+        """Nothing to release: the engine's pool is per process and URL (logdb.dispose closes it)."""
 
 
-def read_kept(conn: sqlite3.Connection, keys: Iterable[tuple[str, int]] | None = None
+def read_kept(conn: Connection, keys: Iterable[tuple[str, int]] | None = None
               ) -> dict[tuple[str, int], dict[str, tuple[str | None, bytes]]]:  # fmt: skip
     """{(request_id, item): {modality: (format, raw bytes)}} of the kept inputs (of `keys`, default all).
 
-    Reads the `inputs` table and, in a log written before it existed, the `images` table and the
-    `predictions.text` column (the old places of kept images and texts)."""
+    Reads the `inputs` table and, in a SQLite log written before it existed, the `images` table and
+    the `predictions.text` column (the old places of kept images and texts)."""
     parts = []
-    if has_table(conn, "inputs"):
+    if logdb.has_table(conn, "inputs"):
         parts.append("SELECT request_id, item, modality, format, data FROM inputs")
-    if has_table(conn, "images"):
-        parts.append("SELECT request_id, item, 'image', format, data FROM images")
-    if "text" in _columns(conn):
-        parts.append("SELECT request_id, item, 'text', 'text', CAST(text AS BLOB) FROM predictions WHERE text IS NOT NULL")
+    if logdb.has_table(conn, "images"):
+        parts.append("SELECT request_id, item, 'image' AS modality, format, data FROM images")
+    if "text" in logdb.columns(conn):
+        parts.append("SELECT request_id, item, 'text' AS modality, 'text' AS format, CAST(text AS BLOB) AS data "
+                     "FROM predictions WHERE text IS NOT NULL")  # fmt: skip
     out: dict[tuple[str, int], dict[str, tuple[str | None, bytes]]] = {}
     if not parts:
         return out
-    query = f"SELECT * FROM ({' UNION ALL '.join(parts)})"
+    query = f"SELECT * FROM ({' UNION ALL '.join(parts)}) AS kept"
     if keys is None:
-        rows = conn.execute(query).fetchall()
+        rows = conn.execute(sa.text(query)).fetchall()
     else:  # one indexed lookup per key: feedback reads a few rows of a log that may hold many images
-        query += " WHERE request_id = ? AND item = ?"
-        rows = [row for r, i in dict.fromkeys((str(r), int(i)) for r, i in keys) for row in conn.execute(query, (r, i))]
+        q = sa.text(query + " WHERE request_id = :r AND item = :i")
+        rows = [row for r, i in dict.fromkeys((str(r), int(i)) for r, i in keys) for row in conn.execute(q, {"r": r, "i": i})]
     for rid, item, modality, fmt, data in rows:
         out.setdefault((str(rid), int(item)), {}).setdefault(str(modality), (fmt, bytes(data)))
     return out
 
 
 class InferenceLogWriter:
-    """A background writer over `InferenceLog`: `submit` never blocks on disk and never raises.
+    """A background writer over `InferenceLog`: `submit` never blocks on the database and never raises.
 
-    Records that cannot be written (a full queue, a disk error, a locked database past the
-    timeout) are dropped, counted in `failures`, and logged with the reason.
+    Records that cannot be written (a full queue, a disk error, a locked database or a server that
+    stays unreachable past `open_retry_s`) are dropped, counted in `failures`, and logged with the reason.
 
     A log that cannot be opened at start (SQLite answers "database is locked" while it recovers a WAL
-    that a worker killed with -9 left mid-write, and another process holds it open) is opened again by
-    the writer thread before each batch, for up to `open_retry_s`: the records wait in the queue
-    meanwhile, so a transient lock loses nothing.
+    that a worker killed with -9 left mid-write, and another process holds it open; a server restarting)
+    is opened again by the writer thread before each batch, for up to `open_retry_s`; a batch that
+    fails because the connection dropped is tried again for as long. The records wait in the queue
+    meanwhile, so a transient outage loses nothing.
     """
 
     def __init__(
         self,
-        path: str | Path,
+        url: str | Path | URL,
         queue_size: int = 10_000,
         max_batch: int = 256,
         open_retry_s: float = 30.0,
     ):
-        self.path = Path(path)
+        self.url = logdb.resolve_url(url)
         self.written = 0
         self.failures = 0
         self._max_batch = max_batch
@@ -282,6 +266,10 @@ class InferenceLogWriter:
         self._open()
         self._thread = threading.Thread(target=self._run, name="inference-log", daemon=True)
         self._thread.start()
+
+    @property
+    def path(self) -> Path | None:
+        return logdb.sqlite_path(self.url)
 
     @property
     def healthy(self) -> bool:
@@ -304,17 +292,42 @@ class InferenceLogWriter:
         deadline = time.monotonic() + retry_s
         while True:
             try:
-                self._log = InferenceLog(self.path)
+                self._log = InferenceLog(self.url)
                 return True
             except Exception as exc:  # the service still answers without a log; failures are counted
                 if time.monotonic() >= deadline:
-                    log.error("inference log %s cannot be opened: %s; answers go unlogged until it can", self.path, exc)
+                    log.error("inference log %s cannot be opened: %s; answers go unlogged until it can",
+                              logdb.describe(self.url), logdb.first_line(exc))  # fmt: skip
                     return False
                 time.sleep(0.2)
 
     def _fail(self, n: int, reason: object) -> None:
         self.failures += n
         log.warning("inference log: %d record(s) not written (%s); %d failures so far", n, reason, self.failures)
+
+    def _write(self, records: list[InferenceRecord]) -> None:
+        """One batch: written, or retried while the database is unreachable (up to open_retry_s), else failed."""
+        deadline = time.monotonic() + self._open_retry_s
+        while True:
+            if self._log is None and not self._open(max(0.0, deadline - time.monotonic())):
+                self._fail(len(records), "log not open")
+                return
+            try:
+                n = self._log.append(records)
+            except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:  # connection lost, locked: try again
+                if time.monotonic() >= deadline:
+                    self._fail(len(records), logdb.first_line(exc))
+                    return
+                log.warning("inference log: %s; trying the batch again", logdb.first_line(exc))
+                time.sleep(0.5)
+                continue
+            except Exception as exc:
+                self._fail(len(records), logdb.first_line(exc))
+                return
+            self.written += n
+            if n < len(records):
+                self._fail(len(records) - n, "request id already in the log (not overwritten)")
+            return
 
     def _run(self) -> None:
         while True:
@@ -328,16 +341,7 @@ class InferenceLogWriter:
             stop = any(r is None for r in batch)
             records = [r for r in batch if r is not None]
             if records:
-                if self._log is None and not self._open(self._open_retry_s):
-                    self._fail(len(records), "log not open")
-                else:
-                    try:
-                        n = self._log.append(records)
-                        self.written += n
-                        if n < len(records):
-                            self._fail(len(records) - n, "request id already in the log (not overwritten)")
-                    except Exception as exc:
-                        self._fail(len(records), exc)
+                self._write(records)
             for _ in batch:
                 self._queue.task_done()
             if stop:
@@ -362,33 +366,37 @@ class InferenceLogWriter:
             self._log.close()
 
 
-def read_inference_log(path: str | Path, since: float | None = None) -> pd.DataFrame:
+def read_inference_log(url: str | Path | URL, since: float | None = None) -> pd.DataFrame:
     """The predictions table as a DataFrame (probabilities/contributions parsed), oldest first."""
-    conn = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True, timeout=10.0)
-    try:
-        query = "SELECT * FROM predictions" + (" WHERE ts >= ?" if since is not None else "") + " ORDER BY ts, item"
-        df = pd.read_sql_query(query, conn, params=(since,) if since is not None else None)
-    finally:
-        conn.close()
+    url = logdb.resolve_url(url)
+    query = "SELECT * FROM predictions" + (" WHERE ts >= :since" if since is not None else "") + " ORDER BY ts, item"
+    with logdb.reading(url) as conn:
+        df = pd.read_sql_query(sa.text(query), conn, params={"since": since} if since is not None else None)
     for col in ("probabilities", "contributions"):
         df[col] = df[col].map(json.loads)
     return df
 
 
-def read_embeddings(path: str | Path, modality: str, since: float | None = None) -> tuple[pd.DataFrame, np.ndarray]:
+def read_embeddings(url: str | Path | URL, modality: str, since: float | None = None) -> tuple[pd.DataFrame, np.ndarray]:
     """(keys DataFrame with request_id, item, ts; float32 array [N, dim]) for one modality, oldest first."""
-    conn = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True, timeout=10.0)
-    try:
-        query = (
-            "SELECT e.request_id, e.item, p.ts, e.dim, e.vector FROM embeddings e "
-            "JOIN predictions p USING (request_id, item) WHERE e.modality = ?"
-            + (" AND p.ts >= ?" if since is not None else "")
-            + " ORDER BY p.ts, e.item"
-        )
-        rows = conn.execute(query, (modality, since) if since is not None else (modality,)).fetchall()
-    finally:
-        conn.close()
-    keys = pd.DataFrame([r[:3] for r in rows], columns=["request_id", "item", "ts"])
+    url = logdb.resolve_url(url)
+    query = (
+        "SELECT e.request_id, e.item, p.ts, e.dim, e.vector FROM embeddings e "
+        "JOIN predictions p ON p.request_id = e.request_id AND p.item = e.item WHERE e.modality = :m"
+        + (" AND p.ts >= :since" if since is not None else "")
+        + " ORDER BY p.ts, e.item"
+    )
+    with logdb.reading(url) as conn:
+        rows = conn.execute(sa.text(query), {"m": modality, "since": since}).fetchall()
+    keys = pd.DataFrame([tuple(r[:3]) for r in rows], columns=["request_id", "item", "ts"])
     if not rows:
         return keys, np.zeros((0, 0), dtype=np.float32)
-    return keys, np.stack([np.frombuffer(r[4], dtype="<f4") for r in rows]).astype(np.float32)
+    return keys, np.stack([np.frombuffer(bytes(r[4]), dtype="<f4") for r in rows]).astype(np.float32)
+
+
+def log_totals(url: str | Path | URL) -> dict:
+    """Rows in the whole log (every worker and replica writes to it) and the time of the last one."""
+    url = logdb.resolve_url(url)
+    with logdb.reading(url) as conn:
+        rows, last = conn.execute(sa.text("SELECT COUNT(*), MAX(ts) FROM predictions")).one()
+    return {"rows": int(rows), "last_ts": last}

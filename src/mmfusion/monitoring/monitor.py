@@ -16,16 +16,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sqlite3
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import URL
+
 from mmfusion import paths
 from mmfusion.bentos import BentoMissing, bento_model_dir
 from mmfusion.config import MonitorParams, Params, ParamsError, load_params
 from mmfusion.live import live_entry
+from mmfusion import logdb
 from mmfusion.monitoring.checks import check_window
 from mmfusion.monitoring.reference import MonitorError, load_reference
 from mmfusion.monitoring.report import add_notice, build_snapshot, workspace_project
@@ -54,9 +58,14 @@ CREATE TABLE IF NOT EXISTS verdicts (
 """
 
 
-def log_path(params: Params, root: Path) -> Path:
-    """The inference log the monitor reads: monitor.log_path, else the service's package.log.path."""
-    return paths.resolve(root, params.monitor.log_path or params.package.log.path)
+def log_url(params: Params, root: Path) -> URL:
+    """The inference log the monitor, feedback export and retrain policy read: monitor.log_url, else
+    $MMFUSION_INFERENCE_LOG (the service's override), else the service's package.log.url."""
+    value = params.monitor.log_url or os.environ.get(logdb.URL_ENV) or params.package.log.url
+    try:
+        return logdb.resolve_url(value, Path(root))
+    except ValueError as exc:
+        raise MonitorError(str(exc)) from exc
 
 
 def served_model_dir(params: Params, root: Path) -> Path:
@@ -123,10 +132,14 @@ def prepare(params: Params, root: Path) -> dict[str, Any]:
     if not (model_dir / "config.json").exists():
         raise MonitorError(f"no served model at {model_dir}: run `make run` (or set monitor.model_dir)")
     reference, meta = load_reference(model_dir)
-    path = log_path(params, root)
-    if not path.exists():
-        raise MonitorError(f"no inference log at {path}: serve the model (`make serve`) and send it requests first")
-    return {"model_dir": model_dir, "reference": reference, "reference_meta": meta, "log_path": path}
+    url = log_url(params, root)
+    try:
+        there = logdb.exists(url)
+    except logdb.LogUnavailable as exc:
+        raise MonitorError(str(exc)) from exc
+    if not there:
+        raise MonitorError(f"no inference log at {logdb.describe(url)}: serve the model (`make serve`) and send it requests first")
+    return {"model_dir": model_dir, "reference": reference, "reference_meta": meta, "log_url": url}
 
 
 def notice_lines(verdict: dict) -> list[str]:
@@ -162,7 +175,7 @@ def run_monitor(params: Params, root: Path = Path("."), rescan: bool = False, no
     version = meta["model_version"] if p.model_version == "served" else p.model_version
     # widths from the served model's reference: a modality the log never saw still has its shape
     dims = {m: int(a.shape[1]) for m, a in reference.embeddings.items()}
-    data = load_log(ctx["log_path"], reference.modalities, dims=dims)
+    data = load_log(ctx["log_url"], reference.modalities, dims=dims)
     data, seen = select_version(data, version)
     history = History(paths.resolve(root, p.history_path))
     key = window_key(p)
@@ -178,7 +191,7 @@ def run_monitor(params: Params, root: Path = Path("."), rescan: bool = False, no
     results = []
     for window in windows:
         verdict = check_window(window.data, reference, p)
-        verdict.update({"model_version": version, "window": window.describe(), "reference": meta, "log": str(ctx["log_path"])})
+        verdict.update({"model_version": version, "window": window.describe(), "reference": meta, "log": logdb.describe(ctx["log_url"])})
         snapshot = None
         if verdict["verdict"] != "insufficient_data":
             t0 = time.perf_counter()
@@ -204,7 +217,7 @@ def run_monitor(params: Params, root: Path = Path("."), rescan: bool = False, no
     summary = {
         "model_version": version,
         "model_dir": str(ctx["model_dir"]),
-        "log": str(ctx["log_path"]),
+        "log": logdb.describe(ctx["log_url"]),
         "versions_seen": seen,
         "window": key,
         "windows": [
@@ -212,6 +225,7 @@ def run_monitor(params: Params, root: Path = Path("."), rescan: bool = False, no
                 "id": r["window"]["id"],
                 "rows": r["rows"],
                 "complete": r["window"]["complete"],
+                "replicas": r["window"].get("replicas", {}),
                 "verdict": r["verdict"],
                 "severity": r["severity"],
                 "flagged": r["flagged"],

@@ -85,7 +85,7 @@ def evaluate_policy(params: Params, root: Path, model_version: str, now: float |
     since = last_start(events)
     verdicts = paths.resolve(root, params.monitor.history_path)
     streak = drift_streak(verdicts, model_version, monitor.window_key(params.monitor))
-    counts = feedback_counts(monitor.log_path(params, root), since=since)
+    counts = feedback_counts(monitor.log_url(params, root), since=since)
     start, reason = decide(params, streak, counts["usable"], since, now)
     return {
         "event": "start" if start else "skip",

@@ -1,12 +1,11 @@
 """Windows of the inference log: what the served model saw, in the `MonitorData` layout of the reference.
 
-The log is opened read-only (SQLite `mode=ro`; in WAL mode a reader never blocks the service's
-writer). Rows can be restricted to one model version; every version seen is reported.
+The log is opened read-only (SQLite `mode=ro`: in WAL mode a reader never blocks the service's writer;
+PostgreSQL readers never block writers either). Rows of every replica are read. Rows can be restricted to one model version; every version seen is reported.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -14,6 +13,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+import sqlalchemy as sa
+from sqlalchemy.engine import URL
+
+from mmfusion import logdb
 from mmfusion.monitoring.inference_log import read_embeddings, read_inference_log
 from mmfusion.modalities import stats_of
 from mmfusion.monitoring.reference import MonitorData, MonitorError
@@ -22,29 +25,32 @@ LOG_COLUMNS = ("request_id", "item", "ts", "model_version", "label", "confidence
 
 
 def load_log(
-    path: Path, modalities: list[str], since: float | None = None, dims: dict[str, int] | None = None
+    url: str | Path | URL, modalities: list[str], since: float | None = None, dims: dict[str, int] | None = None
 ) -> MonitorData:
     """Every logged item (oldest first) with its embeddings; MonitorError with one clear line if unreadable.
 
     `dims` ({modality: width}, from the served model's reference) shapes the embeddings: a modality the
     log has never seen still gets [rows, width] zeros. Without it the widths come from the log itself.
     """
-    path = Path(path)
-    if not path.exists():
-        raise MonitorError(f"no inference log at {path}: serve the model (`make serve`) and send it requests first")
+    url = logdb.resolve_url(url)
+    name = logdb.describe(url)
     try:
-        df = read_inference_log(path, since=since)
+        if not logdb.exists(url):
+            raise MonitorError(f"no inference log at {name}: serve the model (`make serve`) and send it requests first")
+        df = read_inference_log(url, since=since)
         embeddings = {}
         for m in modalities:
             try:
-                embeddings[m] = read_embeddings(path, m, since=since)
+                embeddings[m] = read_embeddings(url, m, since=since)
             except ValueError as exc:  # vectors of several widths cannot be stacked: rows of models with other encoders
                 raise MonitorError(f"the inference log holds {m} embeddings of different widths ({exc}): "
-                                   "point monitor.log_path at a log of the served model") from exc  # fmt: skip
-    except sqlite3.OperationalError as exc:
-        raise MonitorError(f"cannot read the inference log {path}: {exc}") from exc
-    except (sqlite3.DatabaseError, pd.errors.DatabaseError) as exc:
-        raise MonitorError(f"{path} is not a readable inference log: {exc}") from exc
+                                   "point monitor.log_url at a log of the served model") from exc  # fmt: skip
+    except logdb.LogUnavailable as exc:
+        raise MonitorError(str(exc)) from exc
+    except sa.exc.OperationalError as exc:
+        raise MonitorError(f"cannot read the inference log {name}: {logdb.first_line(exc)}") from exc
+    except (sa.exc.DatabaseError, pd.errors.DatabaseError) as exc:
+        raise MonitorError(f"{name} is not a readable inference log: {logdb.first_line(exc)}") from exc
     rows = pd.DataFrame(
         {
             "request_id": df["request_id"].astype(str),
@@ -56,6 +62,11 @@ def load_log(
             "client_request_id": df["client_request_id"] if "client_request_id" in df else None,
         }
     )
+    # the replica that answered (rows written before the log recorded it have none)
+    if "host" in df:
+        rows["replica"] = [f"{h}:{int(p)}" if isinstance(h, str) and pd.notna(p) else "" for h, p in zip(df["host"], df["pid"])]
+    else:
+        rows["replica"] = ""
     present_sets = df["modalities"].fillna("").str.split(",")
     for m in modalities:
         rows[f"present_{m}"] = present_sets.map(lambda ms, m=m: m in ms).astype(bool)
@@ -70,7 +81,7 @@ def load_log(
         if arr.size and arr.shape[1] != dim:
             raise MonitorError(
                 f"the inference log's {m} embeddings have {arr.shape[1]} dimensions, the served model's {dim}: "
-                "the log is another model's (set monitor.log_path or monitor.model_dir)"
+                "the log is another model's (set monitor.log_url or monitor.model_dir)"
             )
         out = np.zeros((len(rows), dim), dtype=np.float32)
         for k, (r, i) in enumerate(zip(keys["request_id"].astype(str), keys["item"].astype(int))):
@@ -122,7 +133,15 @@ class Window:
             "start_ts": self.start_ts,
             "end_ts": self.end_ts,
             "complete": self.complete,
+            "replicas": self.replicas(),
         }
+
+    def replicas(self) -> dict[str, int]:
+        """{host:pid: rows} of the processes that answered this window's requests (every replica sharing the log)."""
+        if "replica" not in self.data.rows:
+            return {}
+        counts = self.data.rows["replica"].replace("", "unknown").value_counts()
+        return {str(k): int(v) for k, v in sorted(counts.items())}
 
 
 def cut_windows(

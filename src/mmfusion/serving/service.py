@@ -34,7 +34,6 @@ import inspect
 import logging
 import os
 import re
-import sqlite3
 import random
 import time
 import typing as t
@@ -48,7 +47,8 @@ from pydantic import BeforeValidator, Field, create_model
 from typing_extensions import Annotated
 
 from mmfusion.modalities import get_modality, keep_shares, list_modalities
-from mmfusion.monitoring.inference_log import InferenceLogWriter, InferenceRecord
+from mmfusion import logdb
+from mmfusion.monitoring.inference_log import InferenceLogWriter, InferenceRecord, log_totals, open_log
 from mmfusion.serving.auth import TokenGate
 from mmfusion.serving.batcher import MicroBatcher, Overloaded
 from mmfusion.serving.guard import (
@@ -126,7 +126,7 @@ def modality_fields(func: t.Callable) -> t.Callable:
 
 @bentoml.service(
     name="mmfusion",
-    workers=PARAMS.workers,
+    workers=SETTINGS.workers,
     # BentoML's own timeout is only a backstop behind RequestGuard's (body + request timeouts, JSON
     # answers); its concurrency limit would count slow bodies, so admission is RequestGuard's too.
     traffic={"timeout": PARAMS.timeout_s + PARAMS.body_timeout_s + 5, "max_concurrency": None},
@@ -163,8 +163,24 @@ class MMFusion:
         self.batcher.run_sync([{m: spec.example() for m, spec in self.specs.items()}])
         self.info = self.predictor.describe()
         self.version = self.info.get("version") or self.info.get("model_version") or self.predictor.version
-        self.log = InferenceLogWriter(SETTINGS.log_path, queue_size=PARAMS.log.queue_size)
+        self.log = InferenceLogWriter(SETTINGS.log_url, queue_size=PARAMS.log.queue_size)
         log.info("model %s loaded (version %s)", SETTINGS.model_tag, self.version)
+
+    @bentoml.on_deployment
+    def _open_log() -> None:
+        """Once, in the serving process before any worker starts: the log's server must answer, and its schema
+        is created or migrated here (not raced by the workers). A server that is down stops `bentoml serve`
+        with one line: a service answering without its log would lose every answer for monitoring and
+        feedback. (A SQLite file briefly locked, as after a kill -9, is opened again by the writer threads.)"""
+        try:
+            logdb.check_reachable(SETTINGS.log_url)
+            open_log(SETTINGS.log_url)
+        except Exception as exc:
+            if not logdb.is_sqlite(SETTINGS.log_url):
+                raise SystemExit(f"mmfusion: {exc if isinstance(exc, logdb.LogUnavailable) else logdb.first_line(exc)}") from None
+            log.warning("inference log %s: %s; the workers will try again", logdb.describe(SETTINGS.log_url), logdb.first_line(exc))
+        finally:
+            logdb.dispose(SETTINGS.log_url)  # the workers open their own connections
 
     async def __is_ready__(self) -> bool:
         return self.predictor is not None
@@ -316,10 +332,10 @@ class MMFusion:
         """Service-wide counts read from the inference log, and this worker's own counters."""
         from mmfusion.compat import worker_index
 
-        service = await anyio.to_thread.run_sync(_log_totals, self.log.path)
+        service = await anyio.to_thread.run_sync(_log_totals, self.log.url)
         return {
             "status": "ok",
-            "service": {"workers": PARAMS.workers, "inference_log": {"path": str(self.log.path), **service}},
+            "service": {"workers": SETTINGS.workers, "inference_log": {"url": logdb.masked(self.log.url), **service}},
             "worker": {
                 "index": worker_index(),
                 "pid": os.getpid(),
@@ -344,7 +360,7 @@ class MMFusion:
         await anyio.to_thread.run_sync(self.log.flush, 5.0)  # this process's rows are written
         for attempt in range(6):  # another worker's writer may still hold the classify rows (ms)
             try:
-                fb = await anyio.to_thread.run_sync(add_feedback, SETTINGS.log_path, request_id, item, label, self.info["labels"])
+                fb = await anyio.to_thread.run_sync(add_feedback, SETTINGS.log_url, request_id, item, label, self.info["labels"])
                 break
             except FeedbackError as exc:
                 if exc.status == 404 and attempt < 5:
@@ -359,17 +375,12 @@ class MMFusion:
         self.log.close()
 
 
-def _log_totals(path: Path) -> dict:
-    """Rows in the whole log (every worker writes to it) and the time of the last one."""
+def _log_totals(url) -> dict:
+    """Rows in the whole log (every worker and replica writes to it) and the time of the last one."""
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
-        try:
-            rows, last = conn.execute("SELECT COUNT(*), MAX(ts) FROM predictions").fetchone()
-        finally:
-            conn.close()
-        return {"rows": rows, "last_ts": last}
-    except sqlite3.Error as exc:
-        return {"rows": None, "error": f"cannot read the log: {exc}"}
+        return log_totals(url)
+    except Exception as exc:
+        return {"rows": None, "error": f"cannot read the log: {logdb.first_line(exc)}"}
 
 
 def _read_uploads(fields: dict[str, t.Any]) -> dict[str, t.Any]:

@@ -253,6 +253,9 @@ class PackageParams:
     timeout_s: int = 30  # per request, from its body's arrival to the answer (504 after it)
     body_timeout_s: float = 10.0  # the whole request body must arrive within this (408 after it; slow clients)
     max_concurrency: int = 128  # requests in progress per worker, counted once their body is in (429 beyond)
+    # after this many requests a keep-alive connection is closed (the answer says Connection: close), so clients
+    # reconnect and spread over the workers again (one that restarted got none before); 0 = never (nginx: 1000)
+    keepalive_requests: int = 100
     graceful_shutdown_s: float = 20.0  # on SIGTERM: in-flight requests may finish for this long (503 after it)
     limits: ServeLimits = field(default_factory=ServeLimits)
     batching: ServeBatching = field(default_factory=ServeBatching)

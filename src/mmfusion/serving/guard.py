@@ -30,6 +30,7 @@ import signal
 import tempfile
 import time
 import typing as t
+from collections import OrderedDict
 from http import HTTPStatus
 from pathlib import Path
 from urllib.parse import parse_qsl
@@ -123,8 +124,14 @@ class RequestGuard:
         max_concurrency: int = 128,
         slack_bytes: int = 64 * 1024,
         gate: t.Any = None,
+        keepalive_requests: int = 0,
     ):
         self.app = app
+        # After this many requests on one connection the answer says `Connection: close` (nginx's
+        # keepalive_requests): keep-alive clients stick to the worker that accepted them, so a worker that
+        # started late, or replaced a killed one, got no traffic until clients reconnected. 0: never.
+        self.keepalive_requests = keepalive_requests
+        self._per_connection: OrderedDict[t.Any, int] = OrderedDict()
         self.gate = gate  # mmfusion.serving.auth.TokenGate: asked before the body is read
         self.max_body_bytes = max_body_bytes
         # multipart framing and the text field ride on top of the image itself
@@ -140,11 +147,12 @@ class RequestGuard:
             return
         method, path = scope.get("method", "?"), scope.get("path", "?")
         answered = {"status": None}
+        recycle = self._last_on_connection(scope)
 
         async def reply(status: int, reason: str, message: str, close: bool = False) -> None:
             answered["status"] = status
             _log_error(method, path, status, reason, message)
-            extra = [(b"connection", b"close")] if close else []
+            extra = [(b"connection", b"close")] if close or recycle else []
             if status == 503:
                 extra.append((b"retry-after", b"1"))
             if status == 401:
@@ -178,6 +186,8 @@ class RequestGuard:
             nonlocal held, started
             if message["type"] == "http.response.start":
                 started = True
+                if recycle:
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
                 if message["status"] >= 400:
                     held = message  # buffer the (small) error body to normalise it
                     return
@@ -206,6 +216,20 @@ class RequestGuard:
                 await reply(status, reason, message, close=True)
         finally:
             self.active -= 1
+
+    def _last_on_connection(self, scope: Scope) -> bool:
+        """Count this request on its connection (the peer's address and port); True for the last one."""
+        client = scope.get("client")
+        if self.keepalive_requests <= 0 or not client:
+            return False
+        key = tuple(client)
+        n = self._per_connection.pop(key, 0) + 1
+        if n >= self.keepalive_requests:
+            return True  # forgotten: the connection closes after this answer
+        self._per_connection[key] = n
+        while len(self._per_connection) > 10_000:  # connections the client closed first
+            self._per_connection.popitem(last=False)
+        return False
 
     async def _wait(self, task: asyncio.Future, started: t.Callable[[], bool]) -> None:
         """Wait for the app; on the request timeout or the drain deadline, cancel it if nothing was sent yet."""

@@ -406,4 +406,5 @@ MMFusion.add_asgi_middleware(
     timeout_s=PARAMS.timeout_s,
     max_concurrency=PARAMS.max_concurrency,
     gate=GATE,
+    keepalive_requests=PARAMS.keepalive_requests,
 )

@@ -23,6 +23,7 @@ import os
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 SQL_TYPES = {"float": sa.Float(53), "int": sa.BigInteger(), "text": sa.Text()}
 _ENGINES: dict[tuple[str, bool, int], Engine] = {}
 _ENGINES_LOCK = threading.Lock()
-_UPGRADED: set[str] = set()
+_UPGRADED: dict[str, str] = {}  # URL -> the revision this process migrated it to
 
 
 class LogUnavailable(RuntimeError):
@@ -144,11 +145,8 @@ def exists(url: URL) -> bool:
 def has_table(url_or_conn: URL | Connection, name: str) -> bool:
     if isinstance(url_or_conn, Connection):
         return sa.inspect(url_or_conn).has_table(name)
-    try:
-        with engine(url_or_conn, readonly=True).connect() as conn:
-            return sa.inspect(conn).has_table(name)
-    except sa.exc.OperationalError as exc:
-        raise LogUnavailable(f"inference log {describe(url_or_conn)}: cannot connect: {first_line(exc)}") from exc
+    with reading(url_or_conn) as conn:
+        return sa.inspect(conn).has_table(name)
 
 
 def columns(conn: Connection, table: str = "predictions") -> set[str]:
@@ -160,13 +158,21 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def unreachable(url: URL, exc: BaseException) -> LogUnavailable:
+    """The one line for a log that cannot be reached: its (masked) URL, the cause, and what to do."""
+    return LogUnavailable(
+        f"inference log {describe(url)}: cannot connect ({first_line(exc)}); start its server or set "
+        f"package.log.url / {URL_ENV}"
+    )
+
+
 @contextmanager
 def reading(url: URL) -> Iterator[Connection]:
     """A read-only connection; LogUnavailable with one line when the log cannot be reached."""
     try:
         conn = engine(url, readonly=True).connect()
     except sa.exc.OperationalError as exc:
-        raise LogUnavailable(f"inference log {describe(url)}: cannot connect: {first_line(exc)}") from exc
+        raise unreachable(url, exc) from exc
     try:
         yield conn
     finally:
@@ -181,10 +187,7 @@ def check_reachable(url: URL) -> None:
         with engine(url).connect() as conn:
             conn.execute(sa.text("SELECT 1"))
     except Exception as exc:
-        raise LogUnavailable(
-            f"inference log {masked(url)}: cannot connect ({first_line(exc)}); start its server or set "
-            f"package.log.url / {URL_ENV}"
-        ) from exc
+        raise unreachable(url, exc) from exc
 
 
 @contextmanager
@@ -214,6 +217,7 @@ def alembic_config(conn: Connection | None = None):
     return cfg
 
 
+@lru_cache(maxsize=1)
 def head_revision() -> str:
     from alembic.script import ScriptDirectory
 
@@ -230,21 +234,19 @@ def upgrade(url: URL) -> str:
     """Create or migrate the log's schema to the newest revision (Alembic), once per process; the revision."""
     key = url.render_as_string(hide_password=False)
     if key in _UPGRADED:
-        return head_revision()
+        return _UPGRADED[key]
     from alembic import command
 
-    eng = engine(url)
     try:
-        with eng.connect() as conn:
+        with engine(url).connect() as conn:
             with _migration_lock(url, conn):
                 if current_revision(conn) != head_revision():
                     command.upgrade(alembic_config(conn), "head")
                     conn.commit()
-                rev = current_revision(conn)
+                _UPGRADED[key] = current_revision(conn)
     except sa.exc.OperationalError as exc:
-        raise LogUnavailable(f"inference log {describe(url)}: cannot connect: {first_line(exc)}") from exc
-    _UPGRADED.add(key)
-    return rev
+        raise unreachable(url, exc) from exc
+    return _UPGRADED[key]
 
 
 def coerce(value: Any, kind: str) -> Any:

@@ -63,6 +63,7 @@ CORE_COLUMNS = (
 )  # fmt: skip
 COLUMN_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 HOST = socket.gethostname()
+_OPENED: set[tuple] = set()  # logs open_log has migrated and given every registered modality's columns
 
 
 @dataclass
@@ -130,9 +131,13 @@ def open_log(url: str | Path | URL, root: Path | None = None) -> URL:
     """The log at `url` (a URL or a SQLite file path) with its schema created or migrated (Alembic) and
     every registered modality's columns; its resolved URL. logdb.LogUnavailable when unreachable."""
     url = logdb.resolve_url(url, root)
-    logdb.upgrade(url)
-    with logdb.engine(url).connect() as conn:
-        add_columns(conn, modality_columns())
+    wanted = modality_columns()
+    key = (url.render_as_string(hide_password=False), tuple(wanted), os.getpid())
+    if key not in _OPENED:  # once per process: /feedback opens the log on every call
+        logdb.upgrade(url)
+        with logdb.engine(url).connect() as conn:
+            add_columns(conn, wanted)
+        _OPENED.add(key)
     return url
 
 

@@ -16,6 +16,8 @@ accuracy per runtime is the accuracy guard's job: docs/encoders.md). The fusion 
 runs under `package.head_runtime` (auto: ONNX Runtime on CPU), except for `torch`, the
 all-torch path, whose head is torch too; `ENCODERS/HEAD` names both (`recorded/torch`: the
 model's encoders with an eager head), so a head change is measured in the same run.
+With `--explain` every served point is measured again with `explain=true` and with `explain=true
+overlay=true` on the same server (docs/serving.md, "Explanations"): keys `c<N>_explain`, `c<N>_explain_overlay`.
 Writes bench/results/serve-<device>.json.
 """
 
@@ -71,7 +73,12 @@ def start_server(env: dict, log_file: Path, timeout: float = 300) -> tuple[subpr
 stop_server = stop_process_group
 
 
-async def load_point(url: str, inputs: list[tuple[bytes, str]], concurrency: int, seconds: float, warmup: float) -> dict:
+# /classify's options per measured variant (--explain): the form fields sent beside the image and the text
+VARIANTS = {"": {}, "explain": {"explain": "true"}, "explain_overlay": {"explain": "true", "overlay": "true"}}
+
+
+async def load_point(url: str, inputs: list[tuple[bytes, str]], concurrency: int, seconds: float, warmup: float,
+                     variant: str = "") -> dict:  # fmt: skip
     """N clients in closed loop for `warmup` + `seconds`; only requests started after warm-up count."""
     import httpx
 
@@ -90,7 +97,8 @@ async def load_point(url: str, inputs: list[tuple[bytes, str]], concurrency: int
                 return
             png, text = inputs[i % len(inputs)]
             i += concurrency
-            resp = await http.post(f"{url}/classify", files={"image": ("x.png", png, "image/png")}, data={"text": text})
+            form = {"text": text, **VARIANTS[variant]}
+            resp = await http.post(f"{url}/classify", files={"image": ("x.png", png, "image/png")}, data=form)
             t1 = time.perf_counter()
             if t0 >= t_measure and t1 <= t_end:
                 if resp.status_code == 200:
@@ -106,6 +114,7 @@ async def load_point(url: str, inputs: list[tuple[bytes, str]], concurrency: int
         await asyncio.gather(*(client(k, http) for k in range(concurrency)))
     return {
         "concurrency": concurrency,
+        "variant": variant or "plain",
         "requests": len(latencies),
         "errors": errors,
         "error_sample": error_sample,
@@ -209,10 +218,11 @@ def run_runtime(args, work: Path, model_dir: Path, model_tag: str, inputs, devic
         try:
             points = []
             for c in args.concurrency:
-                point = asyncio.run(load_point(url, inputs, c, args.seconds, args.warmup))
-                point["load_average"] = load_average()
-                print(f"{runtime} batching {mode:3s} c={c:3d}: {point}", file=sys.stderr)
-                points.append(point)
+                for variant in VARIANTS if args.explain else [""]:
+                    point = asyncio.run(load_point(url, inputs, c, args.seconds, args.warmup, variant))
+                    point["load_average"] = load_average()
+                    print(f"{runtime} batching {mode:3s} c={c:3d} {variant}: {point}", file=sys.stderr)
+                    points.append(point)
             result["served"][f"batching_{mode}"] = points
         finally:
             stop_server(proc)
@@ -223,7 +233,7 @@ def run_runtime(args, work: Path, model_dir: Path, model_tag: str, inputs, devic
     limit = result["in_process"]["best_items_per_s"]
     result["summary"] = {
         mode: {
-            f"c{p['concurrency']}": {
+            f"c{p['concurrency']}" + (f"_{p['variant']}" if p["variant"] != "plain" else ""): {
                 "requests_per_s": p["requests_per_s"],
                 "p50_ms": p["p50_ms"],
                 "fraction_of_in_process_limit": round(p["requests_per_s"] / limit, 3) if limit else None,
@@ -251,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runtimes", nargs="+", default=["recorded"], help="encoder runtimes to compare: recorded (the model's own), torch, onnx, onnx-int8, auto (each encoder's default); "
         "ENCODERS/HEAD also names the head runtime (recorded/torch, recorded/onnx)")
     parser.add_argument("--no-in-process", action="store_true", help="skip the in-process limit (quick A/B of server settings)")
+    parser.add_argument("--explain", action="store_true", help="each point also with explain=true, and with overlay=true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 

@@ -192,6 +192,14 @@ class EvaluateParams:
     cv_folds: int = 5  # grouped, stratified folds over train+val
     cv_max_rows: int = 2000  # auto: below this many train+val rows, select by cross-validation
     ensemble_size: int = 25  # greedy ensemble selection rounds (the `ensemble` strategy)
+    # the explanations page (reports/evaluate/explanations/): this many test rows, half the most confident correct
+    # ones and half the errors (package.explain's method and limits); 0 = no page
+    explain_rows: int = 12
+    # the faithfulness check: on this many test rows, removing the most-attributed parts must lower the predicted
+    # class's probability more than removing as many random ones (reports/evaluate/faithfulness.json); 0 = off
+    faithfulness_rows: int = 24
+    faithfulness_steps: int = 4  # removed fractions 0, 1/steps, ..., 1 of each row's parts
+    faithfulness_draws: int = 2  # random removal orders per row, averaged (the baseline the attributions must beat)
 
 
 @dataclass(frozen=True)
@@ -235,7 +243,29 @@ class InferenceLogParams:
     # a modality not named keeps its spec's default (`keep_share`: text 1.0, image 0.0 for size and privacy).
     # Its statistics are logged either way; feedback can only retrain on requests whose inputs were all kept
     keep: dict[str, float] = field(default_factory=dict)
+    # {modality: share of requests whose small preview the log keeps (a 96 px thumbnail, the first 300 characters of
+    # a text, a spectrogram picture), drawn per request}: the drift report's examples show them. A modality not named
+    # keeps its spec's default (`preview_share`: 1.0 for image, text and audio); 0 switches its previews off
+    previews: dict[str, float] = field(default_factory=dict)
     queue_size: int = 10_000  # records waiting for the writer thread; beyond it records are dropped and counted
+
+
+@dataclass(frozen=True)
+class ExplainParams:
+    """Explanations (mmfusion.explain): which words, image regions or time segments drove a prediction, measured by
+    perturbation through the runtimes the service runs (Captum). The service's `/classify` with `explain` and the
+    evaluate stage's explanations page both use these settings, so the page shows what the service would answer."""
+
+    # feature_ablation (each part removed in turn: parts + 1 evaluations) | shapley_sampling (samples x parts + 1)
+    # | kernel_shap | lime (samples evaluations, whatever the parts)
+    method: str = "feature_ablation"
+    samples: int = 64  # perturbations of the sampling methods
+    # model evaluations one explanation may cost (a request over it gets a 413 naming the count): the cost bound
+    max_evaluations: int = 256
+    batch_size: int = 32  # perturbed inputs per model call
+    image_grid: int = 6  # image regions: an N x N grid of cells, each removed by filling it with the image's mean colour
+    audio_segments: int = 10  # audio: the clip cut into this many equal time segments, each removed by silencing it
+    overlay: bool = True  # images: a PNG heatmap over the image in the answer (base64) when the request asks for it
 
 
 @dataclass(frozen=True)
@@ -261,6 +291,7 @@ class PackageParams:
     batching: ServeBatching = field(default_factory=ServeBatching)
     log: InferenceLogParams = field(default_factory=InferenceLogParams)
     auth: ServeAuth = field(default_factory=ServeAuth)
+    explain: ExplainParams = field(default_factory=ExplainParams)
 
 
 # Keys that were renamed: an old key is an error naming the new one (not the generic "unknown key").
@@ -316,6 +347,17 @@ class MonitorColumnCheck:
 
 
 @dataclass(frozen=True)
+class MonitorExamples:
+    """The "what drifted" section of a window's report, per modality whose embeddings drifted: the window's items a
+    domain classifier (window vs reference, cross-validated) finds least like the reference, each beside its nearest
+    reference items, with their previews (package.log.previews)."""
+
+    items: int = 6  # window items shown per drifted modality; 0 = no section
+    neighbours: int = 2  # nearest reference items (cosine on the same embeddings) beside each
+    folds: int = 5  # cross-validation folds: no item is scored by a classifier fitted on it
+
+
+@dataclass(frozen=True)
 class MonitorParams:
     """The `monitor` flow: windows of the inference log against the served model's reference (Evidently)."""
 
@@ -339,6 +381,7 @@ class MonitorParams:
     missing_share_delta: float = 0.1  # |missing share of a modality - the reference's| above this is flagged
     missing_severity: str = "critical"
     plot_rows: int = 300  # rows per side Evidently's t-SNE embedding picture draws (its cost grows with rows)
+    examples: MonitorExamples = field(default_factory=MonitorExamples)
     out_dir: str = "reports/monitor"  # one HTML report + one JSON verdict per window, and latest.json
     history_path: str = "logs/monitor.sqlite"  # verdict history (the monitor never writes the service's log)
     workspace: str = "logs/evidently"  # local Evidently workspace: `make monitor-ui`

@@ -73,3 +73,12 @@ def test_the_routers_bare_answers_get_a_message_of_ours():
     assert json.loads(body["body"]) == {"error": "no endpoint /clasify", "reason": "not_found", "status": 404}
     _, body, _ = _normalise_error(_start(405), json.dumps({"error": "Method Not Allowed"}).encode(), "GET", "/classify")
     assert json.loads(body["body"])["error"] == "GET is not allowed on /classify: use POST"
+
+
+def test_a_validation_error_names_the_field_and_the_problem():
+    # BentoML's answer to a pydantic ValidationError (a form field of the wrong type): the input itself is left out
+    detail = [{"type": "bool_parsing", "loc": ["explain"], "msg": "Input should be a valid boolean, unable to interpret input"}]
+    _, body, _ = _normalise_error(_start(400), json.dumps({"error": "1 validation error for Input", "detail": detail}).encode())
+    answer = json.loads(body["body"])
+    assert answer["error"] == "1 validation error for Input: explain: Input should be a valid boolean, unable to interpret input"
+    assert answer["reason"] == "invalid_request" and answer["status"] == 400

@@ -70,7 +70,7 @@ def test_the_head_sees_the_data_mask_not_zeros(root):
 def test_train_and_evaluate_report_accuracy_per_presence_pattern(root):
     params = parse_params(
         {"train": {**FAST, "strategies": ["text_only", "concat"]},
-         "evaluate": {"raw_check": 0, "bootstrap": 100}}
+         "evaluate": {"raw_check": 0, "explain_rows": 0, "faithfulness_rows": 0, "bootstrap": 100}}
     )  # fmt: skip
     train_stage.run(params, root)
     evaluate_stage.run(params, root)

@@ -152,3 +152,27 @@ def test_registering_a_second_spec_under_a_taken_name_fails(vector_modality):
         register_modality(Other)
     with pytest.raises(ValueError, match="http must be one of"):
         register_modality(type("Bad", (VectorSpec,), {"name": "bad", "http": "carrier pigeon"}))
+
+
+def test_previews_are_small_and_a_modality_without_one_has_none(vector_modality):
+    """Each spec's preview of what the Predictor takes: a thumbnail, the normalised text cut short, a spectrogram;
+    shares from the specs, overridden by package.log.previews and checked as keep's are."""
+    from mmfusion.modalities import preview_shares
+
+    specs = specs_for(["image", "text", "audio", "vector"])
+    fmt, data = specs["image"].preview(Image.effect_noise((640, 480), 40).convert("RGB"))
+    thumb = Image.open(io.BytesIO(data))
+    assert fmt == "image/webp" and thumb.format == "WEBP" and max(thumb.size) == 96 and len(data) < 8_000
+    assert Image.open(io.BytesIO(specs["image"].preview(Image.new("RGB", (40, 20)))[1])).size == (40, 20)  # never enlarged
+    fmt, data = specs["text"].preview("  Red\u200b APPLE " + "x" * 1000)
+    assert fmt == "text/plain" and data.decode().startswith("red apple x") and len(data.decode()) == 300
+    assert data.decode().endswith("\u2026") and specs["text"].preview(" \u200b ") is None
+    fmt, data = specs["audio"].preview(specs["audio"].example())
+    assert fmt == "image/png" and Image.open(io.BytesIO(data)).size[1] == 64 and len(data) < 20_000
+    assert specs["vector"].preview(np.zeros(4)) is None  # a plugin modality without a preview has none
+    assert preview_shares(["image", "text"]) == {"image": 1.0, "text": 1.0}
+    assert preview_shares(["image", "text"], {"image": 0}) == {"image": 0.0, "text": 1.0}
+    with pytest.raises(UserError, match=r"package.log.previews names \['audio'\]"):
+        preview_shares(["image", "text"], {"audio": 1.0})
+    with pytest.raises(UserError, match="package.log.previews: a share is between 0 and 1"):
+        preview_shares(["image"], {"image": 1.5})

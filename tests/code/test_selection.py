@@ -55,7 +55,7 @@ def evaluated(tmp_path_factory) -> Path:
     write_synthetic_features(root / "features", per_class={"train": 20, "val": 8, "test": 10, "augmented": 0})
     params = parse_params(
         {"train": {**FAST, "strategies": ["image_only", "text_only", "late_stacking", "ensemble"]},
-         "evaluate": {"raw_check": 0, "bootstrap": 100, "cv_folds": 3}}
+         "evaluate": {"raw_check": 0, "explain_rows": 0, "faithfulness_rows": 0, "bootstrap": 100, "cv_folds": 3}}
     )  # fmt: skip
     train_stage.run(params, root)
     evaluate_stage.run(params, root)

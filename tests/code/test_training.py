@@ -26,7 +26,8 @@ FAST = {"hidden_dim": 16, "epochs": 6, "batch_size": 32, "patience": 6, "warmup_
 def _params(train=None, evaluate=None):
     return parse_params(
         {"train": {**FAST, **(train or {})},
-         "evaluate": {"raw_check": 0, "bootstrap": 200, "selection": "holdout", **(evaluate or {})}}
+         "evaluate": {"raw_check": 0, "explain_rows": 0, "faithfulness_rows": 0, "bootstrap": 200,
+                      "selection": "holdout", **(evaluate or {})}}
     )
 
 
@@ -116,6 +117,10 @@ def test_train_and_evaluate_stages_write_the_documented_outputs(features, tmp_pa
     assert "| test | 40 | 40 | g1 | 2.5% |" in leaderboard
     for png in ("leaderboard.png", "reliability.png", f"confusion_{metrics['winner']}.png"):
         assert (root / "reports/evaluate/plots" / png).stat().st_size > 1000
+    # explanations and the faithfulness check are off here (no raw files), but their DVC outs are written, saying so
+    assert json.loads((root / "reports/evaluate/faithfulness.json").read_text())["passed"] is None
+    assert (root / "reports/evaluate/faithfulness.png").exists()
+    assert "evaluate.explain_rows is 0" in (root / "reports/evaluate/explanations/index.html").read_text()
     best = root / "models/best"
     assert json.loads((best / "config.json").read_text())["strategy"] == metrics["winner"]
     assert json.loads((best / "calibration.json").read_text())["temperature"] > 0

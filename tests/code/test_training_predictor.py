@@ -39,7 +39,7 @@ def trained(tmp_path_factory):
     params = parse_params(
         {
             "train": {"strategies": ["text_only", "concat", "attention"], "hidden_dim": 16, "epochs": 10, "batch_size": 16, "lr": 3e-3},
-            "evaluate": {"raw_check": 0, "bootstrap": 100},
+            "evaluate": {"raw_check": 0, "explain_rows": 0, "faithfulness_rows": 0, "bootstrap": 100},
         }
     )
     train_stage.run(params, root)

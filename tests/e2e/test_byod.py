@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from tests.e2e.byod_data import SHAPES
+from tests.e2e.explanations import TINY_EXPLAIN, check_explanations
 from tests.e2e.test_pipeline import DVC, copy_project, server  # noqa: F401  (the server fixture)
 
 pytestmark = pytest.mark.slow
@@ -29,7 +30,7 @@ TINY = {
     "augment": {"views": 0},
     "train": {"strategies": ["text_only", "concat", "ensemble"], "epochs": 8, "hidden_dim": 32, "patience": 4,
               "warmup_epochs": 1, "lr": 3e-3},
-    "evaluate": {"cv_folds": 3, "bootstrap": 100, "raw_check": 8},
+    "evaluate": {"cv_folds": 3, "bootstrap": 100, "raw_check": 8, **TINY_EXPLAIN},
     # The matrix is about data shapes: torch encoders, so no shape pays its own int8 calibration
     # (test_pipeline runs the default runtime, auto, end to end).
     "featurize": {"runtime": "torch"},
@@ -98,6 +99,7 @@ def test_shape_ends_in_a_built_bento(runs, shape):
     assert metrics["raw_check"]["agreement_with_cached_features"] >= 0.99
     # the head ran under ONNX Runtime in the raw check and the package smoke test (CPU, head_runtime auto)
     assert metrics["raw_check"]["runtimes"]["head"] == package["runtimes"]["head"] == "onnx"
+    check_explanations(proj)  # every shape explains its test rows (long texts may be over the cost limit: passed over)
 
 
 @pytest.mark.parametrize("shape", [s for s, (_, want) in SHAPES.items() if want == "error"])
@@ -125,6 +127,8 @@ def test_what_each_shape_reports(runs):
     by_presence = metrics["strategies"]["concat"]["test"]["by_presence"]
     assert set(by_presence) == patterns  # one accuracy per kind of row the test split has
     assert sum(v["n"] for v in by_presence.values()) == len(test)
+    page, shown, _ = check_explanations(proj)  # rows without an image or a text: that input is "absent"
+    assert 'class="absent"' in page or (shown["image"].astype(bool) & shown["text"].astype(bool)).all()
     featurize = json.loads((proj / "reports/featurize.json").read_text())
     assert featurize["encoders"]["text"]["truncated"] > 0
     proj, _ = runs["many_classes_some_tiny"]

@@ -46,7 +46,7 @@ def loop(tmp_path_factory):
     params["augment"]["views"] = 0
     params["featurize"]["runtime"] = "torch"  # each retrain's new train set would calibrate int8 again
     params["train"].update({"strategies": ["concat"], "epochs": 25, "patience": 25, "hidden_dim": 32, "batch_size": 16})
-    params["evaluate"].update({"bootstrap": 50, "raw_check": 0})
+    params["evaluate"].update({"bootstrap": 50, "raw_check": 0, "explain_rows": 0, "faithfulness_rows": 0})  # off
     params["package"].update({"workers": 1, "smoke_test": False})
     params["package"]["log"]["keep"] = {"image": 1.0}
     params["retrain"].update({"holdout_fraction": 0.25})

@@ -26,6 +26,7 @@ import yaml
 from mmfusion.procs import free_port, start_until_ready, stop_process_group
 from mmfusion.project import copy_project, project_env
 from tests.conftest import CLASSES, REPO, draw_sample, write_tiny_dataset
+from tests.e2e.explanations import TINY_EXPLAIN, check_explanations
 
 pytestmark = pytest.mark.slow
 VENV = Path(sys.executable).parent.parent
@@ -38,7 +39,7 @@ TINY = {
     "augment": {"views": 0},
     "featurize": {"runtime": "torch"},
     "train": {"strategies": ["text_only", "concat"], "epochs": 12, "patience": 12, "hidden_dim": 32, "batch_size": 16},
-    "evaluate": {"selection": "holdout", "bootstrap": 50, "raw_check": 4},
+    "evaluate": {"selection": "holdout", "bootstrap": 50, "raw_check": 4, **TINY_EXPLAIN},
     "package": {"workers": 1},
 }  # fmt: skip
 
@@ -83,6 +84,7 @@ def clone(tmp_path_factory) -> Path:
     git(published, "add", "-A")
     git(published, "commit", "-qm", "published: dvc.lock and reports")
     assert "reports/package.json" in git(published, "ls-files", "reports")
+    assert "reports/evaluate/explanations/index.html" in git(published, "ls-files", "reports")  # a git-tracked DVC out
     dest = root / "clone"
     git(root, "clone", "-q", str(published), str(dest))
     assert not (dest / ".venv").exists()  # not tracked, even as a link
@@ -105,6 +107,7 @@ def test_the_readme_path_in_a_fresh_clone(clone):
     assert "Traceback" not in early.stderr and "not found in BentoML store" not in early.stderr
 
     ok(make(clone, "run"))
+    check_explanations(clone)  # as published: the page's PNGs are in git beside it
     live = ok(make(clone, "live", timeout=120))
     assert live.startswith("live:") and "NOT in" not in live and "not in the BentoML store" not in live, live
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from mmfusion.procs import stop_process_group
 from tests.conftest import CLASSES as PICTURES
 from tests.conftest import draw_sample
+from tests.e2e.explanations import TINY_EXPLAIN, check_explanations
 from tests.e2e.test_pipeline import copy_project, project_env, server  # noqa: F401  (the server fixture)
 from tests.service.conftest import start_server
 
@@ -135,7 +136,7 @@ def project(tmp_path_factory, server):  # noqa: F811
     params["train"].update({"strategies": ["audio_only", "vector_only", "text_only", "concat"], "epochs": 20,
                             "patience": 20, "hidden_dim": 32, "batch_size": 16, "warmup_epochs": 1, "lr": 3e-3})  # fmt: skip
     params["package"]["log"]["keep"] = {"image": 1.0, "audio": 1.0}
-    params["evaluate"].update({"cv_folds": 3, "bootstrap": 50, "raw_check": 8})
+    params["evaluate"].update({"cv_folds": 3, "bootstrap": 50, "raw_check": 8, **TINY_EXPLAIN})
     params["package"].update({"workers": 1})
     params["monitor"].update({"min_rows": 10})
     params["monitor"]["window"].update({"by": "count", "size": 15})
@@ -175,6 +176,13 @@ def test_the_pipeline_runs_new_modalities_from_their_specs(project):
     for alone in ("audio_only", "vector_only"):  # each carries the class on its own
         assert metrics["strategies"][alone]["val"]["accuracy"] > 0.6, metrics["strategies"][alone]
     assert "audio_only" in (proj / "reports" / "evaluate" / "leaderboard.md").read_text()
+    # the explanations page and the faithfulness check loop over the model's inputs: audio as time segments (a
+    # coloured bar), the plugin's vector as one whole part (a chip), each modality's own deletion curves
+    page, shown, faithfulness = check_explanations(proj)
+    assert 'class="bar"' in page or not shown["audio"].astype(bool).any()
+    assert 'class="chip"' in page or not shown["vector"].astype(bool).any()
+    assert "audio" in faithfulness["modalities"]
+    assert set(faithfulness["modalities"]) <= {"image", "text", "audio", "vector"}
 
 
 def item(label: str, k: int, rng, noisy_audio: bool = False, seed: int = 0) -> dict:

@@ -150,7 +150,8 @@ def test_cv_folds_on_dask_through_the_evaluate_flow_match_the_local_engine(clust
     strategies = ["image_only", "late_stacking", "ensemble"]
     sections = {"train": {"strategies": strategies, "hidden_dim": 8, "epochs": 3, "patience": 3, "batch_size": 16,
                           "cpu_threads": 1},
-                "evaluate": {"raw_check": 0, "bootstrap": 20, "cv_folds": 3, "selection": "cv"}}  # fmt: skip
+                "evaluate": {"raw_check": 0, "explain_rows": 0, "faithfulness_rows": 0, "bootstrap": 20, "cv_folds": 3,
+                             "selection": "cv"}}  # fmt: skip
     local_params = parse_params(sections)
     monkeypatch.setenv("MMFUSION_DASK_ADDRESS", cluster)
     dask_params = parse_params({**sections, "compute": {"engine": "dask"}})

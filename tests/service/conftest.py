@@ -27,6 +27,8 @@ PACKAGE_TIMEOUT_S = 300
 
 # Small limits so that the 413 / 400 cases need only small requests.
 TEST_LIMITS = {"max_upload_bytes": 300_000, "max_pixels": 4_000_000, "max_text_chars": 200, "max_batch_items": 16}
+# A small explanation bound, so that a text of 48 words is already too costly (413) within max_text_chars.
+TEST_EXPLAIN = {"max_evaluations": 48}
 # Short body timeout and drain so that the slow-client and shutdown cases take seconds.
 TEST_SERVICE = {"body_timeout_s": 3, "graceful_shutdown_s": 15}
 
@@ -121,7 +123,8 @@ def packaged(tmp_path_factory, tiny_model_dir) -> dict:
     shutil.copytree(tiny_model_dir, root / "models" / "best")
     (root / "bentofile.yaml").symlink_to(REPO / "bentofile.yaml")
     (root / "src").symlink_to(REPO / "src")
-    params = {"package": {**TEST_SERVICE, "limits": TEST_LIMITS, "batching": {"enabled": "true", "max_batch_size": 16}}}
+    params = {"package": {**TEST_SERVICE, "limits": TEST_LIMITS, "batching": {"enabled": "true", "max_batch_size": 16},
+                          "explain": TEST_EXPLAIN}}  # fmt: skip
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     env = service_env(root / "bentoml")
     proc = subprocess.run(

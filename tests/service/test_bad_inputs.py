@@ -144,6 +144,10 @@ CASES = [
     ("item_text_number_is_text", batch([{"text": 42}]), 200, None),
     ("item_bomb", batch([{"text": "ok"}, {"image": b64(png_declaring(50_000, 50_000))}]), 413, "image_too_large"),
     ("batch_neither_modality", batch([{}]), 400, "no_input"),
+    # /classify's options: booleans as pydantic reads a form (yes/no, 1/0, on/off, true/false), nothing else
+    ("explain_maybe", {"method": "POST", "path": "/classify", "data": {"text": "red apple", "explain": "maybe"}}, 400, "invalid_request"),
+    ("explain_yes", {"method": "POST", "path": "/classify", "data": {"text": "red apple", "explain": "yes"}}, 200, None),
+    ("overlay_without_explain", {"method": "POST", "path": "/classify", "data": {"text": "red apple", "overlay": "true"}}, 400, "overlay_without_explain"),
     # headers
     ("request_id_not_ascii", {"method": "POST", "path": "/classify", "data": {"text": "red apple"}, "headers": {"x-request-id": "é".encode() * 10}}, 200, None),
     ("request_id_too_long", {"method": "POST", "path": "/classify", "data": {"text": "red apple"}, "headers": {"x-request-id": "x" * 5000}}, 200, None),
@@ -188,6 +192,8 @@ def test_bad_input(server, name, spec, status, reason):
         body = assert_error_shape(resp, status, reason)
         if name in ("zero_width_batch_item", "item_bomb"):
             assert body["item"] == 1
+        if name == "explain_maybe":
+            assert "explain: Input should be a valid boolean" in body["error"]  # names the field (guard: pydantic's detail)
     assert_good_request(server)
 
 

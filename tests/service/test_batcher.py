@@ -105,3 +105,24 @@ def test_items_over_the_latency_limit_are_refused_not_computed():
 def test_max_batch_size_must_be_positive():
     with pytest.raises(ValueError):
         MicroBatcher(lambda items: items, max_batch_size=0)
+
+
+def test_call_runs_other_model_work_on_the_model_thread_never_beside_a_batch():
+    """`call` (an explanation's work) shares the model thread with the batched calls: one at a time, timed in busy_s."""
+    model = Model(delay=0.05)
+
+    def explain(items: list, scale: int) -> list:
+        return [x * scale for x in model(items)]  # the model itself, as an explanation's perturbed calls run it
+
+    async def main():
+        batcher = MicroBatcher(model, max_batch_size=4)
+        out = await asyncio.gather(*(batcher.submit([i]) for i in range(6)), batcher.call(explain, [1, 2], 10),
+                                   batcher.call(explain, ["bad"], 1), return_exceptions=True)  # fmt: skip
+        return batcher, out
+
+    batcher, out = asyncio.run(main())
+    assert out[:6] == [[2 * i] for i in range(6)] and out[6] == [20, 40]
+    assert isinstance(out[7], ValueError)  # its own exception, raised to its caller only
+    assert model.max_running == 1 and len(model.threads) == 1
+    assert batcher.items == 6  # the other work is not counted as batched items...
+    assert batcher.busy_s >= 0.05 * len(model.calls) * 0.9  # ...but its time is busy time

@@ -27,6 +27,7 @@ from tests.service.conftest import png_bytes, service_env, start_server
 
 PLUGIN = "tests.service.toy_plugin"
 TOYS = {"toy_file": "file", "toy_text": "text"}  # what toy_plugin registers
+OPTIONS = ("explain", "overlay")  # /classify's own form fields (booleans), after the modalities'
 TIMEOUT = 60.0
 
 _DESCRIBE = (
@@ -43,9 +44,10 @@ def registered() -> dict[str, str]:
 
 def assert_fields(doc: dict, kinds: dict[str, str]) -> None:
     """The OpenAPI document has exactly one /classify field and one BatchItem key per modality in `kinds`,
-    in registration order: a file upload or a string in the form, base64 or a string in JSON."""
+    in registration order: a file upload or a string in the form, base64 or a string in JSON; then the form's options."""
     form = doc["paths"]["/classify"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
-    assert list(form) == list(kinds), form
+    assert list(form) == [*kinds, *OPTIONS], form
+    assert all(form[o]["type"] == "boolean" and form[o]["default"] is False for o in OPTIONS), form
     for m, kind in kinds.items():
         assert form[m]["type"] == "string", form[m]
         assert form[m].get("format") == ("binary" if kind == "file" else None), (m, form[m])

@@ -177,3 +177,17 @@ def test_a_log_url_with_a_password_is_never_baked_into_a_bento(tmp_path):
     assert "s3cret" not in str(exc.value) and "***" in str(exc.value)
     params = PackageParams(log=InferenceLogParams(url="postgresql://svc@db:5432/log"))  # PGPASSWORD at serve time
     assert build_bento_args(params, "mmfusion:v1", tmp_path)["package"]["log"]["url"] == "postgresql+psycopg://svc@db:5432/log"
+
+
+def test_previews_are_drawn_per_modality_and_a_failing_one_never_fails_the_request(monkeypatch):
+    png = encode(Image.new("RGB", (64, 48), "red"), "PNG")
+    assert item(png, "a red apple").record["previews"] == {}  # none drawn (share 0): none made
+    checked = item(png, "A red apple", ctx=CheckContext(LIMITS, previews={"image": True, "text": False}))
+    assert set(checked.record["previews"]) == {"image"} and checked.record["previews"]["image"][0] == "image/webp"
+    both = item(png, "A red apple", ctx=CheckContext(LIMITS, previews={"image": True, "text": True}))
+    assert both.record["previews"]["text"] == ("text/plain", b"a red apple") and both.record["kept"] == {}
+    from mmfusion.modalities.image import ImageSpec
+
+    monkeypatch.setattr(ImageSpec, "preview", lambda self, value: 1 / 0)
+    broken = item(png, "A red apple", ctx=CheckContext(LIMITS, previews={"image": True, "text": True}))
+    assert set(broken.record["previews"]) == {"text"} and broken.modalities == ["image", "text"]

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import CLASSES
-from tests.service.conftest import TEST_LIMITS, png_bytes
+from tests.service.conftest import TEST_EXPLAIN, TEST_LIMITS, png_bytes
 from tests.service.test_fields import assert_fields, registered
 
 # The fixtures train, package and serve a model: about two minutes on a 2-core CPU.
@@ -94,6 +94,7 @@ def test_image_and_text(server):
     assert_answer(resp.json(), ["image", "text"])
     assert resp.headers["x-request-id"] == resp.json()["request_id"]
     assert resp.headers["content-type"] == "application/json"
+    assert "explanation" not in resp.json()  # explanations are asked for, never given by default
 
 
 def test_image_only_and_text_only(server):
@@ -183,6 +184,8 @@ def test_metadata_and_health(server):
     assert meta["head_runtime"] == "onnx"  # package.head_runtime auto on CPU: the head's export passed its check
     assert meta["model_version"] == server.package_report["model_version"]
     assert meta["limits"]["max_text_chars"] == TEST_LIMITS["max_text_chars"]
+    assert meta["explain"]["max_evaluations"] == TEST_EXPLAIN["max_evaluations"]  # the packaged params travel
+    assert meta["explain"]["method"] == "feature_ablation" and meta["explain"]["image_grid"] == 6
     assert "val" in meta["metrics"]
     assert httpx.get(f"{server.url}/livez", timeout=TIMEOUT).status_code == 200
     assert httpx.get(f"{server.url}/readyz", timeout=TIMEOUT).status_code == 200
@@ -229,10 +232,51 @@ def test_log_rows_match_answers(server):
         row = conn.execute("SELECT * FROM predictions WHERE request_id = ?", (request_id,)).fetchone()
         embs = conn.execute("SELECT modality, dim FROM embeddings WHERE request_id = ?", (request_id,)).fetchall()
         kept = dict(conn.execute("SELECT modality, format FROM inputs WHERE request_id = ?", (request_id,)).fetchall())
+        previews = {m: (f, d) for m, f, d in conn.execute("SELECT modality, format, data FROM previews WHERE request_id = ?", (request_id,))}
         mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
     assert row["label"] == resp.json()["label"] and row["model_version"] == resp.json()["model_version"]
     assert row["text_chars"] == len("rain cloud") and (row["image_width"], row["image_height"]) == (64, 64)
     assert row["image_format"] == "PNG" and row["image_bytes"] > 0
     assert dict((e["modality"], e["dim"]) for e in embs) == {"image": 1280, "text": 384}
     assert kept == {"text": "text"}  # by default the text is kept, the raw image is not (package.log.keep)
+    # and a preview of each, made in the check thread (package.log.previews: every request by default)
+    assert previews["text"] == ("text/plain", b"rain cloud") and previews["image"][0] == "image/webp"
+    assert Image.open(io.BytesIO(previews["image"][1])).size == (64, 64) and set(previews) == {"image", "text"}
     assert mode == "wal"
+
+
+def test_explain_attributes_the_answer_to_words_and_image_regions(server):
+    """explain=true: the answer's label is the explanation's target, at the answer's (calibrated) probability, with one
+    attribution per word of the normalised text and per cell of the image grid; overlay=true adds a heatmap PNG."""
+    files = {"image": ("a.png", png_bytes("fruit", 1), "image/png")}
+    resp = post(server, "/classify", files=files, data={"text": "  Red\tAPPLE  pie ", "explain": "true", "overlay": "true"})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert_answer(body, ["image", "text"])
+    ex = body["explanation"]
+    assert ex["method"] == "feature_ablation" and ex["target"] == body["label"]
+    assert ex["probability"] == pytest.approx(body["probabilities"][body["label"]], abs=1e-3)
+    words = ex["modalities"]["text"]
+    assert words["kind"] == "words" and [w["word"] for w in words["parts"]] == ["red", "apple", "pie"]
+    assert all(isinstance(w["attribution"], float) for w in words["parts"])
+    regions = ex["modalities"]["image"]
+    assert regions["kind"] == "regions" and regions["grid"] == [6, 6] and regions["size"] == [64, 64]
+    assert [len(row) for row in regions["attributions"]] == [6] * 6
+    overlay = Image.open(io.BytesIO(base64.b64decode(regions["overlay_png"])))
+    assert overlay.format == "PNG" and overlay.size == (256, 256)
+    assert ex["evaluations"] >= 3 + 36 + 1 and ex["seconds"] > 0  # every part removed once, and none
+    # without overlay: the numbers only; a text-only item: the text's words only
+    text_only = post(server, "/classify", data={"text": "blue wave", "explain": "1"}).json()
+    assert set(text_only["explanation"]["modalities"]) == {"text"}
+    assert "overlay_png" not in json.dumps(text_only)
+
+
+def test_a_too_costly_explanation_is_413_before_any_model_work(server):
+    before = wait_log_count(server, 0)
+    words = TEST_EXPLAIN["max_evaluations"] + 2  # text only: feature ablation costs words + 1 model evaluations
+    resp = post(server, "/classify", data={"text": " ".join(["w"] * words), "explain": "true"})
+    body = assert_error(resp, 413, "explanation_too_costly")
+    assert f"needs {words + 1} model evaluations" in body["error"] and f"limit of {TEST_EXPLAIN['max_evaluations']}" in body["error"]
+    ok = post(server, "/classify", data={"text": "red apple", "explain": "true"})  # the server keeps serving
+    assert ok.status_code == 200 and ok.json()["explanation"]["target"] == ok.json()["label"]
+    assert wait_log_count(server, before + 1) == before + 1  # logged like any classify; the refused one not at all

@@ -150,10 +150,10 @@ class Predictor:
         if len(jobs) > 1 and len(items) <= self.parallel_max_items:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=len(self.modalities), thread_name_prefix="encoder")
-            futures = {m: self._pool.submit(self._encode, m, values) for m, (_, values) in jobs.items()}
+            futures = {m: self._pool.submit(self.encode, m, values) for m, (_, values) in jobs.items()}
             encoded = {m: f.result() for m, f in futures.items()}
         else:
-            encoded = {m: self._encode(m, values) for m, (_, values) in jobs.items()}
+            encoded = {m: self.encode(m, values) for m, (_, values) in jobs.items()}
         out = {}
         for m in self.modalities:
             arr = np.zeros((len(items), int(self.head.dims[m])), dtype=np.float32)
@@ -163,8 +163,21 @@ class Predictor:
         return out
 
     @torch.no_grad()
-    def _encode(self, modality: str, values: list) -> np.ndarray:
+    def encode(self, modality: str, values: list) -> np.ndarray:
+        """float32 [len(values), dim]: `values` (present, as the encoder takes them) through `modality`'s encoder."""
         return self._encoders[modality].encode(values).detach().float().cpu().numpy()
+
+    def head_probabilities(self, embeddings: dict[str, np.ndarray], present: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities [N, classes] from embeddings and the presence mask [N, modalities] (in
+        `self.modalities` order), without contributions: what explanations' many perturbed calls need. A row with
+        no modality present gets the uniform distribution (what is left when everything was removed)."""
+        present = np.asarray(present, dtype=bool)
+        out = np.full((len(present), len(self.labels)), 1.0 / len(self.labels), dtype=np.float32)
+        rows = np.flatnonzero(present.any(axis=1))
+        if len(rows):
+            x = {m: torch.as_tensor(np.asarray(embeddings[m][rows], np.float32), device=self.device) for m in self.modalities}
+            out[rows], _ = self._probs(x, torch.as_tensor(present[rows], device=self.device))
+        return out
 
     # -- prediction -----------------------------------------------------------------------------
 

@@ -116,6 +116,45 @@ def write_wav(wave: np.ndarray, sample_rate: int) -> bytes:
     return buf.getvalue()
 
 
+# Previews (the drift report's examples): a small mel-scaled spectrogram picture of a decoded clip.
+PREVIEW_SIZE = (256, 64)  # px at most: one column per STFT frame (fewer for a short clip), mel-spaced rows
+PREVIEW_FLOOR_DB = 80.0  # the picture spans this many dB below the clip's loudest bin
+
+
+def _preview_palette() -> list[int]:
+    """A dark-to-bright colour ramp (after matplotlib's magma) as a flat PNG palette of 256 colours."""
+    anchors = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=float)
+    x = np.linspace(0, len(anchors) - 1, 256)
+    ramp = np.stack([np.interp(x, np.arange(len(anchors)), anchors[:, c]) for c in range(3)], axis=1)
+    return ramp.round().astype(np.uint8).ravel().tolist()
+
+
+def spectrogram_png(wave: np.ndarray, sample_rate: int, size: tuple[int, int] = PREVIEW_SIZE, n_fft: int = 512) -> bytes:
+    """A palette PNG of the clip's log-magnitude spectrogram on a mel-spaced frequency axis (low at the bottom):
+    up to `size` px, a few KB, numpy only (the monitor needs no audio library to show it)."""
+    from PIL import Image
+
+    width, height = size
+    wave = np.asarray(wave, dtype=np.float32)
+    if wave.size < n_fft:
+        wave = np.pad(wave, (0, n_fft - wave.size))
+    cols = int(min(width, 1 + (wave.size - n_fft) // (n_fft // 4)))
+    starts = np.linspace(0, wave.size - n_fft, cols).round().astype(np.int64)
+    frames = wave[starts[:, None] + np.arange(n_fft)] * np.hanning(n_fft).astype(np.float32)
+    db = 20.0 * np.log10(np.abs(np.fft.rfft(frames, axis=1)) + 1e-6)
+    top_mel = 2595.0 * np.log10(1.0 + sample_rate / 2 / 700.0)
+    hz = 700.0 * (10 ** (np.linspace(0.0, top_mel, height) / 2595.0) - 1.0)
+    bins = hz / (sample_rate / 2) * (n_fft // 2)
+    rows = np.stack([np.interp(bins, np.arange(db.shape[1]), d) for d in db], axis=1)[::-1]
+    scaled = (rows - (rows.max() - PREVIEW_FLOOR_DB)) / PREVIEW_FLOOR_DB * 255.0
+    pixels = np.ascontiguousarray(np.clip(scaled, 0, 255).astype(np.uint8))
+    img = Image.frombytes("P", (pixels.shape[1], pixels.shape[0]), pixels.tobytes())
+    img.putpalette(_preview_palette())
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
 # Augmentation (the augment stage): seeded gain, noise and time shift (audiomentations).
 
 
@@ -152,6 +191,9 @@ class AudioSpec(ModalitySpec):
     log_fields = ("audio_sample_rate", "audio_channels", "audio_format", "audio_bytes")
     column_types = {"audio_sample_rate": "int", "audio_channels": "int", "audio_bytes": "int"}
     keep_share = 0.0  # raw clips are large and may be private (voices): kept only where package.log.keep says
+    # a spectrogram picture (PREVIEW_SIZE, a few KB) of every request for the drift report's examples: too coarse to
+    # play speech back from, but it shows loudness and pitch over time; package.log.previews: {audio: 0} stores none
+    preview_share = 1.0
     parallel_load = True
     defaults = {
         "sample_rate": 16000,  # every clip is decoded to mono at this rate (recorded: serving decodes alike)
@@ -211,12 +253,20 @@ class AudioSpec(ModalitySpec):
     def kept(self, raw: Any, value: Any, fields: dict[str, Any]) -> tuple[str | None, bytes]:
         return fields.get("audio_format"), bytes(raw)
 
+    def preview(self, value: np.ndarray) -> tuple[str, bytes]:
+        return "image/png", spectrogram_png(value, self.settings["sample_rate"])
+
     def suffix(self, fmt: str | None) -> str:
         return {"WAV": ".wav", "FLAC": ".flac", "OGG": ".ogg", "MP3": ".mp3"}.get(str(fmt).upper(), ".audio")
 
     def example(self) -> np.ndarray:
         t = np.arange(self.settings["sample_rate"], dtype=np.float32) / self.settings["sample_rate"]
         return (0.1 * np.sin(2 * np.pi * 440.0 * t)).astype(np.float32)
+
+    def parts(self, value: np.ndarray, explain: Any) -> Any:
+        from mmfusion.modalities.parts import SegmentParts
+
+        return SegmentParts(value, explain.audio_segments, self.settings["sample_rate"])
 
     def clean(self, raw: str, data: bytes | None, out_root: Path, params: Any) -> dict[str, Any]:
         """Decode the raw clip (mono, the recorded rate), check its length and level, save it as a float WAV."""

@@ -14,6 +14,9 @@ A modality's spec is one class in one module (`modalities/image.py`, `modalities
     keep_share / kept   the share of requests whose raw input the log keeps by default (`package.log.keep`
     / restore           overrides it), the (format, bytes) it keeps, and how an export of labelled feedback
                         turns them back into a manifest value (a file under `folder`, or the value itself)
+    preview_share       a small preview of a value (a thumbnail, a truncated text, a spectrogram) as
+    / preview           (MIME type, bytes) for drift reviews, and the share of requests the log keeps one for
+                        (`package.log.previews` overrides it); the reference keeps one per item; None: no preview
     value / example     what counts as "missing", and a valid input (package's smoke test, warm-up)
     clean / missing     clean's rule: a raw manifest value -> its clean-manifest fields (`column` and
                         `clean_fields`), or `Dropped` with the reason; the drop of a row without it
@@ -55,6 +58,9 @@ class ModalitySpec:
     # SQL types of those columns where not the default (stats: float, log fields: text): {column: float|int|text}
     column_types: ClassVar[dict[str, str]] = {}
     keep_share: ClassVar[float] = 0.0  # share of requests whose raw input the log keeps (package.log.keep overrides)
+    # share of requests whose `preview` the log keeps (package.log.previews overrides); a modality whose
+    # `preview` gives None has none whatever its share
+    preview_share: ClassVar[float] = 1.0
     parallel_load: ClassVar[bool] = False  # loading is worth DataLoader worker processes (decoding files)
     defaults: ClassVar[dict[str, Any]] = {}  # the settings and their defaults
     clean_fields: ClassVar[dict[str, Any]] = {}  # clean-manifest columns it adds, with a row-without-it's value
@@ -110,6 +116,11 @@ class ModalitySpec:
             return None, bytes(raw)
         return self.http, str(value).encode("utf-8")
 
+    def preview(self, value: Any) -> tuple[str, bytes] | None:
+        """A small preview of a value as the Predictor takes it (what `check` and `load` return) for the drift
+        report's examples: (MIME type, bytes), a few KB; None when the modality has no preview."""
+        return None
+
     def restore(self, fmt: str | None, data: bytes, out_root: Path, name: str) -> str:
         """A kept input -> its manifest value: a file modality writes `out_root/folder/name<suffix>` and returns
         the path relative to `out_root`; a value modality returns the value."""
@@ -127,6 +138,14 @@ class ModalitySpec:
     def example(self) -> Any:
         """A valid Predictor input (the package stage's smoke test, the service's warm-up)."""
         raise NotImplementedError
+
+    def parts(self, value: Any, explain: Any) -> Any:
+        """The parts of a Predictor input that an explanation attributes a prediction to (`mmfusion.modalities.parts`:
+        words, image regions, time segments); `explain` is package.explain (grid sizes). By default the whole
+        value is one part."""
+        from mmfusion.modalities.parts import WholeParts
+
+        return WholeParts(value)
 
     # -- the data edges: clean and validate ------------------------------------------------------
 
@@ -251,18 +270,30 @@ def stats_of(modality: str) -> tuple[str, ...]:
     return spec.stats if spec is not None else ()
 
 
-def keep_shares(modalities: Iterable[str], overrides: Mapping[str, float] | None = None) -> dict[str, float]:
-    """{modality: share of requests whose raw input the inference log keeps}: each spec's `keep_share`, overridden
-    by `package.log.keep`; a name there that is not one of `modalities`, or a share outside [0, 1], is an error."""
+def _shares(setting: str, attr: str, modalities: Iterable[str], overrides: Mapping[str, float] | None) -> dict[str, float]:
+    """{modality: the spec's `attr` share, overridden by `overrides` (the params key `setting`)}; a name there that
+    is not one of `modalities`, or a share outside [0, 1], is an error."""
     modalities = list(modalities)
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - set(modalities))
     if unknown:
-        raise UserError(f"package.log.keep names {unknown}, not an input of this model; its inputs: {modalities}")
+        raise UserError(f"{setting} names {unknown}, not an input of this model; its inputs: {modalities}")
     bad = {m: v for m, v in overrides.items() if not 0.0 <= float(v) <= 1.0}
     if bad:
-        raise UserError(f"package.log.keep: a share is between 0 and 1, got {bad}")
-    return {m: float(overrides.get(m, get_modality(m).keep_share)) for m in modalities}
+        raise UserError(f"{setting}: a share is between 0 and 1, got {bad}")
+    return {m: float(overrides.get(m, getattr(get_modality(m), attr))) for m in modalities}
+
+
+def keep_shares(modalities: Iterable[str], overrides: Mapping[str, float] | None = None) -> dict[str, float]:
+    """{modality: share of requests whose raw input the inference log keeps}: each spec's `keep_share`, overridden
+    by `package.log.keep`; a name there that is not one of `modalities`, or a share outside [0, 1], is an error."""
+    return _shares("package.log.keep", "keep_share", modalities, overrides)
+
+
+def preview_shares(modalities: Iterable[str], overrides: Mapping[str, float] | None = None) -> dict[str, float]:
+    """{modality: share of requests whose preview the inference log keeps}: each spec's `preview_share`, overridden
+    by `package.log.previews` (0 switches a modality's previews off); checked as `keep_shares` checks its own."""
+    return _shares("package.log.previews", "preview_share", modalities, overrides)
 
 
 def settings_from_params(modalities: Iterable[str], params: Any) -> dict[str, dict[str, Any]]:

@@ -142,6 +142,7 @@ def augment_image(img: Image.Image, params: Any, seed: int) -> Image.Image:
         return transform(img)
 
 
+PREVIEW_SIDE = 96  # px, the longest side of a preview thumbnail (the drift report's examples)
 SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp"}  # a kept upload's file name
 
 
@@ -157,6 +158,9 @@ class ImageSpec(ModalitySpec):
     log_fields = ("image_format", "image_bytes")
     column_types = {"image_width": "int", "image_height": "int", "image_bytes": "int"}
     keep_share = 0.0  # raw images are large and may be private: kept only where package.log.keep says
+    # a 96 px thumbnail of every request for the drift report's examples (a few hundred bytes to a few KB; users'
+    # pictures, small): package.log.previews: {image: 0} stores none
+    preview_share = 1.0
     parallel_load = True
     defaults = {"background": [255, 255, 255]}  # alpha is flattened onto it (emoji have alpha)
     clean_fields = {"width": 0, "height": 0, "image_sha256": ""}
@@ -197,8 +201,23 @@ class ImageSpec(ModalitySpec):
     def suffix(self, fmt: str | None) -> str:
         return SUFFIXES.get(str(fmt).upper(), ".img")
 
+    def preview(self, value: Image.Image) -> tuple[str, bytes]:
+        """A WebP thumbnail, longest side PREVIEW_SIDE px (never enlarged)."""
+        scale = min(1.0, PREVIEW_SIDE / max(value.size))
+        thumb = value if scale >= 1.0 else value.resize(
+            (max(1, round(value.width * scale)), max(1, round(value.height * scale))), Image.Resampling.BICUBIC, reducing_gap=2.0
+        )  # fmt: skip
+        buf = io.BytesIO()
+        thumb.convert("RGB").save(buf, format="WEBP", quality=80)
+        return "image/webp", buf.getvalue()
+
     def example(self) -> Image.Image:
         return Image.new("RGB", (64, 64), "white")
+
+    def parts(self, value: Image.Image, explain: Any) -> Any:
+        from mmfusion.modalities.parts import RegionParts
+
+        return RegionParts(value, explain.image_grid)
 
     def clean(self, raw: str, data: bytes | None, out_root: Path, params: Any) -> dict[str, Any]:
         """Decode the raw file (alpha onto `clean.background`), check its size and save it as PNG."""

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 
 _SPACE = re.compile(r"\s+")
+PREVIEW_CHARS = 300  # characters of a text's preview (the drift report's examples)
 
 
 def normalize_text(text: str, lowercase: bool = True) -> str:
@@ -83,6 +84,9 @@ class TextSpec(ModalitySpec):
     http = "text"
     stats = ("text_chars",)
     keep_share = 1.0  # text drift reviews and feedback need the text; package.log.keep: {text: 0} keeps only its length
+    # the drift report's examples show the first PREVIEW_CHARS characters of every request's (normalised) text, even
+    # where keep is 0: package.log.previews: {text: 0} stores none
+    preview_share = 1.0
     defaults = {"lowercase": True}
     dedup_key = column  # the normalised text itself
 
@@ -109,8 +113,21 @@ class TextSpec(ModalitySpec):
         text = check_text(raw, ctx.limits, self.settings["lowercase"])
         return text, ({"text_chars": len(text)} if text is not None else {})
 
+    def preview(self, value: str) -> tuple[str, bytes] | None:
+        """The normalised text, cut to PREVIEW_CHARS characters (an ellipsis says where)."""
+        text = self.value(value)
+        if text is None:
+            return None
+        cut = text if len(text) <= PREVIEW_CHARS else text[: PREVIEW_CHARS - 1].rstrip() + "\u2026"
+        return "text/plain", cut.encode("utf-8")
+
     def example(self) -> str:
         return "warm up"
+
+    def parts(self, value: str, explain: Any) -> Any:
+        from mmfusion.modalities.parts import WordParts
+
+        return WordParts(value)
 
     def clean(self, raw: str, data: bytes | None, out_root: Path, params: Any) -> dict[str, Any]:
         """Normalise the text (`clean.lowercase`) and check its length."""

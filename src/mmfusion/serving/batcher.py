@@ -11,6 +11,8 @@ delay), and under load the batch grows with the queue: adaptive batching without
   `Overloaded` (the service turns it into a 503), like BentoML's own batching SLA.
 - When a batched call raises, its items are retried one by one, so one bad item fails only
   its own request, never the requests it happened to share a batch with.
+- `call(fn, *args)` runs other model work (an explanation's perturbed calls) on the same thread,
+  between batched calls, so nothing ever runs the model beside a batch.
 """
 
 from __future__ import annotations
@@ -65,6 +67,25 @@ class MicroBatcher:
     def run_sync(self, items: list) -> list:
         """One direct call on the model thread (warm-up, tests); bypasses the queue."""
         return self._executor.submit(self._fn, items).result()
+
+    async def call(self, fn: t.Callable[..., t.Any], *args: t.Any) -> t.Any:
+        """`fn(*args)` on the model thread, between batched calls (never beside one): other work that runs the
+        model, as an explanation's perturbed calls. Not batched and not queued behind the latency limit; its time
+        counts in `busy_s`, not in `calls`."""
+
+        def timed() -> tuple[t.Any, BaseException | None, float]:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args), None, time.perf_counter() - t0
+            except Exception as exc:
+                return None, exc, time.perf_counter() - t0
+
+        # timed on the model thread (waiting for it is not busy time), added on the loop's thread (busy_s's writer)
+        result, exc, seconds = await asyncio.get_running_loop().run_in_executor(self._executor, timed)
+        self.busy_s += seconds
+        if exc is not None:
+            raise exc
+        return result
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()

@@ -320,6 +320,7 @@ def _normalise_error(start: Message, body: bytes, method: str = "?", path: str =
         found = _REASON_PREFIX.match(message)
         if found:
             data["reason"], message = found.group(1), message[found.end():]
+        message += _validation_detail(data.get("detail"))
     # An answer that already carries a reason is the service's own (RequestError, FeedbackError, client_error):
     # its message says what happened (`/feedback` -> 404 unknown_request), so it is kept as it is. Only the
     # router's bare 404/405 get a message of ours.
@@ -336,6 +337,16 @@ def _normalise_error(start: Message, body: bytes, method: str = "?", path: str =
     keep = [(k, v) for k, v in start.get("headers", []) if k.lower() not in (b"content-length", b"content-type")]
     response_start, response_body = _json_messages(status, data, keep)
     return response_start, response_body, data
+
+
+def _validation_detail(detail: t.Any) -> str:
+    """The field and the problem of each entry of BentoML's pydantic `detail` (`: explain: Input should be a valid
+    boolean, ...`; never the value, which BentoML leaves out), so a 400 for a mistyped field names it; "" if none."""
+    if not isinstance(detail, list):
+        return ""
+    said = [f"{'.'.join(map(str, d.get('loc') or ())) or 'body'}: {d['msg']}"
+            for d in detail[:3] if isinstance(d, dict) and d.get("msg")]  # fmt: skip
+    return f": {'; '.join(said)}" if said else ""
 
 
 class _QuietClientErrors(logging.Filter):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import typing as t
 from dataclasses import dataclass, field
 
@@ -23,6 +24,8 @@ from mmfusion.modalities import ModalitySpec
 
 __all__ = ["CheckContext", "CheckedItem", "RequestError", "check_item", "decode_base64"]
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class CheckContext:
@@ -30,12 +33,14 @@ class CheckContext:
 
     limits: ServeLimits
     keep: t.Mapping[str, bool] = field(default_factory=dict)  # {modality: this request's raw input goes to the log}
+    previews: t.Mapping[str, bool] = field(default_factory=dict)  # {modality: this request's preview goes to the log}
 
 
 @dataclass
 class CheckedItem:
     """One validated input: `values` is what the Predictor gets ({modality: value}, present ones only),
-    `record` what the inference log stores about the inputs (InferenceRecord's `fields`, `kept`, `modalities`)."""
+    `record` what the inference log stores about the inputs (InferenceRecord's `fields`, `kept`, `previews`,
+    `modalities`)."""
 
     values: dict[str, t.Any]
     record: dict[str, t.Any] = field(default_factory=dict)
@@ -57,6 +62,7 @@ def check_item(raw: t.Mapping[str, t.Any], specs: t.Mapping[str, ModalitySpec], 
     values: dict[str, t.Any] = {}
     fields: dict[str, t.Any] = {}
     kept: dict[str, tuple[str | None, bytes]] = {}
+    previews: dict[str, tuple[str, bytes]] = {}
     # string fields first: cheap, and an empty text must not cost a file decode
     for m in sorted(given, key=lambda m: specs[m].http != "text"):
         value, log_fields = specs[m].check(given[m], ctx)
@@ -65,12 +71,25 @@ def check_item(raw: t.Mapping[str, t.Any], specs: t.Mapping[str, ModalitySpec], 
             values[m] = value
             if ctx.keep.get(m):
                 kept[m] = specs[m].kept(given[m], value, log_fields)
+            if ctx.previews.get(m):
+                preview = _preview(specs[m], value)
+                if preview is not None:
+                    previews[m] = preview
     if not values:
         blank = " (the text is empty after normalisation: only whitespace, control or zero-width characters)" if given else ""
         raise RequestError(400, "no_input", f"send at least one of {list(specs)}{blank}")
     present = [m for m in specs if m in values]
     return CheckedItem(values={m: values[m] for m in present},
-                       record={"fields": fields, "kept": kept, "modalities": present})  # fmt: skip
+                       record={"fields": fields, "kept": kept, "previews": previews, "modalities": present})  # fmt: skip
+
+
+def _preview(spec: ModalitySpec, value: t.Any) -> tuple[str, bytes] | None:
+    """The spec's preview of a checked value; None (logged) when it fails: a preview never fails a request."""
+    try:
+        return spec.preview(value)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("no %s preview for the log: %s", spec.name, exc)
+        return None
 
 
 def decode_base64(value: object, limits: ServeLimits, field_name: str = "image") -> bytes:

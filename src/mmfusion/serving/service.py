@@ -11,9 +11,10 @@ docs/serving.md and docs/results.md. Limits, timeouts, admission and shutdown: s
 docs/serving.md.
 
 APIs (POST, JSON answers): /classify (multipart: one field per registered modality, an uploaded
-file or a text), /classify_batch (JSON: items with one key per registered modality, base64 for
-files), /feedback (JSON: request_id, item, label), /metadata, /health. BentoML adds /livez and
-/readyz (ready once the model is loaded and warmed up), /metrics and the OpenAPI UI at /.
+file or a text; `explain=true` adds an explanation, below), /classify_batch (JSON: items with one key
+per registered modality, base64 for files; no explanations), /feedback (JSON: request_id, item,
+label), /metadata, /health. BentoML adds /livez and /readyz (ready once the model is loaded and
+warmed up), /metrics and the OpenAPI UI at /.
 
 Fields: both request shapes are built from the modality registry (`mmfusion.modalities`), so a
 registered modality is a field with nothing here edited. Modules named in `MMFUSION_PLUGINS`
@@ -21,6 +22,11 @@ registered modality is a field with nothing here edited. Modules named in `MMFUS
 register are fields too. A registered
 modality the served model does not take is refused per request (400 `unsupported_modality`); a
 model with a modality that has no registered spec does not load (the Predictor refuses it).
+
+Explanations (`explain=true`, `overlay=true` for heatmap PNGs of images; mmfusion.explain): the request's
+cost in model evaluations is checked before anything is queued (over `package.explain.max_evaluations`:
+413 `explanation_too_costly`), then the explanation runs on the model thread after the classification
+(`MicroBatcher.call`: never beside a batch). The log row is the classification's, as for any request.
 
 Request ids: every answered request gets its own `request_id` (the answer, the `x-request-id`
 response header and the log's key). A client's `x-request-id` is kept as `client_request_id`
@@ -46,7 +52,8 @@ from bentoml.validators import ContentType
 from pydantic import BeforeValidator, Field, create_model
 from typing_extensions import Annotated
 
-from mmfusion.modalities import get_modality, keep_shares, list_modalities
+from mmfusion.explain import Explainer, ExplainTooCostly
+from mmfusion.modalities import get_modality, keep_shares, list_modalities, preview_shares
 from mmfusion import logdb
 from mmfusion.monitoring.inference_log import InferenceLogWriter, InferenceRecord, log_totals, open_log
 from mmfusion.serving.auth import TokenGate
@@ -79,6 +86,10 @@ Text = Annotated[t.Optional[str], BeforeValidator(_as_text)]
 # Every answer is a JSON object. Saying so up front spares BentoML building the output's JSON
 # schema on every response to find its media type (~3 ms of a ~30 ms request, bench/serve.py).
 JSON = Annotated[dict, ContentType("application/json")]
+# /classify's options: form booleans as pydantic reads them (true/false, 1/0, yes/no, on/off; else a 400)
+Explain = Annotated[bool, Field(description="add an `explanation`: how much each word, image region or time segment "
+                                "moved the answer (model evaluations bounded by the service: 413 beyond)")]
+Overlay = Annotated[bool, Field(description="with explain: each image's attribution heatmap over it, a base64 PNG")]
 
 
 # The registered modalities (after the plugins) and how each travels over HTTP (`ModalitySpec.http`):
@@ -105,7 +116,8 @@ BatchItem = create_model(
 
 
 def modality_fields(func: t.Callable) -> t.Callable:
-    """Give an API method `(self, ctx, **fields)` one optional keyword parameter per registered modality.
+    """Give an API method `(self, ctx, *, options..., **fields)` one optional keyword parameter per registered
+    modality, before its own keyword-only options (the form lists the modalities first).
 
     BentoML builds an API's input model (fields, multipart uploads, OpenAPI schema) from
     `inspect.signature(func)`, which honours `__signature__`; it calls the method with one keyword
@@ -116,7 +128,8 @@ def modality_fields(func: t.Callable) -> t.Callable:
         inspect.Parameter(m, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=CLASSIFY_TYPES[kind])
         for m, kind in FIELD_KINDS.items()
     ]
-    func.__signature__ = sig.replace(parameters=[*fixed, *fields])
+    options = [p for p in fixed if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    func.__signature__ = sig.replace(parameters=[*(p for p in fixed if p not in options), *fields, *options])
     func.__annotations__ = {
         **{k: v for k, v in func.__annotations__.items() if k in {p.name for p in fixed} or k == "return"},
         **{p.name: p.annotation for p in fields},
@@ -153,6 +166,7 @@ class MMFusion:
         self.specs = self.predictor.inputs  # each input's check, with the model's recorded preprocessing
         self.check_ctx = CheckContext(LIMITS)
         self.keep = keep_shares(self.modalities, PARAMS.log.keep)  # package checked them against this model
+        self.previews = preview_shares(self.modalities, PARAMS.log.previews)
         self.batcher = MicroBatcher(
             self.predictor.predict,
             max_batch_size=PARAMS.batching.max_batch_size if SETTINGS.batching else 1,
@@ -160,7 +174,10 @@ class MMFusion:
         )
         # Encoder weights load lazily: pay that here (on the model thread), so /readyz means
         # "answers at full speed".
-        self.batcher.run_sync([{m: spec.example() for m, spec in self.specs.items()}])
+        example = {m: spec.example() for m, spec in self.specs.items()}
+        self.batcher.run_sync([example])
+        self.explainer = Explainer(self.predictor, PARAMS.explain)
+        _warm_explanations(self.predictor, example)
         self.info = self.predictor.describe()
         self.version = self.info.get("version") or self.info.get("model_version") or self.predictor.version
         self.log = InferenceLogWriter(SETTINGS.log_url, queue_size=PARAMS.log.queue_size)
@@ -244,9 +261,10 @@ class MMFusion:
         return {**body, "model_version": self.version, "latency_ms": latency_ms}
 
     def _request_ctx(self) -> CheckContext:
-        """The checks' context for one request: which raw inputs the log keeps, drawn per modality with its
-        share (package.log.keep)."""
-        return dataclasses.replace(self.check_ctx, keep={m: random.random() < share for m, share in self.keep.items()})
+        """The checks' context for one request: which raw inputs and which previews the log keeps, each drawn per
+        modality with its share (package.log.keep, package.log.previews)."""
+        draw = lambda shares: {m: random.random() < share for m, share in shares.items()}  # noqa: E731
+        return dataclasses.replace(self.check_ctx, keep=draw(self.keep), previews=draw(self.previews))
 
     @staticmethod
     def _error(ctx: bentoml.Context, exc: RequestError) -> dict:
@@ -255,21 +273,42 @@ class MMFusion:
 
     @bentoml.api
     @modality_fields
-    async def classify(self, ctx: bentoml.Context, **fields: t.Any) -> JSON:
-        """Classify one sample: one multipart field per modality, a file or a text (at least one)."""
+    async def classify(
+        self, ctx: bentoml.Context, *, explain: Explain = False, overlay: Overlay = False, **fields: t.Any
+    ) -> JSON:
+        """Classify one sample: one multipart field per modality, a file or a text (at least one). `explain` adds an
+        `explanation` of the answer (mmfusion.explain), `overlay` heatmap PNGs of its images to it."""
         t0 = time.perf_counter()
         ids = self._start(ctx)
         try:
-            raw = _read_uploads(fields)
-            item = await anyio.to_thread.run_sync(check_item, raw, self.specs, self._request_ctx())
+            raw = _read_uploads(fields)  # first: it deletes BentoML's copies of the uploads, whatever follows
+            _check_options(explain, overlay)
+            item, parts = await anyio.to_thread.run_sync(self._check_one, raw, self._request_ctx(), explain)
             (result,) = await self._classify([item])
+            extra = {"explanation": await self._explain(item, result, parts, overlay)} if explain else {}
         except RequestError as exc:
             return self._error(ctx, exc)
-        return {**self._answer(result, item), **self._done(ids, "classify", [item], [result], t0)}
+        return {**self._answer(result, item), **extra, **self._done(ids, "classify", [item], [result], t0)}
+
+    def _check_one(self, raw: dict, ctx: CheckContext, explain: bool) -> tuple[CheckedItem, dict | None]:
+        """The checked item and, with `explain`, its explanation's parts: the cost bound is checked here, before
+        anything is queued for the model (413 over package.explain.max_evaluations)."""
+        item = check_item(raw, self.specs, ctx)
+        if not explain:
+            return item, None
+        try:
+            return item, self.explainer.check_cost(item.to_predictor())
+        except ExplainTooCostly as exc:
+            raise RequestError(413, "explanation_too_costly", str(exc)) from exc
+
+    async def _explain(self, item: CheckedItem, result: dict, parts: dict, overlay: bool) -> dict:
+        """The explanation of the answer's label, on the model thread between batched calls (MicroBatcher.call)."""
+        return await self.batcher.call(self.explainer.explain, item.to_predictor(), overlay, result["label"], parts)
 
     @bentoml.api
     async def classify_batch(self, ctx: bentoml.Context, items: list[BatchItem]) -> JSON:
-        """Classify a JSON list of items, each with one key per modality (files in base64); all or nothing."""
+        """Classify a JSON list of items, each with one key per modality (files in base64); all or nothing. No
+        explanations here: an explanation costs tens of model calls per item; ask /classify with explain=true."""
         t0 = time.perf_counter()
         ids = self._start(ctx)
         try:
@@ -305,7 +344,8 @@ class MMFusion:
 
     @bentoml.api
     async def metadata(self) -> JSON:
-        """Model version, labels, modalities, encoders, the winner's metrics, and the input limits."""
+        """Model version, labels, modalities, encoders, the winner's metrics, the input limits and how the service
+        explains (package.explain)."""
         return {
             **self.info,
             "model_version": self.version,
@@ -315,6 +355,7 @@ class MMFusion:
                 "max_batch_size": PARAMS.batching.max_batch_size,
                 "max_latency_ms": PARAMS.batching.max_latency_ms,
             },
+            "explain": dataclasses.asdict(PARAMS.explain),  # /classify's `explain`: method, cost bound, grid
             "limits": {
                 "max_upload_bytes": LIMITS.max_upload_bytes,
                 "max_pixels": LIMITS.max_pixels,
@@ -373,6 +414,25 @@ class MMFusion:
     def _close(self) -> None:
         self.batcher.close()
         self.log.close()
+
+
+def _check_options(explain: bool, overlay: bool) -> None:
+    """/classify's options that make sense together and that this service gives."""
+    if overlay and not explain:
+        raise RequestError(400, "overlay_without_explain", "overlay draws an explanation's heatmaps: send explain=true too")
+    if overlay and not PARAMS.explain.overlay:
+        raise RequestError(400, "overlay_off", "this service draws no overlays (package.explain.overlay is false): "
+                           "leave overlay out; the explanation's numbers are in the answer")  # fmt: skip
+
+
+def _warm_explanations(predictor: t.Any, item: dict) -> None:
+    """One explanation of the warm-up item on a coarse grid (a few model evaluations), so that Captum's and
+    matplotlib's imports (~0.5 s on 2 cores; kernel_shap and lime add scikit-learn's) and first calls are paid
+    before /readyz, not by the first request with `explain`. A request without it never touches Captum."""
+    t0 = time.perf_counter()
+    coarse = Explainer(predictor, dataclasses.replace(PARAMS.explain, image_grid=2, audio_segments=2, samples=2))
+    coarse.explain(item, overlay=PARAMS.explain.overlay, parts=coarse.parts(item))  # its parts given: no cost bound
+    log.info("explanations (%s) warmed up in %.2f s", PARAMS.explain.method, time.perf_counter() - t0)
 
 
 def _log_totals(url) -> dict:

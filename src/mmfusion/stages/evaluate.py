@@ -6,14 +6,19 @@ import json
 import logging
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from mmfusion import paths
 from mmfusion.compute import build_task_runner, check_compute  # noqa: F401 - flows/stages.py: CV folds as tasks
 from mmfusion.config import Params
 from mmfusion.data.manifest import read_manifest
+from mmfusion.explain import Explainer
+from mmfusion.explain.faithfulness import FaithfulnessCheck, plot_deletion
+from mmfusion.explain.page import build_page, write_page
 from mmfusion.features.store import load_meta
 from mmfusion.inference.predictor import Predictor
 from mmfusion.inference.checkpoint import CALIBRATION, METRICS, read_config, save_checkpoint
@@ -100,16 +105,21 @@ def format_group_mix(split_report: dict) -> list[str]:
     return lines + ([""] if warnings else []) + [f"**Warning:** {w}" for w in warnings]
 
 
-def raw_check(params: Params, root: Path, winner: StrategyEvaluation, labels: list[str]) -> dict:
-    """Re-predict some test samples from their raw files through Predictor.from_dir(models/best).
+def read_test_rows(predictor: Predictor, root: Path):
+    """data/split/test.csv with the columns of the model's inputs: the rows the cached test features were made from."""
+    columns = [spec.column for spec in predictor.inputs.values()]
+    return read_manifest(root / paths.SPLIT / "test.csv", required=("id", "label", *columns))
+
+
+def raw_check(params: Params, root: Path, winner: StrategyEvaluation, labels: list[str], predictor: Predictor,
+              test) -> dict:  # fmt: skip
+    """Re-predict some test samples (rows of `test`, test.csv) from their raw files through `predictor`
+    (Predictor.from_dir(models/best)).
 
     Agreement with the cached-feature predictions shows that serving (decode, normalise, encode, head)
     matches what training and evaluation saw.
     """
     n = params.evaluate.raw_check
-    predictor = Predictor.from_dir(root / paths.BEST, device=params.evaluate.device)
-    columns = [spec.column for spec in predictor.inputs.values()]
-    test = read_manifest(root / paths.SPLIT / "test.csv", required=("id", "label", *columns))
     rng = np.random.default_rng(params.evaluate.seed)
     rows = np.sort(rng.choice(len(test), size=min(n, len(test)), replace=False))
     items = predictor.read_rows((test.iloc[i] for i in rows), root)
@@ -126,6 +136,53 @@ def raw_check(params: Params, root: Path, winner: StrategyEvaluation, labels: li
         "version": predictor.version,
         "runtimes": {"encoders": dict(predictor.runtimes), "head": predictor.head_runtime},
     }
+
+
+def check_faithfulness(params: Params, root: Path, predictor: Predictor | None, test, out: Path) -> dict:
+    """The deletion check (mmfusion.explain.faithfulness) on `evaluate.faithfulness_rows` seeded random test rows:
+    out/faithfulness.json and out/faithfulness.png (both written when the check is off too: they are DVC outs)."""
+    p = params.evaluate
+    if p.faithfulness_rows > 0:
+        check = FaithfulnessCheck(predictor, params.package.explain, p.faithfulness_steps, p.faithfulness_draws, p.seed)
+        rng = np.random.default_rng(p.seed)
+        rows = np.sort(rng.choice(len(test), size=min(p.faithfulness_rows, len(test)), replace=False))
+        start = time.perf_counter()
+        for i in tqdm(rows, desc="evaluate: faithfulness", unit="row", mininterval=2):
+            check.add(predictor.read_rows([test.iloc[i]], root)[0])
+        report = check.summary()
+        seconds = time.perf_counter() - start
+        log.info("evaluate: faithfulness check of %d rows in %.1f s, passed: %s", len(rows), seconds, report["passed"])
+        verdict = {True: "attributions beat random", False: "attributions do NOT beat random"}.get(report["passed"])
+        title = f"{predictor.strategy}, {report['method']}: {verdict or 'no row explained'}"
+    else:
+        title = "off (evaluate.faithfulness_rows: 0)"
+        report = {"check": title, "items": 0, "all": None, "modalities": {}, "passed": None}
+    write_json(out / "faithfulness.json", report)
+    plot_deletion(report, out / "faithfulness.png", title=title)
+    return report
+
+
+def write_explanations(params: Params, root: Path, predictor: Predictor | None, test, winner: StrategyEvaluation,
+                       y_test: np.ndarray, out: Path, faithfulness: dict) -> dict:  # fmt: skip
+    """out/explanations/index.html: `evaluate.explain_rows` test rows explained as the service would explain them
+    (package.explain), half the most confident correct ones and half the errors (mmfusion.explain.page)."""
+    if params.evaluate.explain_rows <= 0:
+        page = write_page(out / "explanations", "Explanations", (), (), ["Off: evaluate.explain_rows is 0."])
+        return {"page": str(page), "rows": 0}
+    notes = [f"Model {predictor.version} ({predictor.strategy}); explanations by {params.package.explain.method} "
+             f"over {', '.join(predictor.inputs)} (package.explain), of each row's predicted class."]  # fmt: skip
+    if faithfulness["all"]:
+        a, verdict = faithfulness["all"], "passed" if faithfulness["passed"] else "FAILED"
+        notes.append(f"Faithfulness (../faithfulness.json, {a['items']} random test rows): removing the most-"
+                     f"attributed parts first gives AUC {a['auc_top']:.3f} vs {a['auc_random']:.3f} for random parts "
+                     f"(lower: the probability falls sooner): {verdict}.")  # fmt: skip
+    return build_page(
+        Explainer(predictor, params.package.explain, seed=params.evaluate.seed),
+        lambda i: predictor.read_rows([test.iloc[i]], root)[0],
+        list(test["id"]), list(test["label"]), softmax(winner.test_logits, winner.temperature), y_test,
+        params.evaluate.explain_rows, out / "explanations", title=f"Explanations: {predictor.strategy} on test rows",
+        notes=notes,
+    )  # fmt: skip
 
 
 def load_candidates(params: Params, root: Path) -> tuple[str, list[Candidate], list[str], FeatureSet, np.ndarray]:
@@ -229,8 +286,14 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         "strategies": strategies,
     }
     metrics["reference"] = reference
+    predictor = test_rows = None
+    if max(p.raw_check, p.explain_rows, p.faithfulness_rows) > 0:  # the served path: models/best on raw test files
+        predictor = Predictor.from_dir(root / paths.BEST, device=p.device)
+        test_rows = read_test_rows(predictor, root)
     if p.raw_check > 0:
-        metrics["raw_check"] = raw_check(params, root, winner, labels)
+        metrics["raw_check"] = raw_check(params, root, winner, labels, predictor, test_rows)
+    faithfulness = check_faithfulness(params, root, predictor, test_rows, out)
+    page = write_explanations(params, root, predictor, test_rows, winner, y_test, out, faithfulness)
     write_json(out / "metrics.json", metrics)
     log.info(
         "evaluate: winner %s (%s %s %.4f), test accuracy %.4f",
@@ -244,6 +307,9 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         "best_unimodal": best_unimodal.name if best_unimodal else None,
         "best_unimodal_test_accuracy": round(best_unimodal.test["accuracy"], 4) if best_unimodal else None,
         "raw_check": metrics.get("raw_check"),
+        "faithfulness": {"passed": faithfulness["passed"],
+                         **{k: (faithfulness["all"] or {}).get(k) for k in ("auc_top", "auc_random")}},
+        "explanations": page,
         "leaderboard": json.dumps({r["strategy"]: round(r["test"]["accuracy"], 4) for r in rows}),
     }
 

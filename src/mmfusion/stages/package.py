@@ -29,8 +29,9 @@ import yaml
 from mmfusion import paths
 from mmfusion.bentos import build_bento_args, export_bento
 from mmfusion.config import PackageParams, Params
+from mmfusion.explain import check_settings
 from mmfusion.inference.predictor import Predictor
-from mmfusion.modalities import get_modality, keep_shares
+from mmfusion.modalities import get_modality, keep_shares, preview_shares
 from mmfusion.stages.common import stage_main, write_json
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,8 @@ def bento_description(info: dict) -> str:
         "",
         "**Calling it** (every answer is JSON; a client mistake is a 4xx with a `reason`, never a 500):",
         "",
-        f"- `POST /classify`: multipart, any of the fields, at least one: `curl {fields} http://HOST/classify`",
+        f"- `POST /classify`: multipart, any of the fields, at least one: `curl {fields} http://HOST/classify`; "
+        "`-F explain=true` adds how much each part of each input moved the answer",
         "- `POST /classify_batch`: `{\"items\": [{...}]}`, files as base64 strings",
         "- `POST /feedback`: `{\"request_id\", \"item\", \"label\"}`: the true label of an answered request",
         "- `POST /metadata` (model, labels, limits), `POST /health` (counts), `GET /readyz`, `GET /metrics`",
@@ -181,6 +183,8 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     start = time.perf_counter()
     info = describe_model(model_dir, p)
     keep = keep_shares(info["modalities"], p.log.keep)  # a share for a modality the model lacks fails here, not at serve
+    previews = preview_shares(info["modalities"], p.log.previews)  # likewise
+    check_settings(p.explain)  # likewise: a method Captum lacks fails the package, not each worker's start
     model_tag, created = save_bento_model(model_dir, p.model_name, info)
     bento_tag = build_bento(root / paths.BENTOFILE, root / paths.BENTO_BUILD_CTX, build_bento_args(p, model_tag, root),
                             description=bento_description(info))  # fmt: skip
@@ -198,6 +202,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         "metrics": info["metrics"],
         "smoke_test": info.get("smoke_test"),
         "log_keeps": keep,
+        "log_previews": previews,
         "serve": {"command": f"bentoml serve {bento_tag} --host 127.0.0.1 --port 3000"},
         "seconds": round(time.perf_counter() - start, 2),
     }

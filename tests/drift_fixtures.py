@@ -11,7 +11,7 @@ import pandas as pd
 from mmfusion.config import parse_params
 from mmfusion.monitoring.inference_log import InferenceLog, InferenceRecord
 from mmfusion.modalities import stats_of
-from mmfusion.monitoring.reference import EMBEDDINGS, META, REFERENCE_DIR, ROWS, MonitorData
+from mmfusion.monitoring.reference import EMBEDDINGS, META, PREVIEWS, REFERENCE_DIR, ROWS, MonitorData
 
 LABELS = ("apple", "leaf", "wave")
 DIMS = {"image": 24, "text": 12}
@@ -50,7 +50,24 @@ def synthetic(
     return MonitorData(rows, embeddings)
 
 
-def write_log(path: Path, data: MonitorData, version: str, prefix: str = "r") -> None:
+def previews_of(data: MonitorData, i: int, name: str) -> dict[str, tuple[str, bytes]]:
+    """Row i's previews as the specs make them: a 16 px picture whose grey is its image embedding's mean (shifted
+    rows look lighter) and the text `name`."""
+    from PIL import Image
+
+    from mmfusion.modalities import build_spec
+
+    out = {}
+    if data.present("image")[i]:
+        grey = int(np.clip(128 + 60 * float(data.embeddings["image"][i].mean()), 0, 255))
+        out["image"] = build_spec("image").preview(Image.new("RGB", (16, 16), (grey, grey, grey)))
+    if data.present("text")[i]:
+        out["text"] = build_spec("text").preview(name)
+    return out
+
+
+def write_log(path: Path, data: MonitorData, version: str, prefix: str = "r", previews: bool = True) -> None:
+    """`data`'s rows as the service logs them, request ids `<prefix><row>`, with previews unless told not."""
     log = InferenceLog(path)
     records = []
     for i, row in data.rows.iterrows():
@@ -61,7 +78,7 @@ def write_log(path: Path, data: MonitorData, version: str, prefix: str = "r") ->
             InferenceRecord(
                 request_id=f"{prefix}{i}", item=0, endpoint="classify", model_version=version, label=row["prediction"],
                 probabilities=probs, embeddings={m: data.embeddings[m][i].tolist() for m in present},
-                modalities=present, ts=float(row["ts"]),
+                modalities=present, ts=float(row["ts"]), previews=previews_of(data, i, f"text of {prefix}{i}") if previews else {},
                 fields={**({"text_chars": int(row["text_chars"])} if "text" in present else {}),
                         **({"image_width": 72, "image_height": 72} if "image" in present else {})},
             )
@@ -70,13 +87,18 @@ def write_log(path: Path, data: MonitorData, version: str, prefix: str = "r") ->
     log.close()
 
 
-def write_reference_dir(model_dir: Path, ref: MonitorData, version: str) -> None:
+def write_reference_dir(model_dir: Path, ref: MonitorData, version: str, previews: bool = True) -> None:
+    """A model folder with `ref` as its drift reference (ids ref<row>), with previews.parquet unless told not."""
     from safetensors.numpy import save_file
 
     out = model_dir / REFERENCE_DIR
     out.mkdir(parents=True)
     (model_dir / "config.json").write_text("{}")
-    ref.rows.drop(columns=["ts"]).assign(id="x", split="val", label=ref.rows["prediction"]).to_parquet(out / ROWS)
+    ids = [f"ref{i}" for i in range(len(ref))]
+    ref.rows.drop(columns=["ts"]).assign(id=ids, split="val", label=ref.rows["prediction"]).to_parquet(out / ROWS)
+    if previews:
+        rows = [(rid, m, *pv) for i, rid in enumerate(ids) for m, pv in previews_of(ref, i, f"reference text {i}").items()]
+        pd.DataFrame(rows, columns=["id", "modality", "format", "data"]).to_parquet(out / PREVIEWS, index=False)
     save_file({m: a for m, a in ref.embeddings.items()}, str(out / EMBEDDINGS))
     (out / META).write_text(json.dumps({"model_version": version, "splits": ["val"], "rows": len(ref)}))
 

@@ -123,3 +123,15 @@ def column_stattest(ref, cur, kind: str, method: str, threshold: float) -> tuple
     col_type = {"num": column_type.Numerical, "cat": column_type.Categorical}[kind]
     result = get_stattest(ref, cur, col_type, method)(ref, cur, col_type, threshold)
     return float(result.drift_score), bool(result.drifted)
+
+
+def add_snapshot_text(snapshot, title: str, markdown: str) -> None:
+    """Put a Markdown text widget first in a snapshot's widgets (the Evidently UI renders it, links included).
+
+    Evidently 0.7's Report has no text metric; the legacy `text_widget` is the widget its UI draws as Markdown,
+    and a Snapshot keeps its widgets in `_widgets` with no public way to add one."""
+    text_widget = _private("evidently", "evidently.legacy.renderers.html_widgets", "text_widget")
+    widgets = getattr(snapshot, "_widgets", None)
+    if not isinstance(widgets, list):
+        raise _gone("evidently", "evidently.core.report.Snapshot._widgets")
+    widgets.insert(0, text_widget(title=title, text=markdown))

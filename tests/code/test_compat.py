@@ -81,6 +81,21 @@ def test_set_embeddings_plot_rows():
         embeddings_drift.SAMPLE_CONSTANT = before
 
 
+def test_add_snapshot_text_puts_a_markdown_widget_first_that_survives_the_workspace(tmp_path):
+    from evidently import Dataset, Report
+    from evidently.metrics import RowCount
+    from evidently.ui.workspace import Workspace
+
+    frame = pd.DataFrame({"x": [1.0, 2.0, 3.0]})
+    snap = Report([RowCount()]).run(Dataset.from_pandas(frame), Dataset.from_pandas(frame))
+    compat.add_snapshot_text(snap, title="t", markdown="[a report](/r/w.html)")
+    ws = Workspace.create(str(tmp_path))
+    project = ws.create_project("p")
+    stored = ws.get_run(project.id, ws.add_run(project.id, snap).id)
+    assert stored.widgets[0].type == "text" and stored.widgets[0].params == {"text": "[a report](/r/w.html)"}
+    assert stored.widgets[0].title == "t" and len(stored.widgets) > 1
+
+
 def test_random_classifier_auc_is_seeded():
     y = np.array([0, 1] * 20)
     a, b = compat.random_classifier_auc(y, 3), compat.random_classifier_auc(y, 3)

@@ -7,6 +7,7 @@ import sqlite3
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 
 from mmfusion import logdb
 from mmfusion.monitoring.inference_log import (
@@ -16,6 +17,7 @@ from mmfusion.monitoring.inference_log import (
     read_embeddings,
     read_inference_log,
     read_kept,
+    read_previews,
 )
 
 
@@ -76,6 +78,22 @@ def test_kept_inputs(log_url):
         assert read_kept(conn) == {("r2", 0): {"image": ("PNG", b"raw")},
                                    ("r3", 0): {"image": ("PNG", b"raw"), "text": ("text", b"red apple")}}  # fmt: skip
         assert read_kept(conn, [("r3", 0), ("r1", 0)]) == {("r3", 0): {"image": ("PNG", b"raw"), "text": ("text", b"red apple")}}
+
+
+def test_previews_are_written_and_read_back_for_the_asked_items_only(log_url):
+    log = InferenceLog(log_url)
+    thumb = ("image/webp", b"RIFF\x00webp")
+    with_previews = [record(i) for i in (1, 2)]
+    for r in with_previews:
+        r.previews = {"image": thumb, "text": ("text/plain", f"text {r.request_id}".encode())}
+    no_previews = record(3)  # package.log.previews 0 for every modality: no rows at all
+    assert log.append([*with_previews, no_previews]) == 3
+    log.close()
+    with logdb.reading(logdb.resolve_url(log_url)) as conn:
+        assert read_previews(conn, [("r2", 0), ("r3", 0), ("r2", 0), ("nope", 0)]) == {
+            ("r2", 0): {"image": thumb, "text": ("text/plain", b"text r2")}
+        }
+        assert conn.execute(sa.text("SELECT COUNT(*) FROM previews")).scalar() == 4
 
 
 def test_wal_mode(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
+from html import escape as html_escape
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import yaml
 from mmfusion.config import parse_params
 from mmfusion.monitoring.checks import bootstrap_on, check_window
 from mmfusion.monitoring.monitor import History, run_monitor
-from mmfusion.monitoring.reference import MonitorError
+from mmfusion.monitoring.reference import MonitorData, MonitorError
 from mmfusion.monitoring.windows import cut_windows, load_log, select_version
 from tests.conftest import REPO
 from tests.drift_fixtures import DIMS, monitor_params, synthetic, write_log, write_reference_dir
@@ -108,10 +109,10 @@ def test_unreadable_logs_are_clear_errors(tmp_path):
 
 def test_run_monitor_writes_reports_verdicts_history_and_workspace(tmp_path):
     write_reference_dir(tmp_path / "model", synthetic(300, seed=1), "v1")
-    clean, shifted = synthetic(100, seed=2), synthetic(100, seed=3, shift={"image": 0.8})
+    clean, (shifted, shifted_rows) = synthetic(100, seed=2), partly_shifted(100, 50, seed=11)
     shifted.rows["ts"] += 1_000
     write_log(tmp_path / "log.sqlite", clean, "v1", prefix="c")
-    write_log(tmp_path / "log.sqlite", shifted, "v1", prefix="s")
+    write_log(tmp_path / "log.sqlite", shifted, "v1", prefix="<s>")  # an id and a text (its preview) to escape
     write_log(tmp_path / "log.sqlite", synthetic(5, seed=9), "v0-old", prefix="o")
     params = monitor_params(tmp_path)
     summary = run_monitor(params, tmp_path)
@@ -124,6 +125,8 @@ def test_run_monitor_writes_reports_verdicts_history_and_workspace(tmp_path):
         assert verdict["schema"] == "mmfusion.drift-verdict/v1" and verdict["verdict"] == w["verdict"]
         assert {c["name"] for c in verdict["checks"]} >= {"embedding_drift[image]", "embedding_drift[text]", "prediction_drift"}
     assert "embedding_drift[image]" in summary["windows"][1]["flagged"]
+    assert 'id="mmfusion-examples"' not in Path(summary["windows"][0]["report_html"]).read_text()  # nothing drifted
+    assert_the_report_shows_what_drifted(tmp_path, summary["windows"][1], shifted_rows, "<s>")
 
     from evidently.ui.workspace import Workspace
 
@@ -171,3 +174,77 @@ def test_drift_cli_on_a_missing_log_is_one_clear_line(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("make")]
     assert lines == [f"monitor: error: no inference log at {tmp_path / 'none.sqlite'}: serve the model (`make serve`) and send it requests first"]
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def partly_shifted(n: int, shifted: int, seed: int) -> tuple[MonitorData, set[int]]:
+    """A window of n rows whose image embeddings are shifted in `shifted` random rows only (which are returned)."""
+    data = synthetic(n, seed=seed)
+    rows = np.random.default_rng(seed).choice(n, shifted, replace=False)
+    data.embeddings["image"][rows] += 3.0
+    return data, {int(r) for r in rows}
+
+
+def assert_the_report_shows_what_drifted(tmp_path: Path, w: dict, shifted: set[int], prefix: str) -> None:
+    """The drifted window's report: its "what drifted" section (the shifted items, beside their nearest reference
+    items, with their previews inline and escaped), its verdict's `examples`, and its workspace snapshot's link,
+    which `make monitor-ui` serves."""
+    verdict = json.loads(Path(w["verdict_json"]).read_text())
+    assert verdict["flagged"] == ["embedding_drift[image]"] and set(verdict["examples"]) == {"image"}
+    examples = verdict["examples"]["image"]
+    chosen = [int(i["request_id"].removeprefix(prefix)) for i in examples["items"]]
+    assert len(chosen) == 6 and set(chosen) <= shifted, (chosen, sorted(shifted))  # half the rows: 1 in 64 by chance
+    assert all(len(i["neighbours"]) == 2 and i["neighbours"][0]["id"].startswith("ref") for i in examples["items"])
+    assert examples["previews"] == 6 and 0.5 < examples["auc"] <= 1.0
+    html = Path(w["report_html"]).read_text()
+    section = html[html.index('<section id="mmfusion-examples"') :]
+    section = section[: section.index("</section>")]
+    assert html.index('id="mmfusion-notice"') < html.index('id="mmfusion-examples"') < html.index("plotly")
+    assert section.count('src="data:image/webp;base64,') == 6 * 3  # each item and its two neighbours, inline
+    assert f"text of {html_escape(prefix)}{chosen[0]}" in section and prefix not in section  # texts and ids escaped
+
+    from evidently.ui.workspace import Workspace
+
+    ws = Workspace.create(str(tmp_path / "workspace"))
+    (project,) = ws.search_project("mmfusion")
+    snapshots = [ws.get_run(project.id, run) for run in ws.list_runs(project.id)]  # SnapshotModels
+    (snap,) = [s for s in snapshots if s.metadata["report_html"] == w["report_html"]]
+    assert snap.tags == ["drift", "embedding_drift[image]"] and snap.metadata["verdict"] == "drift"
+    assert snap.widgets[0].type == "text" and f"](/mmfusion/reports/v1/{Path(w['report_html']).name})" in snap.widgets[0].params["text"]
+
+    from litestar.testing import TestClient
+
+    from mmfusion.monitoring.ui import create_ui_app
+
+    with TestClient(create_ui_app(tmp_path / "workspace", tmp_path / "monitor")) as client:
+        page = client.get(f"/mmfusion/reports/v1/{Path(w['report_html']).name}")
+        assert page.status_code == 200 and 'id="mmfusion-examples"' in page.text
+        assert client.get("/api/projects").json()[0]["name"] == "mmfusion"
+
+
+def test_without_previews_the_section_says_so_and_an_old_log_still_monitors(tmp_path):
+    """A log written before the previews table existed (revision 0002), read without migrating it, and a reference
+    without previews: the examples are still chosen and listed, and the section says why nothing is shown."""
+    from mmfusion import logdb
+    from mmfusion.monitoring.examples import build_examples
+    from mmfusion.monitoring.reference import load_reference
+
+    write_reference_dir(tmp_path / "model", synthetic(300, seed=1), "v1", previews=False)
+    window, shifted = partly_shifted(100, 50, seed=12)
+    write_log(tmp_path / "log.sqlite", window, "v1", prefix="o")
+    with sqlite3.connect(tmp_path / "log.sqlite") as conn:
+        conn.execute("DROP TABLE previews")
+        conn.execute("UPDATE mmfusion_log_version SET version_num = '0002'")
+    params = monitor_params(tmp_path).monitor
+    reference, _ = load_reference(tmp_path / "model")
+    data = load_log(tmp_path / "log.sqlite", ["image", "text"])
+    verdict = check_window(data, reference, params)
+    assert verdict["flagged"] == ["embedding_drift[image]"]
+    examples, section = build_examples(data, reference, verdict, params, logdb.resolve_url(tmp_path / "log.sqlite"), tmp_path / "model")
+    assert len(examples["image"]["items"]) == 6 and examples["image"]["previews"] == 0
+    assert {int(i["request_id"].removeprefix("o")) for i in examples["image"]["items"]} <= shifted
+    assert "No previews were kept for these items" in section and "The reference has no previews" in section
+    assert "data:image" not in section and section.count("no preview kept") == 6 * 3
+    assert build_examples(data, reference, verdict, parse_params({"monitor": {"examples": {"items": 0}}}).monitor,
+                          logdb.resolve_url(tmp_path / "log.sqlite"), tmp_path / "model") == ({}, "")  # fmt: skip
+    with logdb.reading(logdb.resolve_url(tmp_path / "log.sqlite")) as conn:
+        assert logdb.current_revision(conn) == "0002" and not logdb.has_table(conn, "previews")  # read, never migrated

@@ -16,6 +16,9 @@ Tables:
   embeddings   request_id, item, modality, dim, vector (float32 little-endian bytes)
   inputs       request_id, item, modality, format, data: the raw inputs kept (`package.log.keep`, a
                share per modality): what feedback needs to retrain on a request
+  previews     request_id, item, modality, format (a MIME type), data: a small preview per modality
+               (`package.log.previews`, a share per modality; each spec's `preview`): what the drift report
+               shows of the items that drifted; read for those few items only (`read_previews`)
   feedback     see `mmfusion.monitoring.feedback`
 
 Logs written before `inputs` existed kept images in a table `images` and texts in a column
@@ -71,7 +74,8 @@ class InferenceRecord:
     """One classified item as the log stores it.
 
     `fields`: the inputs' log columns ({column: value}, from each modality spec's `check`);
-    `kept`: the raw inputs kept ({modality: (format, bytes)}); `modalities`: the present ones
+    `kept`: the raw inputs kept ({modality: (format, bytes)}); `previews`: their small previews
+    ({modality: (MIME type, bytes)}, each spec's `preview`); `modalities`: the present ones
     (default: those with an embedding); `host`, `pid`: the replica and process that answered."""
 
     request_id: str
@@ -85,6 +89,7 @@ class InferenceRecord:
     modalities: list[str] = field(default_factory=list)
     fields: dict[str, Any] = field(default_factory=dict)
     kept: dict[str, tuple[str | None, bytes]] = field(default_factory=dict)
+    previews: dict[str, tuple[str, bytes]] = field(default_factory=dict)
     latency_ms: float | None = None
     client_request_id: str | None = None
     ts: float = field(default_factory=time.time)
@@ -175,7 +180,7 @@ class InferenceLog:
             with self._engine.connect() as conn:
                 add_columns(conn, {c: self._types.get(c, "text") for c in extra})
                 self._have = logdb.columns(conn)
-        rows, emb_rows, kept_rows = [], [], []
+        rows, emb_rows, kept_rows, preview_rows = [], [], [], []
         for r in records:
             conf = max(r.probabilities.values()) if r.probabilities else 0.0
             present = r.modalities or sorted(r.embeddings)
@@ -194,9 +199,9 @@ class InferenceLog:
                 arr = np.asarray(vec, dtype="<f4").ravel()
                 emb_rows.append({"request_id": r.request_id, "item": int(r.item), "modality": modality,
                                  "dim": int(arr.size), "vector": arr.tobytes()})  # fmt: skip
-            for modality, (fmt, data) in r.kept.items():
-                kept_rows.append({"request_id": r.request_id, "item": int(r.item), "modality": modality,
-                                  "format": fmt, "data": bytes(data)})  # fmt: skip
+            for rows_of, blobs in ((kept_rows, r.kept), (preview_rows, r.previews)):
+                rows_of.extend({"request_id": r.request_id, "item": int(r.item), "modality": modality,
+                                "format": fmt, "data": bytes(data)} for modality, (fmt, data) in blobs.items())  # fmt: skip
         columns = (*CORE_COLUMNS, *extra)
         insert = sa.text(f"INSERT INTO predictions ({', '.join(columns)}) VALUES ({', '.join(':' + c for c in columns)})")
         with self._engine.begin() as conn:  # one transaction; executemany (psycopg: pipelined)
@@ -204,9 +209,10 @@ class InferenceLog:
             if emb_rows:
                 conn.execute(sa.text("INSERT INTO embeddings (request_id, item, modality, dim, vector) "
                                      "VALUES (:request_id, :item, :modality, :dim, :vector)"), emb_rows)  # fmt: skip
-            if kept_rows:
-                conn.execute(sa.text("INSERT INTO inputs (request_id, item, modality, format, data) "
-                                     "VALUES (:request_id, :item, :modality, :format, :data)"), kept_rows)  # fmt: skip
+            for table, blob_rows in (("inputs", kept_rows), ("previews", preview_rows)):
+                if blob_rows:
+                    conn.execute(sa.text(f"INSERT INTO {table} (request_id, item, modality, format, data) "
+                                         "VALUES (:request_id, :item, :modality, :format, :data)"), blob_rows)  # fmt: skip
         return len(rows)
 
     def close(self) -> None:
@@ -238,6 +244,20 @@ def read_kept(conn: Connection, keys: Iterable[tuple[str, int]] | None = None
         rows = [row for r, i in dict.fromkeys((str(r), int(i)) for r, i in keys) for row in conn.execute(q, {"r": r, "i": i})]
     for rid, item, modality, fmt, data in rows:
         out.setdefault((str(rid), int(item)), {}).setdefault(str(modality), (fmt, bytes(data)))
+    return out
+
+
+def read_previews(conn: Connection, keys: Iterable[tuple[str, int]]) -> dict[tuple[str, int], dict[str, tuple[str, bytes]]]:
+    """{(request_id, item): {modality: (MIME type, bytes)}} of the previews of `keys`: one indexed lookup per key,
+    never the whole table (the drift report shows a few items of a log that may hold a preview of every request).
+    A log from before previews existed (the monitor reads it without migrating it) has none."""
+    out: dict[tuple[str, int], dict[str, tuple[str, bytes]]] = {}
+    if not logdb.has_table(conn, "previews"):
+        return out
+    q = sa.text("SELECT modality, format, data FROM previews WHERE request_id = :r AND item = :i")
+    for r, i in dict.fromkeys((str(r), int(i)) for r, i in keys):
+        for modality, fmt, data in conn.execute(q, {"r": r, "i": i}):
+            out.setdefault((r, i), {})[str(modality)] = (str(fmt), bytes(data))
     return out
 
 

@@ -32,7 +32,8 @@ from mmfusion.live import live_entry
 from mmfusion import logdb
 from mmfusion.monitoring.checks import check_window
 from mmfusion.monitoring.reference import MonitorError, load_reference
-from mmfusion.monitoring.report import add_notice, build_snapshot, workspace_project
+from mmfusion.monitoring.examples import build_examples
+from mmfusion.monitoring.report import add_notice, add_section, build_snapshot, link_report, report_labels, workspace_project
 from mmfusion.monitoring.windows import Window, cut_windows, load_log, select_version
 
 log = logging.getLogger(__name__)
@@ -148,13 +149,15 @@ def notice_lines(verdict: dict) -> list[str]:
     return verdict["notes"] + [f"Left out of this report: {i['name']}: {i['reason']}." for i in left]
 
 
-def write_window_outputs(out_dir: Path, window: Window, verdict: dict, snapshot) -> dict:
-    """The window's HTML report (if a snapshot; with its notice) and its JSON verdict; returns their paths."""
+def write_window_outputs(out_dir: Path, window: Window, verdict: dict, snapshot, examples_html: str = "") -> dict:
+    """The window's HTML report (if a snapshot; with its notice and its "what drifted" section) and its JSON verdict;
+    returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
     if snapshot is not None:
         html = out_dir / f"{window.id}.html"
         snapshot.save_html(str(html))
+        add_section(html, examples_html)
         flagged = ", ".join(verdict["flagged"]) or "nothing flagged"
         add_notice(html, f"mmfusion drift verdict: {verdict['verdict']} ({flagged})", notice_lines(verdict))
         written["report_html"] = str(html)
@@ -192,19 +195,26 @@ def run_monitor(params: Params, root: Path = Path("."), rescan: bool = False, no
     for window in windows:
         verdict = check_window(window.data, reference, p)
         verdict.update({"model_version": version, "window": window.describe(), "reference": meta, "log": logdb.describe(ctx["log_url"])})
-        snapshot = None
+        snapshot, examples_html = None, ""
         if verdict["verdict"] != "insufficient_data":
             t0 = time.perf_counter()
+            metadata, tags = report_labels(verdict, out_dir / f"{window.id}.html")
             snapshot, verdict["report_left_out"] = build_snapshot(
-                window.data, reference, p, name=f"{version} {window.id}", timestamp=window.end_ts
+                window.data, reference, p, name=f"{version} {window.id}", timestamp=window.end_ts, metadata=metadata, tags=tags
             )
             verdict["report_seconds"] = round(time.perf_counter() - t0, 2)
             failed = [i for i in verdict["report_left_out"] if i.get("failed")]
             verdict["notes"] += [f"The Evidently report lacks {i['name']}: {i['reason']}." for i in failed]
-        write_window_outputs(out_dir, window, verdict, snapshot)
+            t0 = time.perf_counter()
+            examples, examples_html = build_examples(window.data, reference, verdict, p, ctx["log_url"], ctx["model_dir"])
+            if examples:
+                verdict["examples"] = examples
+                verdict["examples_seconds"] = round(time.perf_counter() - t0, 2)
+        write_window_outputs(out_dir, window, verdict, snapshot, examples_html)
         if snapshot is not None and window.complete:
             if ws is None:
                 ws, project = workspace_project(paths.resolve(root, p.workspace), p.project, reference.modalities)
+            link_report(snapshot, f"{version}/{window.id}.html", verdict)  # the UI's copy only: the HTML is saved
             ws.add_run(project.id, snapshot)
             verdict["workspace_project"] = str(project.id)
         history.record(version, key, window, verdict)

@@ -9,6 +9,8 @@ carries it and a served model and its reference can never disagree:
     embeddings.safetensors  {modality: float32 [N, dim]}: the cached features (the same encoders and
                             preprocessing the service runs), zero rows where a modality is missing
     reference.json          model version, splits, row count
+    previews.parquet        id, modality, format, data: each item's small preview per modality (the spec's
+                            `preview` of the loaded manifest value), shown beside the window items that drifted
 
 The predictions come from `Predictor.predict_embeddings`, the service's own code path after encoding.
 The same frame layout (`MonitorData`) holds a window of the inference log (`monitoring/windows.py`).
@@ -27,7 +29,7 @@ from safetensors.numpy import load_file, save_file
 
 from mmfusion.data.manifest import read_manifest
 from mmfusion.features.store import load_features
-from mmfusion.modalities import specs_for, stats_of
+from mmfusion.modalities import ModalitySpec, recorded_settings, specs_for, stats_of
 from mmfusion.tables import read_parquet
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,7 @@ REFERENCE_DIR = "reference"
 ROWS = "rows.parquet"
 EMBEDDINGS = "embeddings.safetensors"
 META = "reference.json"
+PREVIEWS = "previews.parquet"
 
 class MonitorError(Exception):
     """Monitoring cannot run on what it was given (no log, no reference, unknown version): one clear line."""
@@ -85,6 +88,26 @@ def _presence(index: pd.DataFrame, arr: np.ndarray, modality: str) -> np.ndarray
     return np.any(arr != 0, axis=1)
 
 
+def _previews(manifest: pd.DataFrame, present: dict[str, np.ndarray], specs: dict[str, ModalitySpec]) -> list[dict]:
+    """Rows of previews.parquet for one split: the preview of every present value of each modality whose spec has one
+    (a value that no longer loads has none: the report says so)."""
+    rows = []
+    for m, spec in specs.items():
+        if type(spec).preview is ModalitySpec.preview or spec.column not in manifest:
+            continue  # no preview: nothing to load
+        for rid, raw, ok in zip(manifest["id"].astype(str), manifest[spec.column], present[m]):
+            if not ok or not spec.present(raw):
+                continue
+            try:
+                got = spec.preview(spec.load(str(raw)))
+            except Exception as exc:  # noqa: BLE001  (one unreadable file must not fail evaluate)
+                log.warning("reference: no %s preview of %s: %s", m, rid, exc)
+                continue
+            if got is not None:
+                rows.append({"id": rid, "modality": m, "format": got[0], "data": got[1]})
+    return rows
+
+
 def build_reference(model_dir: Path, features_dir: Path, split_dir: Path, splits: tuple[str, ...], root: Path) -> dict:
     """Write `model_dir/reference/` from the cached features of `splits`; returns its summary.
 
@@ -99,7 +122,8 @@ def build_reference(model_dir: Path, features_dir: Path, split_dir: Path, splits
     version = model_version(model_dir, config)
     predictor = Predictor(head, config, encoders={}, temperature=read_temperature(model_dir), version=version)
     modalities = list(predictor.modalities)
-    frames, embs = [], {m: [] for m in modalities}
+    frames, embs, previews = [], {m: [] for m in modalities}, []
+    specs = specs_for(modalities, root, recorded_settings(config))
     for split in splits:
         arrays, index = load_features(features_dir, split)
         missing = [m for m in modalities if m not in arrays]
@@ -122,6 +146,8 @@ def build_reference(model_dir: Path, features_dir: Path, split_dir: Path, splits
         for m in modalities:
             frame[f"present_{m}"] = present[m]
         frame = pd.concat([frame, _input_stats(manifest, root, present).reset_index(drop=True)], axis=1)
+        if "id" in manifest:
+            previews += _previews(manifest, present, specs)
         frames.append(frame)
         for m in modalities:
             embs[m].append(np.where(present[m][:, None], arrays[m], 0).astype(np.float32))
@@ -130,6 +156,7 @@ def build_reference(model_dir: Path, features_dir: Path, split_dir: Path, splits
     out.mkdir(parents=True, exist_ok=True)
     rows.to_parquet(out / ROWS, index=False)
     save_file({m: np.ascontiguousarray(np.concatenate(a)) for m, a in embs.items()}, str(out / EMBEDDINGS))
+    pd.DataFrame(previews, columns=["id", "modality", "format", "data"]).to_parquet(out / PREVIEWS, index=False)
     meta = {"model_version": version, "splits": list(splits), "rows": int(len(rows)), "modalities": modalities}
     (out / META).write_text(json.dumps(meta, indent=2) + "\n")
     log.info("reference: %d rows of %s for %s", len(rows), list(splits), version)
@@ -148,3 +175,16 @@ def load_reference(model_dir: Path) -> tuple[MonitorData, dict]:
     rows = read_parquet(ref / ROWS)
     embeddings = {m: a.astype(np.float32, copy=False) for m, a in load_file(str(ref / EMBEDDINGS)).items()}
     return MonitorData(rows, embeddings), meta
+
+
+def read_reference_previews(model_dir: Path, ids: list[str]) -> dict[str, dict[str, tuple[str, bytes]]] | None:
+    """{id: {modality: (MIME type, bytes)}} of reference items `ids`; None when the reference has no previews
+    (written before they existed)."""
+    path = Path(model_dir) / REFERENCE_DIR / PREVIEWS
+    if not path.exists():
+        return None
+    df = read_parquet(path, filters=[("id", "in", sorted({str(i) for i in ids}) or [""])])
+    out: dict[str, dict[str, tuple[str, bytes]]] = {}
+    for rid, m, fmt, data in zip(df["id"], df["modality"], df["format"], df["data"]):
+        out.setdefault(str(rid), {})[str(m)] = (str(fmt), bytes(data))
+    return out

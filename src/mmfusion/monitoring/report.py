@@ -19,6 +19,7 @@ import logging
 import re
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pandas as pd
@@ -31,6 +32,7 @@ from mmfusion.monitoring.reference import MonitorData
 
 log = logging.getLogger(__name__)
 
+REPORTS_ROUTE = "/mmfusion/reports"  # where `make monitor-ui` serves monitor.out_dir beside the Evidently UI
 TSNE_PERPLEXITY = 30  # sklearn's default in Evidently's embedding picture: it needs more rows than this
 DRIFT_METRICS = ("EmbeddingsDrift", "ValueDrift")  # what the fallback report drops when Evidently fails
 
@@ -126,8 +128,10 @@ def plan_metrics(cur: MonitorData, ref: MonitorData, p: MonitorParams) -> tuple[
     return metrics, embedded, left
 
 
-def build_snapshot(cur: MonitorData, ref: MonitorData, p: MonitorParams, name: str, timestamp: float):
-    """The Evidently Report of one window: (snapshot, metrics left out with why); no snapshot if Evidently fails."""
+def build_snapshot(cur: MonitorData, ref: MonitorData, p: MonitorParams, name: str, timestamp: float,
+                   metadata: dict | None = None, tags: list[str] | None = None):  # fmt: skip
+    """The Evidently Report of one window: (snapshot, metrics left out with why); no snapshot if Evidently fails.
+    `metadata` and `tags` label the snapshot (`report_labels`)."""
     from evidently import DataDefinition, Dataset, Report
 
     modalities = ref.modalities
@@ -155,6 +159,8 @@ def build_snapshot(cur: MonitorData, ref: MonitorData, p: MonitorParams, name: s
                 Dataset.from_pandas(ref_df, data_definition=definition),
                 timestamp=datetime.fromtimestamp(timestamp, timezone.utc).replace(tzinfo=None),
                 name=name,
+                metadata=metadata,
+                tags=tags,
             )
 
     try:
@@ -181,15 +187,43 @@ def add_notice(html_path: Path, title: str, lines: list[str]) -> None:
     if not lines:
         return
     items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
-    section = (
+    add_section(html_path, (
         '<section id="mmfusion-notice" style="margin:16px;padding:12px 16px;border-left:6px solid #d9822b;'
         'background:#fff7e6;color:#1f1f1f;font:14px/1.5 system-ui,sans-serif">'
         f'<strong>{html.escape(title)}</strong><ul style="margin:6px 0 0 18px;padding:0">{items}</ul></section>'
-    )
+    ))  # fmt: skip
+
+
+def add_section(html_path: Path, section: str) -> None:
+    """Insert an HTML fragment right after `<body>` of a saved report (above what was inserted before)."""
+    if not section:
+        return
     path = Path(html_path)
     text = path.read_text(encoding="utf-8")
     text, found = re.subn(r"<body[^>]*>", lambda match: match.group(0) + section, text, count=1)
     path.write_text(text if found else section + text, encoding="utf-8")
+
+
+def report_labels(verdict: dict, report: Path) -> tuple[dict[str, str], list[str]]:
+    """(metadata, tags) of a window's workspace snapshot: its HTML report's path and the verdict (the UI's report
+    list shows both, as plain text: its JSON viewer makes no link of a string)."""
+    flagged = verdict["flagged"]
+    metadata = {"report_html": str(report), "verdict": verdict["verdict"], "flagged": ", ".join(flagged) or "-"}
+    return metadata, list(dict.fromkeys([verdict["verdict"], *flagged]))
+
+
+def link_report(snapshot, rel_path: str, verdict: dict) -> None:
+    """Open a window's workspace snapshot with a link to its full HTML report (the "what drifted" section and the
+    notice, which the UI's copy lacks); `rel_path` is the report's path under monitor.out_dir, which `make monitor-ui`
+    serves under REPORTS_ROUTE (the UI's Markdown drops file: links). Call it after the HTML was saved."""
+    flagged = ", ".join(verdict["flagged"]) or "nothing flagged"
+    compat.add_snapshot_text(
+        snapshot,
+        title="mmfusion: this window's full report",
+        markdown=f"Verdict **{verdict['verdict']}** ({flagged}). [Open the full report]({REPORTS_ROUTE}/{quote(rel_path)}) "
+        "(served by `make monitor-ui`): the verdict's notes and, per modality that drifted, the window items least "
+        f"like the reference beside their nearest reference items. File: `{verdict.get('report_html', rel_path)}`.",
+    )
 
 
 def dashboard_panels(modalities: list[str]):
@@ -201,7 +235,11 @@ def dashboard_panels(modalities: list[str]):
         return f"evidently:metric_v2:{name}"
 
     return [
-        text_panel(title="mmfusion: drift of what the served model sees", description="one point per monitored window"),
+        text_panel(
+            title="mmfusion: drift of what the served model sees",
+            description="one point per monitored window; Reports lists the windows (verdict and flagged checks as tags), "
+            "and each window's report opens with a link to its full mmfusion report (what drifted, with previews)",
+        ),
         counter_panel(
             title="Requests monitored",
             size="half",

@@ -112,7 +112,7 @@ def copy_rows(service_log: Path, out: Path, prefix: str, expected: int, timeout:
     conn.execute("ATTACH DATABASE ? AS svc", (f"file:{service_log}?mode=ro",))
     ours = "SELECT request_id FROM svc.predictions WHERE client_request_id LIKE ?"
     with conn:  # the service names each request itself; ours are found by the x-request-id we sent
-        for table in ("predictions", "embeddings"):
+        for table in ("predictions", "embeddings", "previews"):
             cols = ", ".join(r[1] for r in conn.execute(f"PRAGMA svc.table_info({table})"))
             conn.execute(f"INSERT INTO main.{table} ({cols}) SELECT {cols} FROM svc.{table} WHERE request_id IN ({ours})",
                          (prefix + "%",))  # fmt: skip
@@ -154,3 +154,21 @@ def test_monitor_flags_a_style_shift_seen_by_the_real_service(server, packaged, 
     assert "embedding_drift[image]" in shifted["flagged"]
     assert "embedding_drift[text]" not in shifted["flagged"]
     assert Path(shifted["report_html"]).stat().st_size > 100_000
+
+    # "what drifted": the shifted window's image examples, with the thumbnails the real service logged beside the
+    # reference items' thumbnails from the model folder
+    examples = json.loads(Path(shifted["verdict_json"]).read_text())["examples"]
+    assert list(examples) == ["image"] and len(examples["image"]["items"]) == 6 and examples["image"]["previews"] == 6
+    assert all(n["id"].startswith("ref-") for i in examples["image"]["items"] for n in i["neighbours"])
+    report = Path(shifted["report_html"]).read_text()
+    assert report.count('src="data:image/webp;base64,') >= 6 * 3  # each example and its 2 neighbours
+    assert "No previews were kept" not in report and "reference has no previews" not in report
+    assert "examples" not in json.loads(Path(clean["verdict_json"]).read_text())  # nothing drifted, nothing shown
+
+    # package.log.previews {image: 0} keeps the training pictures out of the reference (which the Bento carries)
+    off = tmp_path / "model-off"
+    shutil.copytree(model_dir, off)
+    build_reference(off, tmp_path / "ref" / "features", tmp_path / "ref" / "split", ("val",), tmp_path / "ref",
+                    previews={"image": 0})  # fmt: skip
+    kept = pd.read_parquet(off / "reference" / "previews.parquet")
+    assert set(kept["modality"]) == {"text"} and len(kept) == meta["rows"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,8 +109,13 @@ def _previews(manifest: pd.DataFrame, present: dict[str, np.ndarray], specs: dic
     return rows
 
 
-def build_reference(model_dir: Path, features_dir: Path, split_dir: Path, splits: tuple[str, ...], root: Path) -> dict:
+def build_reference(model_dir: Path, features_dir: Path, split_dir: Path, splits: tuple[str, ...], root: Path,
+                    previews: Mapping[str, float] | None = None) -> dict:  # fmt: skip
     """Write `model_dir/reference/` from the cached features of `splits`; returns its summary.
+
+    `previews` is package.log.previews: a modality whose share is 0 there gets no reference previews either (the
+    reference travels inside the BentoML model and the Bento, so switching previews off keeps the training data's
+    pictures out of them too).
 
     Presence per modality: the features index's `has_<modality>` column, else an all-zero
     embedding row means "missing" (the featurize/Predictor convention).
@@ -122,8 +128,9 @@ def build_reference(model_dir: Path, features_dir: Path, split_dir: Path, splits
     version = model_version(model_dir, config)
     predictor = Predictor(head, config, encoders={}, temperature=read_temperature(model_dir), version=version)
     modalities = list(predictor.modalities)
-    frames, embs, previews = [], {m: [] for m in modalities}, []
+    frames, embs, kept = [], {m: [] for m in modalities}, []
     specs = specs_for(modalities, root, recorded_settings(config))
+    shown = {m: s for m, s in specs.items() if float((previews or {}).get(m, 1.0)) > 0}
     for split in splits:
         arrays, index = load_features(features_dir, split)
         missing = [m for m in modalities if m not in arrays]
@@ -147,7 +154,7 @@ def build_reference(model_dir: Path, features_dir: Path, split_dir: Path, splits
             frame[f"present_{m}"] = present[m]
         frame = pd.concat([frame, _input_stats(manifest, root, present).reset_index(drop=True)], axis=1)
         if "id" in manifest:
-            previews += _previews(manifest, present, specs)
+            kept += _previews(manifest, present, shown)
         frames.append(frame)
         for m in modalities:
             embs[m].append(np.where(present[m][:, None], arrays[m], 0).astype(np.float32))
@@ -156,7 +163,7 @@ def build_reference(model_dir: Path, features_dir: Path, split_dir: Path, splits
     out.mkdir(parents=True, exist_ok=True)
     rows.to_parquet(out / ROWS, index=False)
     save_file({m: np.ascontiguousarray(np.concatenate(a)) for m, a in embs.items()}, str(out / EMBEDDINGS))
-    pd.DataFrame(previews, columns=["id", "modality", "format", "data"]).to_parquet(out / PREVIEWS, index=False)
+    pd.DataFrame(kept, columns=["id", "modality", "format", "data"]).to_parquet(out / PREVIEWS, index=False)
     meta = {"model_version": version, "splits": list(splits), "rows": int(len(rows)), "modalities": modalities}
     (out / META).write_text(json.dumps(meta, indent=2) + "\n")
     log.info("reference: %d rows of %s for %s", len(rows), list(splits), version)

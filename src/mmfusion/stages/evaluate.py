@@ -274,7 +274,8 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     write_best(root, next(c for c in candidates if c.evaluation is winner), strategies[winner.name], comparison)
     # The drift reference travels with the model (and so inside the BentoML model): monitoring/reference.py
     reference = build_reference(
-        root / paths.BEST, root / paths.FEATURES, root / paths.SPLIT, params.monitor.reference_splits, root
+        root / paths.BEST, root / paths.FEATURES, root / paths.SPLIT, params.monitor.reference_splits, root,
+        previews=params.package.log.previews,
     )
 
     metrics = {

@@ -13,6 +13,8 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from tests.e2e.explanations import TINY_EXPLAIN
+
 PALETTE = [(220, 40, 40), (40, 160, 60), (40, 80, 220), (230, 200, 40), (150, 60, 200), (40, 200, 200)]
 WORDS = ["apple", "leaf", "ocean", "sun", "plum", "ice"]
 MULTILINGUAL = ["rojo manzana 🍎", "grüner Baum 🌳", "синий океан 🌊", "黄色的太阳 ☀️", "برقوق بنفسجي", "氷 ❄️ 冷たい"]
@@ -79,7 +81,7 @@ def partial_rows_multilingual_broken_no_group(root: Path) -> tuple[Path, dict, d
     pd.DataFrame(rows).drop(columns=["group"]).assign(id=lambda d: [f"row{i}" for i in range(len(d))]).to_csv(
         path, index=False
     )
-    return path, {"group_column": ""}, {}
+    return path, {"group_column": ""}, {"evaluate": TINY_EXPLAIN}  # the shape whose explanations are checked
 
 
 def many_classes_some_tiny(root: Path) -> tuple[Path, dict, dict]:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
-# tiny sizes for the e2e params: a page of 4 rows, a check of 4 (stage params: evaluate)
-TINY_EXPLAIN = {"explain_rows": 4, "faithfulness_rows": 4}
+# tiny sizes for the e2e params: a page of 4 rows, a check of 3 rows at fractions 0, 1/2, 1 with one random order
+TINY_EXPLAIN = {"explain_rows": 4, "faithfulness_rows": 3, "faithfulness_steps": 2, "faithfulness_draws": 1}
 
 
 def check_explanations(proj: Path, rows: int = TINY_EXPLAIN["explain_rows"],

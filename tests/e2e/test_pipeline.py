@@ -104,8 +104,12 @@ def test_pipeline_deployment_runs_dvc_repro_and_records_stage_flows(project, ser
         # What the UI's Run button does: create a flow run from the deployment. Forced when another
         # test has run the stages already, so that every stage runs (and is recorded) here.
         force = (project / "dvc.lock").exists()
-        created = httpx.post(f"{server}/deployments/{dep['id']}/create_flow_run",
-                             json={"parameters": {"targets": ["augment"], "force": force}}, timeout=30)
+        for attempt in range(5):  # a busy server's SQLite answers 503 (retry later), as Prefect's own client retries
+            created = httpx.post(f"{server}/deployments/{dep['id']}/create_flow_run",
+                                 json={"parameters": {"targets": ["augment"], "force": force}}, timeout=30)
+            if created.status_code != 503:
+                break
+            time.sleep(2 * (attempt + 1))
         assert created.status_code in (200, 201), (created.status_code, created.text)
         run = created.json()
         deadline = time.monotonic() + 420

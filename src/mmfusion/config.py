@@ -266,6 +266,10 @@ class ExplainParams:
     image_grid: int = 6  # image regions: an N x N grid of cells, each removed by filling it with the image's mean colour
     audio_segments: int = 10  # audio: the clip cut into this many equal time segments, each removed by silencing it
     overlay: bool = True  # images: a PNG heatmap over the image in the answer (base64) when the request asks for it
+    # explanations one worker takes at a time (running or waiting for its model thread, which they hold for ~0.2 s
+    # each on emoji); beyond it a request with `explain` gets a 429 at once, so a burst of them cannot stall the
+    # worker's plain requests behind it; 0 = no limit
+    max_pending: int = 2
 
 
 @dataclass(frozen=True)

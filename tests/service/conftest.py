@@ -28,7 +28,7 @@ PACKAGE_TIMEOUT_S = 300
 # Small limits so that the 413 / 400 cases need only small requests.
 TEST_LIMITS = {"max_upload_bytes": 300_000, "max_pixels": 4_000_000, "max_text_chars": 200, "max_batch_items": 16}
 # A small explanation bound, so that a text of 48 words is already too costly (413) within max_text_chars.
-TEST_EXPLAIN = {"max_evaluations": 48}
+TEST_EXPLAIN = {"max_evaluations": 48, "max_pending": 1}
 # Short body timeout and drain so that the slow-client and shutdown cases take seconds.
 TEST_SERVICE = {"body_timeout_s": 3, "graceful_shutdown_s": 15}
 

@@ -271,6 +271,20 @@ def test_explain_attributes_the_answer_to_words_and_image_regions(server):
     assert "overlay_png" not in json.dumps(text_only)
 
 
+def test_a_burst_of_explanations_beyond_max_pending_is_429_and_plain_requests_go_on(server):
+    """Each worker takes package.explain.max_pending (1 here) explanations at a time; the rest are refused at once."""
+    files = {"image": ("a.png", png_bytes("water", 2), "image/png")}
+    with ThreadPoolExecutor(8) as pool:
+        burst = list(pool.map(lambda _: post(server, "/classify", files=files, data={"text": "deep blue lake",
+                                                                                    "explain": "true"}), range(8)))
+    codes = sorted(r.status_code for r in burst)
+    assert 200 in codes and 429 in codes and set(codes) <= {200, 429}, codes
+    busy = assert_error(next(r for r in burst if r.status_code == 429), 429, "explanations_busy")
+    assert "package.explain.max_pending: 1" in busy["error"]
+    ok = post(server, "/classify", files=files, data={"text": "deep blue lake", "explain": "true"})  # admitted again
+    assert ok.status_code == 200 and ok.json()["explanation"]["target"] == ok.json()["label"]
+
+
 def test_a_too_costly_explanation_is_413_before_any_model_work(server):
     before = wait_log_count(server, 0)
     words = TEST_EXPLAIN["max_evaluations"] + 2  # text only: feature ablation costs words + 1 model evaluations

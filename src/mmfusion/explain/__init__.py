@@ -48,6 +48,8 @@ def check_settings(s: Any) -> None:
     for key in ("samples", "max_evaluations", "batch_size", "image_grid", "audio_segments"):
         if int(getattr(s, key)) < 1:
             raise UserError(f"package.explain.{key}: must be at least 1, got {getattr(s, key)!r}")
+    if int(getattr(s, "max_pending", 0)) < 0:
+        raise UserError(f"package.explain.max_pending: 0 (no limit) or more, got {s.max_pending!r}")
 
 
 def evaluations(method: str, parts: int, samples: int) -> int:

@@ -177,6 +177,7 @@ class MMFusion:
         example = {m: spec.example() for m, spec in self.specs.items()}
         self.batcher.run_sync([example])
         self.explainer = Explainer(self.predictor, PARAMS.explain)
+        self.explaining = 0  # requests with `explain` admitted and not yet answered (package.explain.max_pending)
         _warm_explanations(self.predictor, example)
         self.info = self.predictor.describe()
         self.version = self.info.get("version") or self.info.get("model_version") or self.predictor.version
@@ -280,14 +281,18 @@ class MMFusion:
         `explanation` of the answer (mmfusion.explain), `overlay` heatmap PNGs of its images to it."""
         t0 = time.perf_counter()
         ids = self._start(ctx)
+        admitted = False
         try:
             raw = _read_uploads(fields)  # first: it deletes BentoML's copies of the uploads, whatever follows
             _check_options(explain, overlay)
+            admitted = explain and self._admit_explanation()
             item, parts = await anyio.to_thread.run_sync(self._check_one, raw, self._request_ctx(), explain)
             (result,) = await self._classify([item])
             extra = {"explanation": await self._explain(item, result, parts, overlay)} if explain else {}
         except RequestError as exc:
             return self._error(ctx, exc)
+        finally:
+            self.explaining -= admitted
         return {**self._answer(result, item), **extra, **self._done(ids, "classify", [item], [result], t0)}
 
     def _check_one(self, raw: dict, ctx: CheckContext, explain: bool) -> tuple[CheckedItem, dict | None]:
@@ -300,6 +305,16 @@ class MMFusion:
             return item, self.explainer.check_cost(item.to_predictor())
         except ExplainTooCostly as exc:
             raise RequestError(413, "explanation_too_costly", str(exc)) from exc
+
+    def _admit_explanation(self) -> bool:
+        """Count one more explanation in this worker, or 429 when package.explain.max_pending are already in (they hold
+        the model thread one after the other: more would only queue plain requests behind them)."""
+        limit = PARAMS.explain.max_pending
+        if limit and self.explaining >= limit:
+            raise RequestError(429, "explanations_busy", f"{self.explaining} explanations are in progress on this worker "
+                               f"(package.explain.max_pending: {limit}): try again shortly, or classify without explain")  # fmt: skip
+        self.explaining += 1
+        return True
 
     async def _explain(self, item: CheckedItem, result: dict, parts: dict, overlay: bool) -> dict:
         """The explanation of the answer's label, on the model thread between batched calls (MicroBatcher.call)."""

@@ -24,8 +24,9 @@ def _build_default_model(root: Path) -> Path:
         {
             "augment": {"views": 0},
             "train": {"strategies": ["image_only", "text_only", "concat"]},
-            # holdout: the winner on val, no CV (its 15 trials were 35 of the 72 s this took; measured)
-            "evaluate": {"raw_check": 8, "bootstrap": 200, "selection": "holdout"},
+            # holdout: the winner on val, no CV (its 15 trials were 35 of the 72 s this took; measured); no
+            # explanations page or faithfulness check (~16 s on this data): these tests read the model only
+            "evaluate": {"raw_check": 8, "bootstrap": 200, "selection": "holdout", "explain_rows": 0, "faithfulness_rows": 0},
         }
     )
     for stage in (ingest, clean, validate, split, augment, featurize, train, evaluate):

@@ -124,8 +124,11 @@ def test_pipeline_deployment_runs_dvc_repro_and_records_stage_flows(project, ser
     assert state["type"] == "COMPLETED", f"{state.get('message')}\n{output[-3000:]}"
 
     flows = {f["id"]: f["name"] for f in httpx.post(f"{server}/flows/filter", json={}, timeout=5).json()}
-    runs = httpx.post(f"{server}/flow_runs/filter", json={"limit": 50}, timeout=5).json()
+    # newest first: the module's server holds every other test's stage runs too (over 50 of them, unsorted, had
+    # left this run out of the first page)
+    runs = httpx.post(f"{server}/flow_runs/filter", json={"limit": 200, "sort": "START_TIME_DESC"}, timeout=5).json()
     completed = {flows[r["flow_id"]] for r in runs if r["state_type"] == "COMPLETED"}
+    assert run["id"] in {r["id"] for r in runs if r["state_type"] == "COMPLETED"}
     assert set(DATA_STAGES) | {"pipeline"} <= completed
 
     import json

@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         "encoder": encoder.name,
         "runtimes": {r: {"fingerprint": e.fingerprint, "precision": e.precision} for r, e in encoders.items()},
         "default_runtime": default_runtime,
-        "int8": int8.ident(),
+        "int8": next((e.int8.ident() for e in encoders.values() if e.int8), None),  # as the encoder resolved them
         "n_images": len(image_paths),
         "image_size_on_disk": "72x72 PNG",
         "device": str(encoder.device),

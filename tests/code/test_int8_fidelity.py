@@ -75,13 +75,17 @@ def test_the_fingerprint_records_the_resolved_setting_and_the_cpu_class():
     here = int8(Int8Settings())
     assert here.int8.isa == rt.cpu_isa() and here.fingerprint == int8(Int8Settings().resolved(rt.cpu_isa())).fingerprint
     # records made before ISA classes (no isa) keep their identity, so their models still load
-    assert Int8Settings(reduce_range=True).ident() == {
+    # (and before schemes: every one was static)
+    assert Int8Settings(reduce_range=True, scheme="static").ident() == {
         "calibration_size": 64, "seed": 0, "per_channel": True, "reduce_range": True, "calibrate_method": "minmax",
     }  # fmt: skip
+    assert vnni.int8.scheme == "static" and "scheme" not in recorded
     # the guard's thresholds are no part of the model
     assert int8(Int8Settings(min_mean_cosine=0.5).resolved("vnni")).fingerprint == vnni.fingerprint
     with pytest.raises(ValueError, match="resolve"):
         Int8Settings().ident()
+    with pytest.raises(ValueError, match="scheme"):  # set by the encoder, never guessed
+        Int8Settings(reduce_range=True).ident()
 
 
 def _wav(i: int) -> bytes:
@@ -174,3 +178,56 @@ def test_a_served_full_range_model_warns_on_a_cpu_that_would_saturate_it(monkeyp
         served = create_encoder("logmel_stats", device="cpu").set_runtime_from(made.describe()["runtime"])
     assert served.fingerprint == made.fingerprint and served.int8.reduce_range is False  # as recorded
     assert "saturates" in caplog.text and "avx2" in caplog.text
+
+
+TEXTS = [
+    "grinning face", "red apple", "flag: germany", "a man is playing the guitar on a sunny day " * 3, "a",
+    "woman technologist: medium skin tone", "hot beverage", "thumbs up", "globe showing europe-africa", "snowman",
+]  # fmt: skip
+
+
+def test_text_int8_is_dynamic_agrees_with_torch_and_its_identity_ignores_the_calibration_sample(tmp_path):
+    """A transformer's int8 quantises activations per batch (dynamic): no calibration sample defines it, so
+    another sample keeps its fingerprint and ONNX file; a static encoder's sample is part of its identity."""
+    import torch
+
+    def text_int8(contents, **kw):
+        cal = rt.Calibration([t.encode() for t in contents])
+        return create_encoder("minilm_l6", device="cpu").set_runtime(
+            "onnx-int8", threads=1, cache_dir=tmp_path, int8=Int8Settings(**kw).resolved("vnni"), calibration=cal
+        )
+
+    a, b = text_int8(TEXTS[:4]), text_int8(TEXTS[4:])
+    assert a.int8.scheme == "dynamic" and a.fingerprint == b.fingerprint
+    assert a.describe()["runtime"]["int8"] == {"per_channel": True, "reduce_range": False, "isa": "vnni", "scheme": "dynamic"}
+    # calibration settings do not define a dynamic model either; weight settings do
+    assert text_int8(TEXTS[:4], calibration_size=3, calibrate_method="entropy").fingerprint == a.fingerprint
+    assert text_int8(TEXTS[:4], reduce_range=True).fingerprint != a.fingerprint
+    # a static encoder: another sample, another model
+    wavs = list(CLIPS.values())
+
+    def audio_int8(contents):
+        return create_encoder("logmel_stats", device="cpu").set_runtime(
+            "onnx-int8", int8=Int8Settings().resolved("vnni"), calibration=rt.Calibration(contents)
+        )
+
+    assert audio_int8(wavs[:4]).fingerprint != audio_int8(wavs[4:8]).fingerprint
+
+    # the quantised graph (built here) agrees with torch over padded batches of mixed lengths
+    here = text_int8(TEXTS[:4], reduce_range=rt.resolve_reduce_range("auto", rt.cpu_isa()))
+    with torch.inference_mode():
+        ref = create_encoder("minilm_l6", device="cpu").encode(TEXTS)
+    cos = torch.nn.functional.cosine_similarity(here.encode(TEXTS).float(), ref.float())
+    assert cos.min() > 0.97, cos
+    onnx_file = rt.build_onnx_file(here, tmp_path)
+    assert {n.op_type for n in __import__("onnx").load(str(onnx_file)).graph.node} & {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}
+
+    # a served model rebuilds it from its record, as the same model
+    rebuilt = create_encoder("minilm_l6", device="cpu").set_runtime_from(here.describe()["runtime"], threads=1, cache_dir=tmp_path)
+    assert rebuilt.fingerprint == here.fingerprint and rebuilt.int8.scheme == "dynamic"
+    # a record made before schemes (all int8 was static then) stays static: its fingerprint is kept
+    old = text_int8(TEXTS[:4])
+    old_record = {**old.describe()["runtime"], "int8": {k: v for k, v in Int8Settings(scheme="static").resolved("vnni").ident().items()}}
+    old_record["calibration"] = old.calibration.to_json()
+    static = create_encoder("minilm_l6", device="cpu").set_runtime_from(old_record, threads=1, cache_dir=tmp_path)
+    assert static.int8.scheme == "static" and static.fingerprint != a.fingerprint

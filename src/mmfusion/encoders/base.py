@@ -26,6 +26,7 @@ import os
 import socket
 import threading
 from abc import ABC, abstractmethod
+from dataclasses import replace
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,8 @@ class Encoder(ABC):
     default_runtimes: dict[str, str] = {"cpu": "torch", "cuda": "torch"}
     # Op types int8 quantises (None: every op ONNX Runtime can quantise).
     int8_op_types: tuple[str, ...] | None = None
+    # How onnx-int8 quantises activations: static (ranges calibrated on training inputs) | dynamic (per batch)
+    int8_scheme: str = "static"
 
     def __init__(self, device: str | torch.device = "auto", batch_size: int | None = None):
         self.device = resolve_device(device)
@@ -164,7 +167,8 @@ class Encoder(ABC):
         ident: dict[str, Any] = {"runtime": self.runtime, "opset": OPSET}
         if self.runtime == "onnx-int8":
             ident["int8"] = self.int8.ident()
-            ident["calibration"] = self.calibration.digest
+            if self.int8.calibrated:
+                ident["calibration"] = self.calibration.digest
         return ident
 
     def describe(self, brief: bool = False) -> dict[str, Any]:
@@ -224,6 +228,8 @@ class Encoder(ABC):
             int8 = int8 or Int8Settings()
             if not isinstance(int8.reduce_range, bool):  # auto: by this CPU's ISA class
                 int8 = int8.resolved()
+            if not int8.scheme:
+                int8 = replace(int8, scheme=self.int8_scheme)
             calibration = calibration() if callable(calibration) else calibration
             if calibration is None or not calibration.contents:
                 raise ValueError(f"encoder {self.name!r}: runtime onnx-int8 needs calibration inputs (real training samples)")
@@ -242,7 +248,8 @@ class Encoder(ABC):
         from mmfusion.encoders.runtime import FULL_RANGE_ISAS, Calibration, Int8Settings, cpu_isa
 
         recorded = recorded or {"name": "torch"}
-        int8 = Int8Settings(**recorded["int8"]) if "int8" in recorded else None
+        # a record without a scheme was made when every int8 model was static
+        int8 = Int8Settings(**{"scheme": "static", **recorded["int8"]}) if "int8" in recorded else None
         calibration = Calibration.from_json(recorded["calibration"]) if "calibration" in recorded else None
         # as recorded, never measured again: the same runtime, so the same fingerprint
         self.set_runtime(recorded["name"], threads=threads, cache_dir=cache_dir, int8=int8, calibration=calibration)

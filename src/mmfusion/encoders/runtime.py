@@ -2,8 +2,12 @@
 
     torch       the module itself (eager; bf16/fp16 autocast on CUDA)
     onnx        exported from that module (opset 17), run by ONNX Runtime in fp32
-    onnx-int8   the fp32 export, statically quantised (QDQ, int8 weights per channel, uint8
-                activations) with MinMax ranges calibrated on a seeded sample of real training inputs
+    onnx-int8   the fp32 export with int8 weights per channel, by the encoder's `int8_scheme`:
+                static (CNNs): QDQ, uint8 activations with MinMax ranges calibrated on a seeded
+                  sample of real training inputs;
+                dynamic (transformers): activations quantised per batch at run time (their
+                  outlier features defeat one static range: MiniLM on emoji texts, mean cosine to
+                  torch 0.941 static, 0.994 dynamic, 2.4x fp32 ONNX's speed at batch 8)
 
 Exported files live in a content-addressed cache (`featurize.onnx_cache_dir`, default
 `.cache/onnx`), one folder per encoder fingerprint, which covers the runtime, the quantisation
@@ -33,6 +37,7 @@ measuring again.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -44,7 +49,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import lru_cache
 from pathlib import Path
@@ -134,6 +139,8 @@ class Int8Settings:
     fidelity_size: int = 64  # held-out training inputs (after the calibration sample); 0 = no check
     min_mean_cosine: float = 0.985
     min_p05_cosine: float = 0.95
+    # static | dynamic: set from the encoder (Encoder.int8_scheme) when "", never a param
+    scheme: str = ""
 
     def resolved(self, isa: str | None = None) -> Int8Settings:
         """These settings with `reduce_range` a bool and `isa` set (this CPU's class unless given)."""
@@ -144,13 +151,26 @@ class Int8Settings:
         """The fields that define the int8 model (hashed into the fingerprint, recorded in model folders)."""
         if not isinstance(self.reduce_range, bool):
             raise ValueError("Int8Settings.ident: resolve reduce_range first (Int8Settings.resolved)")
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"Int8Settings.ident: scheme must be one of {', '.join(SCHEMES)} (set by the encoder), got {self.scheme!r}")
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _GUARD_FIELDS}
         if not self.isa:
             out.pop("isa")  # records made before ISA classes keep their fingerprints
+        if self.scheme == "static":
+            out.pop("scheme")  # records made before schemes (all static) keep their fingerprints
+        else:  # dynamic: no calibration defines the model
+            for name in ("calibration_size", "seed", "calibrate_method"):
+                out.pop(name)
         return out
+
+    @property
+    def calibrated(self) -> bool:
+        """True when the calibration inputs define the int8 model (static ranges); dynamic only checks with them."""
+        return self.scheme == "static"
 
 
 _GUARD_FIELDS = ("fidelity_size", "min_mean_cosine", "min_p05_cosine")
+SCHEMES = ("static", "dynamic")
 
 
 @dataclass
@@ -301,10 +321,39 @@ class _Reader:
         self._it = iter(self._feeds)
 
 
+@contextlib.contextmanager
+def _preprocessed(fp32: Path, out: Path) -> Iterator[Path]:
+    """ONNX Runtime's quantisation pre-processing of `fp32` (shape inference, graph optimisation) beside `out`."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = out.with_name(out.stem + ".pre.onnx")
+    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+    try:
+        yield pre
+    finally:
+        pre.unlink(missing_ok=True)
+
+
+def quantize_dynamic_int8(fp32: Path, out: Path, settings: Int8Settings, op_types=None) -> None:
+    """Dynamic int8: weights int8 (per channel), activations quantised per batch by ONNX Runtime at run time."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    if not isinstance(settings.reduce_range, bool):
+        raise ValueError("quantize_dynamic_int8: resolve reduce_range first (Int8Settings.resolved)")
+    with _preprocessed(fp32, out) as pre:
+        quantize_dynamic(
+            str(pre),
+            str(out),
+            per_channel=settings.per_channel,
+            reduce_range=settings.reduce_range,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=list(op_types) if op_types else None,
+        )
+
+
 def quantize_int8(fp32: Path, out: Path, feeds: list[dict[str, np.ndarray]], settings: Int8Settings, op_types=None) -> None:
     """Static QDQ int8 (weights int8 per channel, activations uint8) calibrated on `feeds`."""
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
     if settings.calibrate_method not in methods:
@@ -317,9 +366,7 @@ def quantize_int8(fp32: Path, out: Path, feeds: list[dict[str, np.ndarray]], set
     class Reader(_Reader, CalibrationDataReader):
         pass
 
-    pre = out.with_name(out.stem + ".pre.onnx")
-    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-    try:
+    with _preprocessed(fp32, out) as pre:
         quantize_static(
             str(pre),
             str(out),
@@ -332,8 +379,6 @@ def quantize_int8(fp32: Path, out: Path, feeds: list[dict[str, np.ndarray]], set
             op_types_to_quantize=op_types,
             calibrate_method=methods[settings.calibrate_method],
         )
-    finally:
-        pre.unlink(missing_ok=True)
 
 
 def providers_for(device_type: str) -> list[str]:
@@ -397,9 +442,12 @@ def build_onnx_file(encoder: Encoder, cache_dir: Path) -> Path:
             start = time.perf_counter()
             fp32 = tmp / "fp32.onnx"
             export_onnx(encoder.export_spec(), fp32)
-            if encoder.runtime == "onnx-int8":
+            if encoder.runtime == "onnx-int8" and encoder.int8.calibrated:
                 feeds = encoder.calibration_feeds()
                 quantize_int8(fp32, tmp / "model.onnx", feeds, encoder.int8, encoder.int8_op_types)
+                fp32.unlink()
+            elif encoder.runtime == "onnx-int8":
+                quantize_dynamic_int8(fp32, tmp / "model.onnx", encoder.int8, encoder.int8_op_types)
                 fp32.unlink()
             else:
                 fp32.rename(tmp / "model.onnx")

@@ -22,7 +22,7 @@ import yaml
 
 from tests.e2e.byod_data import SHAPES
 from tests.e2e.explanations import check_explanations
-from tests.e2e.test_pipeline import DVC, copy_project, server  # noqa: F401  (the server fixture)
+from tests.e2e.test_pipeline import DVC, copy_project
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +65,7 @@ ERROR_LINE = re.compile(r"^(ingest|clean|validate|split|augment|featurize|train|
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, server):  # noqa: F811
+def runs(tmp_path_factory, server):
     """Every shape through one `dvc repro` each; {shape: (project, completed process)}.
 
     Two repros at a time: a repro of tiny data is mostly stage processes importing torch, Prefect and GX,

@@ -44,10 +44,10 @@ TINY = {
 }  # fmt: skip
 
 
-def make(proj: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    """`make ARGS` in `proj`, as a user types it (the install step taken as done)."""
-    return subprocess.run(["make", "-o", ".venv/.installed", *args], cwd=proj, env=user_env(proj), capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+def make(proj: Path, *args: str, timeout: float = 900, **env: str) -> subprocess.CompletedProcess:
+    """`make ARGS` in `proj`, as a user types it (the install step taken as done), `env` added to a user's shell."""
+    return subprocess.run(["make", "-o", ".venv/.installed", *args], cwd=proj, env={**user_env(proj), **env},
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
 
 
 def user_env(proj: Path) -> dict[str, str]:
@@ -69,7 +69,7 @@ def git(cwd: Path, *args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def clone(tmp_path_factory) -> Path:
+def clone(tmp_path_factory, server) -> Path:
     """A git clone of a project whose pipeline ran once and whose dvc.lock and reports/ were committed."""
     root = tmp_path_factory.mktemp("newcomer")
     manifest = write_tiny_dataset(root / "userdata", per_class=10, extras=False)
@@ -80,7 +80,9 @@ def clone(tmp_path_factory) -> Path:
     params["ingest"]["manifest"].update({"path": str(manifest), "group_column": "group"})
     (published / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (published / ".venv").symlink_to(VENV)
-    ok(make(published, "run"))
+    # the publisher's run reports to the e2e Prefect server (`make run` reuses one that answers): a server start
+    # less; the clone's `make run` below starts its own, as a user's does
+    ok(make(published, "run", PREFECT_API_URL=server))
     git(published, "add", "-A")
     git(published, "commit", "-qm", "published: dvc.lock and reports")
     assert "reports/package.json" in git(published, "ls-files", "reports")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -42,15 +43,6 @@ def project(tmp_path_factory):
     params["augment"]["views"] = 1
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return proj
-
-
-@pytest.fixture(scope="module")
-def server():
-    from flows.server import free_port, start_server, stop_server
-
-    proc, api_url = start_server(free_port(), timeout=120)
-    yield api_url
-    stop_server(proc)
 
 
 def set_param(project: Path, section: str, key: str, value):
@@ -124,10 +116,13 @@ def test_pipeline_deployment_runs_dvc_repro_and_records_stage_flows(project, ser
     assert state["type"] == "COMPLETED", f"{state.get('message')}\n{output[-3000:]}"
 
     flows = {f["id"]: f["name"] for f in httpx.post(f"{server}/flows/filter", json={}, timeout=5).json()}
-    # newest first: the module's server holds every other test's stage runs too (over 50 of them, unsorted, had
-    # left this run out of the first page)
+    # newest first: the e2e tests' server (tests/e2e/conftest.py) holds every other e2e test's stage runs too (over
+    # 50 of them, unsorted, had left this run out of the first page)
     runs = httpx.post(f"{server}/flow_runs/filter", json={"limit": 200, "sort": "START_TIME_DESC"}, timeout=5).json()
-    completed = {flows[r["flow_id"]] for r in runs if r["state_type"] == "COMPLETED"}
+    # only the runs this deployment run started: the other modules' stage runs must not count as its stages
+    since = datetime.fromisoformat(run["created"])
+    completed = {flows[r["flow_id"]] for r in runs if r["state_type"] == "COMPLETED" and r["start_time"]
+                 and datetime.fromisoformat(r["start_time"]) >= since}  # fmt: skip
     assert run["id"] in {r["id"] for r in runs if r["state_type"] == "COMPLETED"}
     assert set(DATA_STAGES) | {"pipeline"} <= completed
 

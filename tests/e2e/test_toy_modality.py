@@ -32,7 +32,7 @@ from mmfusion.procs import stop_process_group
 from tests.conftest import CLASSES as PICTURES
 from tests.conftest import draw_sample
 from tests.e2e.explanations import TINY_EXPLAIN, check_explanations
-from tests.e2e.test_pipeline import copy_project, project_env, server  # noqa: F401  (the server fixture)
+from tests.e2e.test_pipeline import copy_project, project_env
 from tests.service.conftest import start_server
 
 pytestmark = pytest.mark.slow
@@ -121,7 +121,7 @@ def _silence() -> bytes:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, server):  # noqa: F811
+def project(tmp_path_factory, server):
     root = tmp_path_factory.mktemp("toy")
     proj = copy_project(root / "proj")
     data = write_dataset(root / "userdata")
@@ -143,7 +143,7 @@ def project(tmp_path_factory, server):  # noqa: F811
     params["retrain"].update({"export_dir": "feedback", "auto": False})  # `make drift` checks; it starts no retrain
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (proj / ".venv").symlink_to(VENV)
-    env = project_env(proj, server)  # the stage flows report to this module's Prefect server (`make run` reuses it)
+    env = project_env(proj, server)  # the stage flows report to the e2e Prefect server (`make run` reuses it)
     env.update({"MMFUSION_PLUGINS": PLUGIN, "BENTOML_HOME": str(proj / ".bentoml")})  # the Makefile's store
     for key in list(env):  # nor this test session's mmfusion settings, nor the make it may run under
         if key.startswith(("MMFUSION_MODEL", "MMFUSION_INFERENCE_LOG", "MMFUSION_PARAMS", "MAKE", "MFLAGS")):

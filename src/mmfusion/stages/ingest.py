@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 from mmfusion import paths
 from mmfusion.config import Params
@@ -28,6 +27,8 @@ def select_samples(df: pd.DataFrame, min_class_count: int, limit: int, seed: int
         log.info("ingest: dropping %d label(s) under %d samples: %s", len(small), min_class_count, ", ".join(small.index))
     df = df[~df["label"].isin(small.index)]
     if limit and limit < len(df):
+        from sklearn.model_selection import train_test_split  # here: sklearn is ~1 s of every ingest process's start
+
         df, _ = train_test_split(df, train_size=limit, stratify=df["label"], random_state=seed)
     return df.sort_values("id").reset_index(drop=True)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from mmfusion.encoders.base import Encoder
 from mmfusion.features import cache as cache_module
@@ -239,3 +240,136 @@ def test_a_cache_folder_removed_during_a_run_is_made_again(tmp_path):
     shutil.rmtree(cache.path(key).parent)
     cache.put(key, np.full(3, 2.0, dtype=np.float32))
     assert cache.get(key).tolist() == [2.0, 2.0, 2.0]
+
+
+class ThreadRecordingImageEncoder(MeanColourEncoder):
+    """The real image preprocessing (resize + centre crop to uint8 CHW), per-channel means and a checksum as the
+    embedding; records which thread prepared each item and which thread encoded each batch."""
+
+    name = "thread_recording"
+    dim = 4
+
+    def __init__(self, batch_size: int = 3, fail_on: str | None = None):
+        self.prepared_in: list[str] = []
+        self.encoded_in: list[str] = []
+        self.fail_on = fail_on
+        super().__init__(batch_size=batch_size)
+
+    def prepare(self, item):
+        import threading
+
+        from mmfusion.encoders.image import resize_center_crop
+
+        self.prepared_in.append(threading.current_thread().name)
+        if self.fail_on is not None and item.getpixel((0, 0)) == (1, 2, 3):
+            raise RuntimeError(self.fail_on)  # not a decode error: the whole run must stop with it
+        return resize_center_crop(item, 40)
+
+    def collate(self, prepared):
+        return torch.stack(prepared)
+
+    def _forward(self, batch):
+        import threading
+
+        self.encoded_in.append(threading.current_thread().name)
+        self.calls += len(batch)
+        x = batch.float()
+        return torch.cat([x.mean(dim=(2, 3)), (x * torch.arange(40.0)).sum(dim=(1, 2, 3)).unsqueeze(1) / 1e6], dim=1)
+
+
+def _image_values(root: Path, n: int, bad: dict[int, str] | None = None) -> list[str]:
+    values = []
+    for i in range(n):
+        name = f"img{i}.png"
+        if bad and i in bad:
+            if bad[i] == "undecodable":
+                (root / name).write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+            elif bad[i] == "marked":  # decodes; the encoder's prepare raises on it
+                Image.new("RGB", (30, 20), (1, 2, 3)).save(root / name)
+            else:
+                name = f"missing{i}.png"
+        else:
+            draw_sample((40 * (i % 6), 200, 30), seed=i, size=30 + i % 7).save(root / name)
+        values.append(name)
+    return values
+
+
+def _cache_files(cache: FeatureCache) -> dict[str, bytes]:
+    return {str(p.relative_to(cache.dir)): p.read_bytes() for p in sorted(cache.dir.rglob("*")) if p.is_file()}
+
+
+def test_overlapped_featurize_is_byte_identical_to_the_sequential_loop(tmp_path):
+    """Decoding the next batches in a thread and writing the cache in another changes nothing: same vectors,
+    same failures, same cache files byte for byte; and the work really ran off the encoding thread."""
+    values = _image_values(tmp_path, 17, bad={5: "undecodable", 11: "missing"})
+    values += values[:4]  # duplicates: encoded once, put back on every row
+    src = ImageSpec(root=tmp_path)
+    runs, files = {}, {}
+    for overlap in (False, True):
+        enc = ThreadRecordingImageEncoder(batch_size=3)
+        cache = make_cache(tmp_path / f"cache-{overlap}", enc)
+        runs[overlap] = extract_features(enc, src, values, cache, num_workers=0, progress=False, overlap=overlap)
+        files[overlap] = _cache_files(cache)
+        assert set(enc.encoded_in) == {"MainThread"}
+        threads = set(enc.prepared_in)
+        assert threads == ({"featurize-prefetch"} if overlap else {"MainThread"})
+    seq, ovl = runs[False], runs[True]
+    assert ovl.features.tobytes() == seq.features.tobytes()
+    assert ovl.failed == seq.failed and set(ovl.failed) == {5, 11}
+    assert ovl.failed[5].startswith("undecodable_image") and ovl.failed[11].startswith("missing_image")
+    assert ovl.stats["encoded"] == seq.stats["encoded"] == 15
+    assert files[True] == files[False] and len(files[True]) == 16  # 15 entries + encoder.json
+
+
+def test_on_batch_sees_every_batch_in_order_and_the_cache_is_complete_on_return(tmp_path):
+    from mmfusion.features.extract import encode_batches
+
+    values = _image_values(tmp_path, 20, bad={7: "undecodable"})  # a decode error inside a prefetched batch
+    keys = [f"{i:02d}" + "0" * 62 for i in range(20)]
+    enc = ThreadRecordingImageEncoder(batch_size=4)
+    cache = make_cache(tmp_path / "cache", enc)
+    seen: list[str] = []
+    encoded, failed = encode_batches(
+        enc, ImageSpec(root=tmp_path), keys, values, cache, num_workers=0, progress=False, overlap=True,
+        on_batch=lambda k, f: seen.extend(k),
+    )  # fmt: skip
+    assert encoded == 19 and set(failed) == {7} and failed[7].startswith("undecodable_image")
+    assert seen == [k for i, k in enumerate(keys) if i != 7]
+    assert len(cache) == 19 and all(k in cache for k in seen)  # written (by the writer thread) before returning
+
+
+def test_an_error_in_the_prefetch_thread_stops_the_run_and_keeps_what_was_encoded(tmp_path):
+    values = _image_values(tmp_path, 14, bad={9: "marked"})
+    enc = ThreadRecordingImageEncoder(batch_size=3, fail_on="prepare broke")
+    cache = make_cache(tmp_path / "cache", enc)
+    with pytest.raises(RuntimeError, match="prepare broke"):
+        extract_features(enc, ImageSpec(root=tmp_path), values, cache, num_workers=0, progress=False)
+    assert "MainThread" not in enc.prepared_in
+    import threading
+
+    assert not [t for t in threading.enumerate() if t.name.startswith("featurize-")]  # both threads stopped
+    assert len(cache) == 9  # the three batches before the failing one are in the cache: a rerun resumes there
+
+
+def test_a_cache_write_error_in_the_writer_thread_is_raised_and_leaves_complete_entries(tmp_path, monkeypatch):
+    values = _image_values(tmp_path, 12)
+    enc = ThreadRecordingImageEncoder(batch_size=3)
+    real_replace = os.replace
+    done = {"n": 0}
+
+    def dying_replace(src, dst):
+        if str(dst).endswith(".f32"):
+            if done["n"] == 4:  # the 5th entry: written to its temporary file, then the write "fails"
+                raise OSError(28, "No space left on device")
+            done["n"] += 1
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(cache_module.os, "replace", dying_replace)
+    with pytest.raises(OSError, match="No space left"):
+        extract_features(enc, ImageSpec(root=tmp_path), values, make_cache(tmp_path / "c", enc), num_workers=0, progress=False)
+    monkeypatch.setattr(cache_module.os, "replace", real_replace)
+    cache = make_cache(tmp_path / "c", enc)
+    assert len(cache) == 4 and not list(cache.dir.glob("*/.*.tmp"))
+    enc.calls = 0
+    res = extract_features(enc, ImageSpec(root=tmp_path), values, cache, num_workers=0, progress=False)
+    assert res.stats["cache_hits"] == 4 and res.stats["encoded"] == 8 and enc.calls == 8

@@ -77,51 +77,148 @@ stop_server = stop_process_group
 VARIANTS = {"": {}, "explain": {"explain": "true"}, "explain_overlay": {"explain": "true", "overlay": "true"}}
 
 
+def multipart_request(host: str, png: bytes, text: str, form: dict[str, str], boundary: str = "mmfusionbenchboundary") -> bytes:
+    """One whole HTTP/1.1 POST /classify (keep-alive), multipart image + text + form fields, as bytes."""
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n'
+        "Content-Type: image/png\r\n\r\n".encode() + png + b"\r\n"
+    ]
+    for name, value in {"text": text, **form}.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode() + value.encode() + b"\r\n")
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    head = (
+        f"POST /classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def read_response(reader) -> tuple[int, bytes, bool]:
+    """(status, body, server closes) of one HTTP/1.1 answer with a Content-Length (BentoML's JSON answers)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+    if "content-length" not in headers:
+        raise RuntimeError(f"answer without Content-Length (headers {headers}): the lean client reads no chunked bodies")
+    body = await reader.readexactly(int(headers["content-length"]))
+    return status, body, headers.get("connection", "").lower() == "close"
+
+
+class Tally:
+    """What a load point counts: answers to requests started after warm-up and ended in the window."""
+
+    def __init__(self, warmup: float, seconds: float):
+        self.latencies: list[float] = []
+        self.server_ms: list[float] = []
+        self.errors: dict[str, int] = {}
+        self.error_sample: list[str] = []
+        start = time.perf_counter()
+        self.t_measure, self.t_end, self.seconds = start + warmup, start + warmup + seconds, seconds
+
+    def add(self, t0: float, t1: float, status: int, body: bytes) -> None:
+        if t0 < self.t_measure or t1 > self.t_end:
+            return
+        if status == 200:
+            self.latencies.append(t1 - t0)
+            self.server_ms.append(json.loads(body)["latency_ms"])
+        else:
+            self.errors[str(status)] = self.errors.get(str(status), 0) + 1
+            if len(self.error_sample) < 3:
+                self.error_sample.append(body[:300].decode("utf-8", "replace"))
+
+    def summary(self, concurrency: int, variant: str) -> dict:
+        lat, server_ms = self.latencies, self.server_ms
+        return {
+            "concurrency": concurrency,
+            "variant": variant or "plain",
+            "requests": len(lat),
+            "errors": self.errors,
+            "error_sample": self.error_sample,
+            "requests_per_s": round(len(lat) / self.seconds, 2),
+            **percentiles(lat),
+            "server_p50_ms": round(sorted(server_ms)[len(server_ms) // 2], 2) if server_ms else None,
+        }
+
+
+async def lean_load_point(url: str, inputs: list[tuple[bytes, str]], concurrency: int, seconds: float, warmup: float,
+                          variant: str = "") -> dict:  # fmt: skip
+    """`load_point` with a lean client: requests built once as bytes, raw asyncio streams (uvloop), keep-alive,
+    reconnecting when the server closes (package.keepalive_requests). The load generator shares the 2 cores
+    with the server: httpx took ~2.6 ms of CPU per request, which the server's own throughput then lacked."""
+    from urllib.parse import urlsplit
+
+    parsed = urlsplit(url)
+    host, port = parsed.hostname, parsed.port
+    requests = [multipart_request(f"{host}:{port}", png, text, VARIANTS[variant]) for png, text in inputs]
+    tally = Tally(warmup, seconds)
+
+    async def client(k: int) -> None:
+        i, conn = k, None
+        try:
+            while True:
+                t0 = time.perf_counter()
+                if t0 >= tally.t_end:
+                    return
+                if conn is None:
+                    conn = await asyncio.open_connection(host, port)
+                reader, writer = conn
+                writer.write(requests[i % len(requests)])
+                i += concurrency
+                status, body, close = await read_response(reader)
+                tally.add(t0, time.perf_counter(), status, body)
+                if close:
+                    writer.close()
+                    conn = None
+        finally:
+            if conn is not None:
+                conn[1].close()
+
+    await asyncio.gather(*(client(k) for k in range(concurrency)))
+    return tally.summary(concurrency, variant)
+
+
 async def load_point(url: str, inputs: list[tuple[bytes, str]], concurrency: int, seconds: float, warmup: float,
                      variant: str = "") -> dict:  # fmt: skip
-    """N clients in closed loop for `warmup` + `seconds`; only requests started after warm-up count."""
+    """N clients in closed loop for `warmup` + `seconds`; only requests started after warm-up count (httpx)."""
     import httpx
 
-    latencies: list[float] = []
-    server_ms: list[float] = []
-    errors: dict[str, int] = {}
-    error_sample: list[str] = []
-    t_start = time.perf_counter()
-    t_measure, t_end = t_start + warmup, t_start + warmup + seconds
+    tally = Tally(warmup, seconds)
 
     async def client(k: int, http: httpx.AsyncClient) -> None:
         i = k
         while True:
             t0 = time.perf_counter()
-            if t0 >= t_end:
+            if t0 >= tally.t_end:
                 return
             png, text = inputs[i % len(inputs)]
             i += concurrency
             form = {"text": text, **VARIANTS[variant]}
             resp = await http.post(f"{url}/classify", files={"image": ("x.png", png, "image/png")}, data=form)
-            t1 = time.perf_counter()
-            if t0 >= t_measure and t1 <= t_end:
-                if resp.status_code == 200:
-                    latencies.append(t1 - t0)
-                    server_ms.append(resp.json()["latency_ms"])
-                else:
-                    errors[str(resp.status_code)] = errors.get(str(resp.status_code), 0) + 1
-                    if len(error_sample) < 3:
-                        error_sample.append(resp.text[:300])
+            tally.add(t0, time.perf_counter(), resp.status_code, resp.content)
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=120, limits=limits) as http:
         await asyncio.gather(*(client(k, http) for k in range(concurrency)))
-    return {
-        "concurrency": concurrency,
-        "variant": variant or "plain",
-        "requests": len(latencies),
-        "errors": errors,
-        "error_sample": error_sample,
-        "requests_per_s": round(len(latencies) / seconds, 2),
-        **percentiles(latencies),
-        "server_p50_ms": round(sorted(server_ms)[len(server_ms) // 2], 2) if server_ms else None,
-    }
+    return tally.summary(concurrency, variant)
+
+
+CLIENTS = {"lean": lean_load_point, "httpx": load_point}
+
+
+def run_point(client: str, *args) -> dict:
+    """One load point with `client` (lean under uvloop), with the CPU seconds the load generator used."""
+    t0 = os.times()
+    if client == "lean":
+        import uvloop
+
+        point = uvloop.run(CLIENTS[client](*args))
+    else:
+        point = asyncio.run(CLIENTS[client](*args))
+    t1 = os.times()
+    point["client_cpu_s"] = round(t1.user - t0.user + t1.system - t0.system, 2)
+    point["client"] = client
+    return point
 
 
 def with_runtime(model_dir: Path, runtime: str, out_dir: Path) -> Path:
@@ -186,6 +283,52 @@ def bench_predictor(model_dir: Path, inputs: list[tuple[bytes, str]], device: st
     return {"grid": grid, "best": best, "best_items_per_s": grid[best]["items_per_s"], "head_runtime": predictor.head_runtime}
 
 
+def _worker_limit(model_dir, inputs, device, threads, head_runtime, batch_sizes, seconds, barrier, results) -> None:
+    """One of `bench_workers`' processes: a Predictor under `threads` threads, timed per batch size in step with the others."""
+    import torch
+
+    from mmfusion.inference.predictor import Predictor
+    from mmfusion.modalities.image import decode_image
+
+    torch.set_num_threads(threads)
+    items = [{"image": decode_image(png), "text": text} for png, text in inputs]
+    predictor = Predictor.from_dir(model_dir, device=device, head_runtime=head_runtime)
+    predictor.predict(items[:4])
+    out = {}
+    for bs in batch_sizes:
+        barrier.wait()
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            start = (n * bs) % len(items)
+            predictor.predict((items + items)[start : start + bs])
+            n += 1
+        out[bs] = n * bs / (time.perf_counter() - t0)
+    results.put(out)
+
+
+def bench_workers(model_dir: Path, inputs, device: str, workers: int, threads: int, seconds: float, head_runtime: str) -> dict:
+    """The in-process limit for the served worker count: `workers` processes, each a bare Predictor under
+    `threads` threads (as `package.workers` / `package.cpu_threads` serve), all timed at once per batch size;
+    their items/s summed. The served figure's honest ceiling: the same processes, no HTTP, no load generator."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(workers), ctx.Queue()
+    batch_sizes = (1, 8, 16, 32)
+    procs = [
+        ctx.Process(target=_worker_limit, args=(model_dir, inputs, device, threads, head_runtime, batch_sizes, seconds, barrier, results))
+        for _ in range(workers)
+    ]
+    for proc in procs:
+        proc.start()
+    per_worker = [results.get(timeout=600) for _ in procs]
+    for proc in procs:
+        proc.join()
+    by_batch = {f"batch{bs}": round(sum(w[bs] for w in per_worker), 2) for bs in batch_sizes}
+    best = max(by_batch, key=by_batch.get)
+    return {"workers": workers, "threads": threads, "items_per_s_by_batch": by_batch, "best": best, "best_items_per_s": by_batch[best]}
+
+
 def split_runtime(entry: str) -> tuple[str, str | None]:
     """`ENCODERS[/HEAD]` -> (encoder runtime, head runtime or None for the default: torch for torch, else the package's)."""
     encoders, _, head = entry.partition("/")
@@ -219,7 +362,7 @@ def run_runtime(args, work: Path, model_dir: Path, model_tag: str, inputs, devic
             points = []
             for c in args.concurrency:
                 for variant in VARIANTS if args.explain else [""]:
-                    point = asyncio.run(load_point(url, inputs, c, args.seconds, args.warmup, variant))
+                    point = run_point(args.client, url, inputs, c, args.seconds, args.warmup, variant)
                     point["load_average"] = load_average()
                     print(f"{runtime} batching {mode:3s} c={c:3d} {variant}: {point}", file=sys.stderr)
                     points.append(point)
@@ -228,15 +371,22 @@ def run_runtime(args, work: Path, model_dir: Path, model_tag: str, inputs, devic
             stop_server(proc)
     if args.no_in_process:
         result["in_process"] = {"skipped": True, "best": None, "best_items_per_s": None}
+        result["in_process_workers"] = {"skipped": True, "best_items_per_s": None}
     else:
         result["in_process"] = bench_predictor(model_dir, inputs, device, max(3.0, args.seconds / 2), served.head_runtime)
+        result["in_process_workers"] = bench_workers(
+            model_dir, inputs, device, served.workers, served.cpu_threads or 1, max(3.0, args.seconds / 2), served.head_runtime
+        )  # fmt: skip
     limit = result["in_process"]["best_items_per_s"]
+    workers_limit = result["in_process_workers"]["best_items_per_s"]
     result["summary"] = {
         mode: {
             f"c{p['concurrency']}" + (f"_{p['variant']}" if p["variant"] != "plain" else ""): {
                 "requests_per_s": p["requests_per_s"],
                 "p50_ms": p["p50_ms"],
                 "fraction_of_in_process_limit": round(p["requests_per_s"] / limit, 3) if limit else None,
+                # the same worker count and threads, all busy at once, no HTTP (bench_workers)
+                "fraction_of_workers_limit": round(p["requests_per_s"] / workers_limit, 3) if workers_limit else None,
             }
             for p in points
         }
@@ -262,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         "ENCODERS/HEAD also names the head runtime (recorded/torch, recorded/onnx)")
     parser.add_argument("--no-in-process", action="store_true", help="skip the in-process limit (quick A/B of server settings)")
     parser.add_argument("--explain", action="store_true", help="each point also with explain=true, and with overlay=true")
+    parser.add_argument("--client", choices=list(CLIENTS), default="lean",
+                        help="load generator: lean (pre-built requests on raw asyncio streams, ~10x less CPU than httpx) | httpx")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
@@ -339,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(result, indent=2) + "\n")
     for runtime, r in result["runtimes"].items():
         print(runtime, json.dumps(r["summary"], indent=2))
-        print(f"{runtime} in-process limit: {r['in_process']['best_items_per_s']} items/s ({r['in_process']['best']})")
+        print(f"{runtime} in-process limit: {r['in_process']['best_items_per_s']} items/s ({r['in_process']['best']}); "
+              f"{r['in_process_workers'].get('workers')} workers at once: {r['in_process_workers']['best_items_per_s']} items/s")
     if "vs_torch" in result:
         print(json.dumps(result["vs_torch"], indent=2))
     print(f"wrote {out}")

@@ -288,8 +288,12 @@ class PackageParams:
     body_timeout_s: float = 10.0  # the whole request body must arrive within this (408 after it; slow clients)
     max_concurrency: int = 128  # requests in progress per worker, counted once their body is in (429 beyond)
     # after this many requests a keep-alive connection is closed (the answer says Connection: close), so clients
-    # reconnect and spread over the workers again (one that restarted got none before); 0 = never (nginx: 1000)
-    keepalive_requests: int = 100
+    # reconnect and spread over the workers again (one that restarted got none before); 0 = never (nginx: 1000).
+    # 10, not 100: at 100 a 32-client load kept the split the workers' first accepts made for ~20 s, and
+    # c=32 ran at 84-98 req/s in most runs; at 10 (1-10 alike) 124-150 (bench/serve.py, 2 cores)
+    keepalive_requests: int = 10
+    # BentoML's access log line per request; off: ~10% more req/s at 32 clients on 2 cores (docs/serving.md)
+    access_log: bool = True
     graceful_shutdown_s: float = 20.0  # on SIGTERM: in-flight requests may finish for this long (503 after it)
     limits: ServeLimits = field(default_factory=ServeLimits)
     batching: ServeBatching = field(default_factory=ServeBatching)

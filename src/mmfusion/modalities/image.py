@@ -208,7 +208,8 @@ class ImageSpec(ModalitySpec):
             (max(1, round(value.width * scale)), max(1, round(value.height * scale))), Image.Resampling.BICUBIC, reducing_gap=2.0
         )  # fmt: skip
         buf = io.BytesIO()
-        thumb.convert("RGB").save(buf, format="WEBP", quality=80)
+        # method 2: 0.6 ms per 72 px emoji vs 1.5 ms at the default 4, 3% larger (a per-request cost when serving)
+        thumb.convert("RGB").save(buf, format="WEBP", quality=80, method=2)
         return "image/webp", buf.getvalue()
 
     def example(self) -> Image.Image:

@@ -145,6 +145,7 @@ def modality_fields(func: t.Callable) -> t.Callable:
     traffic={"timeout": PARAMS.timeout_s + PARAMS.body_timeout_s + 5, "max_concurrency": None},
     http={"host": "127.0.0.1"},
     resources={"gpu": 1} if PARAMS.device == "cuda" else {},
+    logging={"access": {"enabled": PARAMS.access_log}},
 )
 class MMFusion:
     """Image + text classification with the packaged fusion model."""

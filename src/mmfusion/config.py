@@ -292,7 +292,7 @@ class PackageParams:
     # 10, not 100: at 100 a 32-client load kept the split the workers' first accepts made for ~20 s, and
     # c=32 ran at 84-98 req/s in most runs; at 10 (1-10 alike) 124-150 (bench/serve.py, 2 cores)
     keepalive_requests: int = 10
-    # BentoML's access log line per request; off: ~10% more req/s at 32 clients on 2 cores (docs/serving.md)
+    # BentoML's access log line per request (off: no measurable speed difference at 32 clients on 2 cores)
     access_log: bool = True
     graceful_shutdown_s: float = 20.0  # on SIGTERM: in-flight requests may finish for this long (503 after it)
     limits: ServeLimits = field(default_factory=ServeLimits)

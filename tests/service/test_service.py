@@ -98,8 +98,7 @@ def test_image_and_text(server):
 
 
 def test_the_access_log_is_on_by_default_one_line_per_request(server):
-    """package.access_log (default true): BentoML's access line per request in the server's output; false
-    gives ~10% more req/s at 32 clients (docs/serving.md), the inference log keeps every classification."""
+    """package.access_log (default true): BentoML's access line per request in the server's output."""
     r = httpx.post(f"{server.url}/classify", files={"image": ("a.png", png_bytes("fruit", 3), "image/png")},
                    data={"text": "red apple"}, headers={"x-request-id": "access-log-probe"}, timeout=60)  # fmt: skip
     assert r.status_code == 200

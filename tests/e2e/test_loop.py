@@ -44,10 +44,9 @@ def loop(tmp_path_factory, server):
     params["augment"]["views"] = 0
     params["featurize"]["runtime"] = "torch"  # each retrain's new train set would calibrate int8 again
     params["train"].update({"strategies": ["concat"], "epochs": 25, "patience": 25, "hidden_dim": 32, "batch_size": 16})
-    # holdout: the one strategy is picked on val, no 5-fold CV in each of the three evaluates (~5 s each); the
-    # promotion compares the Bentos on the fixed test split and the feedback hold-out, whatever picked them
-    params["evaluate"].update({"selection": "holdout", "bootstrap": 50, "raw_check": 0, "explain_rows": 0,
-                               "faithfulness_rows": 0})  # the raw check, page and faithfulness check: off
+    # CV selection stays: with holdout (one split's luck on this tiny set) a retrained challenger scored 0.83
+    # against the champion's 1.0 on the test split in one CI run and was rightly not promoted
+    params["evaluate"].update({"bootstrap": 50, "raw_check": 0, "explain_rows": 0, "faithfulness_rows": 0})  # off
     params["package"].update({"workers": 1, "smoke_test": False})
     params["package"]["log"]["keep"] = {"image": 1.0}
     params["retrain"].update({"holdout_fraction": 0.25})

@@ -143,6 +143,17 @@ class FusionOptions:
 
 
 @dataclass(frozen=True)
+class FinetuneParams:
+    """Strategies named `tuned_<strategy>` (mmfusion.training.finetune): the top blocks of encoders trained with the head."""
+
+    blocks: dict[str, int] = field(default_factory=lambda: {"image": 2})  # modality -> top blocks trained
+    encoder_lr: float = 1e-4  # the tuned blocks' learning rate (the head keeps train.lr)
+    epochs: int = 15
+    patience: int = 5
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
 class TrainParams:
     """The train stage: the fusion strategies and how each head is trained."""
 
@@ -176,6 +187,7 @@ class TrainParams:
     # OpenMP stalls when other processes share the cores (24x faster measured under load).
     cpu_threads: int = 1
     fusion: FusionOptions = field(default_factory=FusionOptions)
+    finetune: FinetuneParams = field(default_factory=FinetuneParams)
 
 
 @dataclass(frozen=True)

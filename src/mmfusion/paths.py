@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
+from typing import Any
 
 RAW = Path("data/raw")
 CLEAN = Path("data/clean")
@@ -37,3 +40,18 @@ def resolve(root: str | Path, path: str | Path) -> Path:
     """`path` as given when it is absolute, else under the project `root` (params hold paths relative to it)."""
     path = Path(path)
     return path if path.is_absolute() else Path(root) / path
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    """Write `obj` as indented JSON, creating parent folders."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    return path
+
+
+def fresh_dir(path: Path) -> Path:
+    """An empty folder at `path` (a stage owns its outputs and rewrites them whole)."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path

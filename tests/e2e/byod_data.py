@@ -123,6 +123,26 @@ def no_usable_images(root: Path) -> tuple[Path, dict, dict]:
     return path, {"group_column": "group"}, {"clean": {"allow_missing_modality": False}}
 
 
+def tuned_image_encoder(root: Path) -> tuple[Path, dict, dict]:
+    """`tuned_concat` (the image encoder's top fine-tuned with the head) against `text_only`, with texts that say
+    nothing about the class, so the tuned model wins and is what the Bento serves; some rows have no image (the
+    tuning path's missing rows), training uses augment's views, and the image encoder runs int8 where its fidelity
+    guard allows."""
+    rows = _rows(3, 12, root / "images", seed=21)
+    for k, row in enumerate(rows):
+        row["text"] = f"item number {k % 5}"
+        if k % 7 == 3:
+            row["image"] = ""  # text-only sample
+    path = root / "manifest.csv"
+    pd.DataFrame(rows).assign(id=lambda d: [f"t{i}" for i in range(len(d))]).to_csv(path, index=False)
+    return path, {"group_column": "group"}, {
+        "train": {"strategies": ["tuned_concat", "text_only"], "use_augmented": True,  # augment's views, tuned on too
+                  "finetune": {"blocks": {"image": 2}, "epochs": 8, "patience": 8, "batch_size": 8}},
+        "augment": {"views": 1},
+        "featurize": {"runtimes": {"image": "onnx-int8"}},
+    }  # fmt: skip
+
+
 SHAPES = {
     "two_classes_parquet_mixed_formats_no_id": (two_classes_parquet_mixed_formats_no_id, "bento"),
     "partial_rows_multilingual_broken_no_group": (partial_rows_multilingual_broken_no_group, "bento"),
@@ -130,4 +150,5 @@ SHAPES = {
     "one_class_only": (one_class_only, "error"),
     "wrong_columns": (wrong_columns, "error"),
     "no_usable_images": (no_usable_images, "error"),
+    "tuned_image_encoder": (tuned_image_encoder, "tuned"),
 }

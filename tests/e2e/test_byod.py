@@ -77,15 +77,20 @@ def runs(tmp_path_factory, server):
 
     base = tmp_path_factory.mktemp("byod")
     projects = {}
+    only = [s for s in os.environ.get("MMFUSION_BYOD_SHAPES", "").split(",") if s]  # a developer's subset
     for name, (build, _) in SHAPES.items():
+        if only and name not in only:
+            continue
         data = base / name / "userdata"
         data.mkdir(parents=True)
         manifest, columns, overrides = build(data)
         proj = copy_project(base / name / "proj")
         configure(proj, manifest, columns, overrides, base / "cache")
         projects[name] = proj
+    # the longest repros first (the tuned shape, then those that build a Bento; the early errors fill the gaps)
+    order = sorted(projects, key=lambda name: ("tuned", "bento", "error").index(SHAPES[name][1]))
     with ThreadPoolExecutor(max_workers=2) as pool:
-        done = {name: pool.submit(repro, proj, server, base / name / "bentoml") for name, proj in projects.items()}
+        done = {name: pool.submit(repro, projects[name], server, base / name / "bentoml") for name in order}
         return {name: (projects[name], future.result()) for name, future in done.items()}
 
 
@@ -143,3 +148,65 @@ def test_what_each_shape_reports(runs):
     assert "missing column(s) picture (for image)" in done.stderr  # the columns the params name, as named there
     _, done = runs["one_class_only"]
     assert "class" in ERROR_LINE.search(done.stderr).group(0)
+
+
+def test_a_tuned_model_is_served_with_its_tuned_encoder(runs, tmp_path):
+    """tuned_concat (the image encoder's top fine-tuned with the head, train.finetune) through train, evaluate
+    (tuned again per CV fold), package and a real `bentoml serve`: the Bento answers with the tuned encoder."""
+    import httpx
+
+    from mmfusion.inference.predictor import Predictor
+    from tests.service.conftest import service_env, start_server
+
+    proj, done = runs["tuned_image_encoder"]
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    metrics = json.loads((proj / "reports/evaluate/metrics.json").read_text())
+    assert metrics["winner"] == "tuned_concat", metrics["leaderboard"] if "leaderboard" in metrics else metrics["winner"]
+    cv = metrics["strategies"]["tuned_concat"]["cv"]
+    assert cv["folds"] == 3 and len(cv["best_epochs"]) == 3  # tuned again on each fold
+    assert metrics["raw_check"]["agreement_with_cached_features"] >= 0.99  # served path = evaluated embeddings
+    report = json.loads((proj / "reports/train.json").read_text())
+    train = report["strategies"]["tuned_concat"]
+    assert train["tuned"]["image"]["blocks"] == 2 and train["tuned_parameters"] > 0
+    sizes = json.loads((proj / "reports/split.json").read_text())["sizes"]
+    assert report["train_rows"] > sizes["train"]  # the augmented views were trained on (train.use_augmented)
+    # the model folder carries the tuned weights; its image encoder is not featurize's
+    best = proj / "models/best"
+    config = json.loads((best / "config.json").read_text())
+    image = config["encoders"]["image"]
+    assert (best / image["tuned"]["file"]).is_file() and not (best / "features").exists()
+    frozen = json.loads((proj / "features/meta.json").read_text())["modalities"]["image"]["fingerprint"]
+    assert image["tuned"]["from"] == frozen != image["fingerprint"]
+    assert image["runtime"]["name"] in ("onnx-int8", "onnx")  # int8 where the guard allowed it, else fp32 ONNX
+    # the drift reference holds the tuned encoder's embeddings (the strategy's own features), not featurize's
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from mmfusion.features.store import load_features
+
+    reference = load_file(str(best / "reference/embeddings.safetensors"))["image"]
+    splits = json.loads((best / "reference/reference.json").read_text())["splits"]
+    own, frozen = ([load_features(d, s)[0]["image"].astype(np.float32) for s in splits]
+                   for d in (proj / "models/strategies/tuned_concat/features", proj / "features"))  # fmt: skip
+    assert np.array_equal(reference, np.concatenate(own)) and not np.allclose(reference, np.concatenate(frozen))
+
+    package = json.loads((proj / "reports/package.json").read_text())
+    env = service_env(tmp_path / "unused")
+    env["BENTOML_HOME"] = str(proj.parent / "bentoml")
+    image_file = next(p for p in sorted((proj / "data/clean").rglob("*.png")))
+    proc, url = start_server(package["bento_tag"], env, cwd=proj, output=tmp_path / "serve.log")
+    try:
+        answer = httpx.post(f"{url}/classify", files={"image": ("x.png", image_file.read_bytes(), "image/png")},
+                            data={"text": "item number 1"}, timeout=60)  # fmt: skip
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+    finally:
+        from mmfusion.procs import stop_process_group
+
+        stop_process_group(proc)
+    assert body["model_version"].startswith("tuned_concat-")
+    from PIL import Image
+
+    local = Predictor.from_dir(best).predict([{"image": Image.open(image_file).convert("RGB"), "text": "item number 1"}])[0]
+    assert body["label"] == local["label"]
+    assert abs(body["probabilities"][local["label"]] - local["probabilities"][local["label"]]) < 1e-3

@@ -122,6 +122,7 @@ class Encoder(ABC):
         self.int8_fallback = None  # onnx after int8 failed that guard: the int8 settings and measurement
         self._session = None
         self._session_lock = threading.Lock()  # not _load_lock: building a session loads the model
+        self.tuned_file: Path | None = None  # fine-tuned top weights over the pretrained ones (load_tuned)
 
     # --- identity -------------------------------------------------------------------------
 
@@ -142,7 +143,8 @@ class Encoder(ABC):
         if not hasattr(self, "_fingerprint"):
             ident = {
                 "name": self.name,
-                "weights": [file_sha256(p) for p in self.weights_files()],
+                "weights": [file_sha256(p) for p in self.weights_files()]
+                + ([file_sha256(self.tuned_file)] if self.tuned_file else []),
                 "preprocessing": self.preprocessing,
             }
             if self.runtime != "torch":
@@ -301,6 +303,47 @@ class Encoder(ABC):
                     self._session = create_session(path, onnx_threads(self.runtime_threads), self.device.type)
         return self._session
 
+    # --- fine-tuning (mmfusion.training.finetune) -----------------------------------------
+
+    tunable: bool = False  # implements bottom() and top(): it can be cut into a frozen bottom and a trainable top
+
+    def bottom(self, batch: Any, blocks: int) -> torch.Tensor:
+        """A collated batch -> the float32 activations entering the top `blocks` blocks, flattened [B, n] (no grad)."""
+        raise self._not_tunable()
+
+    def top(self, blocks: int) -> torch.nn.Module:
+        """The top `blocks` blocks and the pooling, sharing the model's parameters: `bottom`'s flattened activations
+        -> embeddings [B, dim], as forward gives them. Trainable; kept in eval mode (frozen norm statistics)."""
+        raise self._not_tunable()
+
+    def _not_tunable(self) -> UserError:
+        return UserError(
+            f"encoder {self.name!r} cannot be fine-tuned (no cut into a frozen bottom and a trainable top); "
+            f"drop {self.modality!r} from train.finetune.blocks"
+        )
+
+    def load_tuned(self, path: str | Path) -> Encoder:
+        """Put the fine-tuned top weights saved at `path` (safetensors, the model's own keys) over the pretrained
+        ones. They are hashed into the fingerprint, so features, ONNX files and the model folder's check follow."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"encoder {self.name!r}: tuned weights {path} are missing")
+        self.tuned_file = path
+        self.__dict__.pop("_fingerprint", None)
+        self._session = None
+        if self._model is not None:
+            self._apply_tuned(self._model, load_file(str(path)))
+        return self
+
+    def _apply_tuned(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+        own = model.state_dict()
+        unknown = sorted(set(state) - set(own))
+        if unknown:
+            raise ValueError(f"encoder {self.name!r}: tuned weights {self.tuned_file} hold keys it lacks: {unknown[:3]}")
+        model.load_state_dict({**own, **{k: v.to(own[k].device, own[k].dtype) for k, v in state.items()}})
+
     # --- the three steps ------------------------------------------------------------------
 
     @abstractmethod
@@ -313,6 +356,10 @@ class Encoder(ABC):
             with self._load_lock:
                 if self._model is None:
                     model = self.load_model()
+                    if self.tuned_file is not None:
+                        from safetensors.torch import load_file
+
+                        self._apply_tuned(model, load_file(str(self.tuned_file)))
                     model.eval().requires_grad_(False)
                     self._model = model
         return self._model

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from mmfusion.encoders.base import Encoder, EncoderUnavailableError, hub_offline, require_hub
+from mmfusion.errors import UserError
 
 _INTERPOLATION = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
@@ -115,6 +116,60 @@ class EfficientNetLite0Encoder(ImageEncoder):
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         feats = self.model.extract_features(self._normalise(batch))
         return feats.mean(dim=(2, 3))
+
+    # fine-tuning: the last MBConv blocks + head conv + pooling train, the stem and the blocks below stay frozen
+    tunable = True
+
+    def _check_blocks(self, blocks: int) -> int:
+        total = len(self.model._blocks)
+        if not 1 <= blocks <= total:
+            raise UserError(f"encoder {self.name!r}: train.finetune.blocks must be 1..{total} for it, got {blocks}")
+        return total - blocks
+
+    def bottom(self, batch: torch.Tensor, blocks: int) -> torch.Tensor:
+        stop = self._check_blocks(blocks)
+        model = self.model
+        with torch.no_grad():
+            x = model._swish(model._bn0(model._conv_stem(self._normalise(batch))))
+            for block in model._blocks[:stop]:
+                x = block(x, drop_connect_rate=0.0)
+        return x.float().contiguous().flatten(1).cpu()
+
+    def top(self, blocks: int) -> torch.nn.Module:
+        stop = self._check_blocks(blocks)
+        probe = torch.zeros((1, 3, self.size, self.size), dtype=torch.uint8)
+        with torch.no_grad():
+            model = self.model
+            x = model._swish(model._bn0(model._conv_stem(self._normalise(probe))))
+            for block in model._blocks[:stop]:
+                x = block(x, drop_connect_rate=0.0)
+        return _LiteTop(model, stop, tuple(x.shape[1:])).to(self.device)
+
+
+class _LiteTop(torch.nn.Module):
+    """EfficientNet-Lite0 from block `start`: blocks, head conv, BN, ReLU6, global average pool (eval mode kept)."""
+
+    def __init__(self, model: torch.nn.Module, start: int, shape: tuple[int, ...]):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(model._blocks[start:])
+        self.conv_head, self.bn1, self.act = model._conv_head, model._bn1, model._swish
+        self.start, self.shape = start, shape
+
+    def encoder_state(self) -> dict[str, torch.Tensor]:
+        """These weights under the encoder model's own keys (what Encoder.load_tuned puts back)."""
+        state = {f"_blocks.{self.start + i}.{k}": v for i, b in enumerate(self.blocks) for k, v in b.state_dict().items()}
+        state.update({f"_conv_head.{k}": v for k, v in self.conv_head.state_dict().items()})
+        state.update({f"_bn1.{k}": v for k, v in self.bn1.state_dict().items()})
+        return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # frozen BN statistics; drop-connect is identity in eval
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.view(-1, *self.shape).contiguous(memory_format=torch.channels_last)
+        for block in self.blocks:
+            x = block(x, drop_connect_rate=0.0)
+        return self.act(self.bn1(self.conv_head(x))).mean(dim=(2, 3))
 
 
 class TorchvisionEncoder(ImageEncoder):

@@ -15,6 +15,7 @@ from mmfusion.errors import UserError
 from mmfusion.fusion.base import FusionHead
 
 _HEADS: dict[str, Callable[..., FusionHead]] = {}
+TUNED_PREFIX = "tuned_"  # tuned_<strategy>: that head trained with the top of its encoders (training.finetune)
 _UNIMODAL: list[type[FusionHead]] = []  # the baseline class behind every `<modality>_only`
 UNIMODAL_SUFFIX = "_only"
 
@@ -41,6 +42,16 @@ def register_unimodal(cls: type[FusionHead]) -> type[FusionHead]:
 def unimodal_name(modality: str) -> str:
     """The strategy name of the baseline that looks at `modality` only."""
     return f"{modality}{UNIMODAL_SUFFIX}"
+
+
+def is_tuned(name: str) -> bool:
+    """Strategy `name` fine-tunes its encoders' tops (`tuned_<strategy>`)."""
+    return name.startswith(TUNED_PREFIX)
+
+
+def base_strategy(name: str) -> str:
+    """The head a strategy name builds: tuned_weighted_sum -> weighted_sum (others: themselves)."""
+    return name[len(TUNED_PREFIX) :] if is_tuned(name) else name
 
 
 def list_heads(modalities: Iterable[str] = ()) -> list[str]:

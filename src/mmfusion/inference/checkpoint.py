@@ -66,8 +66,12 @@ def read_metrics(model_dir: Path) -> dict[str, Any]:
 
 
 def weights_hash(model_dir: Path) -> str:
-    """sha256 of the weights file (names a model version)."""
-    return hashlib.sha256((Path(model_dir) / WEIGHTS).read_bytes()).hexdigest()
+    """sha256 of the weights file, and of fine-tuned encoder weights (tuned/*.safetensors) where there are any:
+    names a model version."""
+    digest = hashlib.sha256((Path(model_dir) / WEIGHTS).read_bytes())
+    for path in sorted((Path(model_dir) / "tuned").glob("*.safetensors")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def model_version(model_dir: Path, config: dict[str, Any] | None = None) -> str:

@@ -97,12 +97,13 @@ class Predictor:
             from mmfusion.encoders import create_encoder
 
             threads = torch.get_num_threads()
-            encoders = {
-                m: create_encoder(config["encoders"][m]["encoder"], device=str(dev)).set_runtime_from(
-                    config["encoders"][m].get("runtime"), threads=threads, cache_dir=onnx_cache_dir
-                )
-                for m in head.modalities
-            }
+            encoders = {}
+            for m in head.modalities:
+                entry = config["encoders"][m]
+                encoder = create_encoder(entry["encoder"], device=str(dev))
+                if entry.get("tuned"):  # fine-tuned top weights in the model folder (mmfusion.training.finetune)
+                    encoder.load_tuned(model_dir / entry["tuned"]["file"])
+                encoders[m] = encoder.set_runtime_from(entry.get("runtime"), threads=threads, cache_dir=onnx_cache_dir)
         for m in head.modalities:
             if m not in encoders:
                 raise ValueError(f"model needs an encoder for modality {m!r}")

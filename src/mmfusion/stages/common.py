@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+
 
 from mmfusion.config import Params, load_params
 from mmfusion.errors import UserError
+from mmfusion.paths import fresh_dir, write_json  # noqa: F401 - every stage writes with these
 
 log = logging.getLogger("mmfusion")
 
@@ -26,20 +26,6 @@ def report_user_error(stage: str, exc: BaseException) -> int:
     print(f"{stage}: error: {exc}", file=sys.stderr)
     return getattr(exc, "exit_code", 2)
 
-
-def write_json(path: Path, obj: Any) -> Path:
-    """Write `obj` as indented JSON, creating parent folders."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    return path
-
-
-def fresh_dir(path: Path) -> Path:
-    """An empty folder at `path` (a stage owns its outputs and rewrites them whole)."""
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-    return path
 
 
 def stage_main(name: str, run: Callable[[Params, Path], dict], argv: list[str] | None = None) -> int:

@@ -34,6 +34,7 @@ from mmfusion.training.selection import (
     holdout_candidates,
     selection_mode,
 )
+from mmfusion.training.finetune import FEATURES_DIR, is_tuned, strategy_features
 from mmfusion.training.strategies import BUILT_BY_EVALUATE
 from mmfusion.training.metrics import confusion_matrix, paired_bootstrap, reliability_bins, softmax
 from mmfusion.training.plots import plot_confusion, plot_leaderboard, plot_reliability
@@ -198,13 +199,14 @@ def load_candidates(params: Params, root: Path) -> tuple[str, list[Candidate], l
     folds = None
     if mode == "cv":
         trainval = train.concat(val)
-        candidates, folds = cv_candidates(dirs, labels, trainval, test, load_meta(features).get("modalities", {}), params)
+        candidates, folds = cv_candidates(dirs, labels, trainval, test, load_meta(features).get("modalities", {}), params, root)
         y_heldout = trainval.y.numpy()
     else:
         candidates = holdout_candidates(dirs, labels, val, test, params)
         y_heldout = val.y.numpy()
-    if "ensemble" in names:
-        candidates.append(ensemble_candidate(candidates, y_heldout, folds, labels, test, params))
+    if "ensemble" in names:  # over the strategies that share the project's encoders (not the tuned ones)
+        shared = [c for c in candidates if not is_tuned(c.evaluation.name)]
+        candidates.append(ensemble_candidate(shared, y_heldout, folds, labels, test, params))
     order = {n: i for i, n in enumerate(names)}
     candidates.sort(key=lambda c: order.get(c.evaluation.name, len(order)))
     return mode, candidates, labels, test, y_heldout
@@ -228,8 +230,8 @@ def write_best(root: Path, winner: Candidate, entry: dict, comparison: dict | No
     best = root / paths.BEST
     if best.exists():
         shutil.rmtree(best)
-    if winner.source_dir is not None:
-        shutil.copytree(winner.source_dir, best)
+    if winner.source_dir is not None:  # a tuned strategy's own features stay behind (the reference is made from them)
+        shutil.copytree(winner.source_dir, best, ignore=shutil.ignore_patterns(FEATURES_DIR))
     else:
         save_checkpoint(best, winner.head, winner.config)
         if winner.members:
@@ -271,10 +273,13 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     split_report = json.loads(split_json.read_text()) if split_json.exists() else None
     (out / "leaderboard.md").write_text(leaderboard_markdown(rows, winner.name, p.selection_metric, split_report))
     write_json(out / "per_class.json", per_class)
-    write_best(root, next(c for c in candidates if c.evaluation is winner), strategies[winner.name], comparison)
-    # The drift reference travels with the model (and so inside the BentoML model): monitoring/reference.py
+    chosen = next(c for c in candidates if c.evaluation is winner)
+    write_best(root, chosen, strategies[winner.name], comparison)
+    # The drift reference travels with the model (and so inside the BentoML model): monitoring/reference.py. It is
+    # made from the embeddings the model reads: a tuned strategy's own features
     reference = build_reference(
-        root / paths.BEST, root / paths.FEATURES, root / paths.SPLIT, params.monitor.reference_splits, root,
+        root / paths.BEST, strategy_features(chosen.source_dir, root) if chosen.source_dir else root / paths.FEATURES,
+        root / paths.SPLIT, params.monitor.reference_splits, root,
         previews=params.package.log.previews,
     )
 

@@ -16,9 +16,15 @@ from mmfusion.devices import resolve_device
 from mmfusion.features.store import load_meta
 from mmfusion.stages.common import fresh_dir, stage_main, write_json
 from mmfusion.training.data import load_training_data
+from mmfusion.training.finetune import check_finetune, fit_tuned_from_files, is_tuned
 from mmfusion.training.strategies import check_strategies, fit_strategy_from_files
 
 log = logging.getLogger(__name__)
+
+
+def fit_one(name: str, params: Params, root: str) -> dict:
+    """One training trial: a strategy (`fit_strategy_from_files`) or a tuned one (`fit_tuned_from_files`)."""
+    return (fit_tuned_from_files if is_tuned(name) else fit_strategy_from_files)(name, params, root)
 
 
 def run(params: Params, root: Path = Path(".")) -> dict:
@@ -27,6 +33,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     features = root / paths.FEATURES
     encoders = load_meta(features).get("modalities", {})
     check_strategies(p.strategies, tuple(encoders))
+    check_finetune(p.strategies, encoders, p.finetune)
     check_compute(params.compute)
     device = resolve_device(p.device)
     train, val, labels = load_training_data(features, p.use_augmented)
@@ -39,7 +46,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     try:
         # one trial per strategy, each reading features/ and writing its own folder: in this process, over local
         # processes when that pays, or one Prefect task each on a cluster (mmfusion.compute.map_tasks)
-        fitted = map_tasks(fit_strategy_from_files, list(p.strategies), params.compute, "train-strategy",
+        fitted = map_tasks(fit_one, list(p.strategies), params.compute, "train-strategy",
                            progress=f"train: {len(p.strategies)} strategies", params=params, root=str(root.resolve()))  # fmt: skip
         strategies = dict(zip(p.strategies, fitted))
     finally:

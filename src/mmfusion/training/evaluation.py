@@ -109,12 +109,15 @@ def evaluate_from_logits(
     p: EvaluateParams,
     cv: dict | None = None,
     calibrate: bool = True,
+    temperature: float | None = None,
 ) -> StrategyEvaluation:
     """As `evaluate_head`, from held-out logits already at hand (val, or out-of-fold under cross-validation).
 
     `calibrate=False` keeps temperature 1: for a bag of fold models, whose held-out logits come
-    from single fold models (see `selection.BAG_TEMPERATURE`)."""
-    temperature = fit_temperature(val_logits, y_val) if calibrate else 1.0
+    from single fold models (see `selection.BAG_TEMPERATURE`). `temperature`, when given, is the one fitted
+    elsewhere (a tuned strategy's served model, on its own val logits)."""
+    if temperature is None:
+        temperature = fit_temperature(val_logits, y_val) if calibrate else 1.0
     test_metrics, ablation, test_logits = score_on_test(head, test, labels, temperature, p)
     return StrategyEvaluation(
         name=name,

@@ -102,7 +102,9 @@ def _schedule(warmup_steps: int, total_steps: int):
 
 def build_optimizer(head: FusionHead, p: TrainParams, train_rows: int):
     """AdamW with a linear warm-up then cosine decay, stepped once per batch; returns (optimizer, scheduler)."""
-    optimizer = torch.optim.AdamW(head.parameters(), lr=p.lr, weight_decay=p.weight_decay, foreach=True)
+    # a model with parts at their own rates (finetune.TunedModel: encoder tops) gives its parameter groups
+    groups = head.param_groups(p.lr) if hasattr(head, "param_groups") else head.parameters()
+    optimizer = torch.optim.AdamW(groups, lr=p.lr, weight_decay=p.weight_decay, foreach=True)
     steps_per_epoch = max(1, math.ceil(train_rows / p.batch_size))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _schedule(p.warmup_epochs * steps_per_epoch, p.epochs * steps_per_epoch)

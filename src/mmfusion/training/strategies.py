@@ -14,6 +14,7 @@ import torch
 from mmfusion.config import Params, TrainParams, params_to_dict
 from mmfusion.errors import UserError
 from mmfusion.fusion import create_head, list_heads
+from mmfusion.fusion.registry import TUNED_PREFIX, base_strategy
 from mmfusion.inference.checkpoint import save_checkpoint
 from mmfusion.modalities import settings_from_params
 from mmfusion.training.data import FeatureSet
@@ -42,9 +43,12 @@ def check_strategies(names: tuple[str, ...], modalities: tuple[str, ...]) -> Non
     if not names:
         raise UserError("train.strategies is empty")
     known = list_heads(modalities)
-    unknown = [n for n in names if n not in known]
+    unknown = [n for n in names if base_strategy(n) not in known or n == f"{TUNED_PREFIX}ensemble"]
     if unknown:
-        raise UserError(f"unknown strategy {unknown[0]!r} in train.strategies; registered: {', '.join(known)}")
+        raise UserError(
+            f"unknown strategy {unknown[0]!r} in train.strategies; registered: {', '.join(known)} "
+            f"(and {TUNED_PREFIX}<strategy>: with the top of its encoders fine-tuned, train.finetune)"
+        )
     if len(set(names)) != len(names):
         raise UserError(f"train.strategies repeats a name: {list(names)}")
 

@@ -278,7 +278,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     # The drift reference travels with the model (and so inside the BentoML model): monitoring/reference.py. It is
     # made from the embeddings the model reads: a tuned strategy's own features
     reference = build_reference(
-        root / paths.BEST, strategy_features(chosen.source_dir, root) if chosen.source_dir else root / paths.FEATURES,
+        root / paths.BEST, strategy_features(chosen.source_dir, root),
         root / paths.SPLIT, params.monitor.reference_splits, root,
         previews=params.package.log.previews,
     )

@@ -45,9 +45,9 @@ from mmfusion.errors import UserError
 from mmfusion.fusion import FusionHead, create_head
 from mmfusion.fusion.registry import TUNED_PREFIX, base_strategy, is_tuned  # noqa: F401 - re-exported
 from mmfusion.training.data import FeatureSet
-from mmfusion.training.loop import TrainResult, predict_logits, seed_everything, train_head
+from mmfusion.training.loop import TrainResult, predict_logits, seed_everything
 from mmfusion.training.presence import mark_missing, presence_from_nan
-from mmfusion.training.strategies import head_options, model_config
+from mmfusion.training.strategies import head_options, model_config, torch_threads, train_with_presence
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,19 @@ def read_modalities(head: FusionHead) -> tuple[str, ...]:
 def tuned_modalities(name: str, head: FusionHead, p: FinetuneParams) -> dict[str, int]:
     """{modality: top blocks} that strategy `name` (with `head`) tunes."""
     return {m: k for m, k in p.blocks.items() if m in read_modalities(head)} if is_tuned(name) else {}
+
+
+def strategy_blocks(name: str, encoders: dict[str, dict], p: FinetuneParams) -> tuple[dict[str, int], FusionHead]:
+    """(`tuned_modalities`, an untrained head of the strategy) for features made by `encoders`."""
+    head = create_head(base_strategy(name), dims={m: e["dim"] for m, e in encoders.items()}, num_classes=2)
+    return tuned_modalities(name, head, p), head
+
+
+def pretrained_tops(encoders: dict[str, dict], blocks: dict[str, int], device: torch.device) -> dict[str, nn.Module]:
+    """Each modality's pretrained top (`Encoder.top`) of its `blocks` last blocks; `fit_tuned` trains copies."""
+    from mmfusion.encoders import create_encoder
+
+    return {m: create_encoder(encoders[m]["encoder"], device=str(device)).top(k) for m, k in blocks.items()}
 
 
 def check_finetune(names: tuple[str, ...], encoders: dict[str, dict], p: FinetuneParams) -> None:
@@ -86,8 +99,8 @@ def check_finetune(names: tuple[str, ...], encoders: dict[str, dict], p: Finetun
     if p.epochs < 1 or p.patience < 1 or p.batch_size < 1 or p.encoder_lr <= 0:
         raise UserError("train.finetune.epochs, patience and batch_size must be >= 1 and encoder_lr > 0")
     for name in tuned:
-        head = create_head(base_strategy(name), dims={m: e["dim"] for m, e in encoders.items()}, num_classes=2)
-        if not tuned_modalities(name, head, p):
+        blocks, head = strategy_blocks(name, encoders, p)
+        if not blocks:
             raise UserError(
                 f"{name} would tune nothing: its head reads {', '.join(read_modalities(head))}, "
                 f"train.finetune.blocks names {', '.join(p.blocks)}"
@@ -114,8 +127,9 @@ class TunedModel(nn.Module):
         if m not in self.tops:
             return x
         missing = torch.isnan(x).any(dim=1)
-        out = self.tops[m](torch.nan_to_num(x, nan=0.0) if missing.any() else x)
-        return out.masked_fill(missing[:, None], float("nan")) if missing.any() else out
+        if not missing.any():
+            return self.tops[m](x)
+        return self.tops[m](torch.nan_to_num(x, nan=0.0)).masked_fill(missing[:, None], float("nan"))
 
     def forward(self, x: dict[str, Tensor], present: Tensor | None = None):
         return self.head({m: self.embed(m, v) for m, v in x.items()}, present)
@@ -161,9 +175,10 @@ class Activations:
             self.sources[m] = build_input(m, root=self.root, **get_modality(m).settings_from_params(params))
             self.values[m] = _values_by_id(self.root, self.sources[m].column)
 
-    def top(self, m: str) -> nn.Module:
-        """A fresh pretrained top of modality `m` (its own copy of the weights), trainable."""
-        return copy.deepcopy(self.cuts[m]._top).requires_grad_(True)
+    @property
+    def tops(self) -> dict[str, nn.Module]:
+        """The pretrained tops above the cuts (`fit_tuned` trains copies)."""
+        return {m: cut._top for m, cut in self.cuts.items()}
 
     def replace(self, data: FeatureSet, progress: str = "") -> FeatureSet:
         """`data` with each tuned modality's embeddings replaced by its cut activations (same rows)."""
@@ -193,29 +208,25 @@ class Activations:
 
 def fit_tuned(
     name: str, train: FeatureSet, val: FeatureSet, labels: list[str], encoders: dict[str, dict], params: Params,
-    acts: Activations, device: torch.device,
+    tops: dict[str, nn.Module], device: torch.device,
 ) -> tuple[TunedModel, TrainResult]:  # fmt: skip
-    """Train strategy `name`'s head + the tops of its tuned modalities on activation sets (`Activations.replace`)."""
+    """Train strategy `name`'s head + copies of the pretrained `tops` of its tuned modalities on activation sets
+    (`Activations.replace`)."""
     p, ft = params.train, params.train.finetune
     base = base_strategy(name)
     seed_everything(p.seed)  # the head starts as the frozen strategy's does
     head = create_head(base, dims={m: encoders[m]["dim"] for m in train.x}, num_classes=len(labels), **head_options(base, p))
-    tops = {m: acts.top(m) for m in tuned_modalities(name, head, ft)}
-    model = TunedModel(head, tops, ft.encoder_lr).to(device)
+    trained = {m: copy.deepcopy(tops[m]).requires_grad_(True) for m in tuned_modalities(name, head, ft)}
+    model = TunedModel(head, trained, ft.encoder_lr).to(device)
     loop = replace(p, epochs=ft.epochs, patience=ft.patience, batch_size=ft.batch_size,
                    warmup_epochs=min(p.warmup_epochs, ft.epochs))  # fmt: skip
-    if train.complete and val.complete:
-        result = train_head(model, train, val, loop, device)
-    else:  # rows without a modality: NaN in, missing to the head (presence.py)
-        with presence_from_nan(head):
-            result = train_head(model, mark_missing(train), mark_missing(val), loop, device)
-    return model, result
+    return model, train_with_presence(model, head, train, val, loop, device)
 
 
 def tuned_logits(model: TunedModel, data: FeatureSet) -> np.ndarray:
     """Held-out logits of a tuned model on an activation set (missing modalities as the data says)."""
     with presence_from_nan(model.head):
-        return predict_logits(model, mark_missing(data) if not data.complete else data)
+        return predict_logits(model, mark_missing(data))
 
 
 def fit_tuned_fold(
@@ -226,16 +237,12 @@ def fit_tuned_fold(
     but fold k, early stopping on fold k; returns (its logits on fold k, best epoch). Module-level: it runs in pool
     workers (`blocks`: the modalities tuned in `data`; the strategy's head takes those it reads)."""
     name, k = trial
-    from mmfusion.compute import worker_device
-    from mmfusion.devices import resolve_device
-    from mmfusion.training.strategies import torch_threads
-
-    device = resolve_device(worker_device(params.train.device))
+    device = _trial_device(params)
     with torch_threads(device, params.train.cpu_threads):
-        acts = Activations(params, Path(root), encoders, blocks, device)  # the pretrained tops
         held = folds[k]
         fit_rows = np.setdiff1d(np.arange(len(data)), held)
-        model, result = fit_tuned(name, data.subset(fit_rows), data.subset(held), labels, encoders, params, acts, device)
+        tops = pretrained_tops(encoders, blocks, device)
+        model, result = fit_tuned(name, data.subset(fit_rows), data.subset(held), labels, encoders, params, tops, device)
         log.info("cv %s fold %d/%d: best epoch %d of %d, %.1f s", name, k + 1, len(folds), result.best_epoch,
                  result.epochs_run, result.seconds)  # fmt: skip
         return tuned_logits(model, data.subset(held)), result.best_epoch
@@ -254,12 +261,11 @@ def fit_tuned_strategy(name: str, params: Params, root: Path, out_dir: Path, dev
     features = root / paths.FEATURES
     encoders = load_meta(features).get("modalities", {})
     train, val, labels = load_training_data(features, params.train.use_augmented)
-    probe = create_head(base_strategy(name), dims={m: e["dim"] for m, e in encoders.items()}, num_classes=2)
-    blocks = tuned_modalities(name, probe, params.train.finetune)
+    blocks, _ = strategy_blocks(name, encoders, params.train.finetune)
     acts = Activations(params, root, encoders, blocks, device)
     train_a, val_a = acts.replace(train, "train"), acts.replace(val, "val")
     seconds_acts = time.perf_counter() - start
-    model, result = fit_tuned(name, train_a, val_a, labels, encoders, params, acts, device)
+    model, result = fit_tuned(name, train_a, val_a, labels, encoders, params, acts.tops, device)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / TUNED_DIR).mkdir(exist_ok=True)
@@ -306,16 +312,21 @@ def fit_tuned_strategy(name: str, params: Params, root: Path, out_dir: Path, dev
 def fit_tuned_from_files(name: str, params: Params, root: str) -> dict:
     """`fit_tuned_strategy` as one training trial (as `strategies.fit_strategy_from_files`): reads `root`, writes
     `root`/models/strategies/<name>/ under train.cpu_threads; returns the summary only."""
-    from mmfusion.compute import worker_device
-    from mmfusion.devices import resolve_device
-    from mmfusion.training.strategies import torch_threads
-
-    device = resolve_device(worker_device(params.train.device))
+    device = _trial_device(params)
     with torch_threads(device, params.train.cpu_threads):
         return fit_tuned_strategy(name, params, Path(root), Path(root) / paths.STRATEGIES / name, device)
 
 
-def strategy_features(strategy_dir: Path, root: Path) -> Path:
-    """The features a strategy folder's model reads: its own (tuned strategies) or the project's features/."""
-    own = Path(strategy_dir) / FEATURES_DIR
-    return own if own.is_dir() else Path(root) / paths.FEATURES
+def _trial_device(params: Params) -> torch.device:
+    """The device a training trial runs on, here or on a cluster worker (train.device)."""
+    from mmfusion.compute import worker_device
+    from mmfusion.devices import resolve_device
+
+    return resolve_device(worker_device(params.train.device))
+
+
+def strategy_features(strategy_dir: Path | None, root: Path) -> Path:
+    """The features a model reads: a strategy folder's own (tuned strategies), else the project's features/
+    (other strategies, and models with no folder of their own: bags, ensembles)."""
+    own = Path(strategy_dir) / FEATURES_DIR if strategy_dir is not None else None
+    return own if own is not None and own.is_dir() else Path(root) / paths.FEATURES

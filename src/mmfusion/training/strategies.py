@@ -83,12 +83,17 @@ def train_strategy_head(
     seed_everything(p.seed)
     dims = {m: encoders[m]["dim"] if m in encoders else d for m, d in train.dims.items()}
     head = create_head(name, dims=dims, num_classes=len(labels), **head_options(name, p))
+    return head, train_with_presence(head, head, train, val, p, device)
+
+
+def train_with_presence(model: torch.nn.Module, head, train: FeatureSet, val: FeatureSet, p: TrainParams,
+                        device: torch.device) -> TrainResult:  # fmt: skip
+    """`train_head(model, ...)`; on data with rows missing a modality, those rows reach `head` (the fusion head
+    inside `model`) as missing, not as zeros (training.presence)."""
     if train.complete and val.complete:
-        result = train_head(head, train, val, p, device)
-    else:  # rows without a modality in the data: the loop must see them as missing, not as zeros
-        with presence_from_nan(head):
-            result = train_head(head, mark_missing(train), mark_missing(val), p, device)
-    return head, result
+        return train_head(model, train, val, p, device)
+    with presence_from_nan(head):
+        return train_head(model, mark_missing(train), mark_missing(val), p, device)
 
 
 def model_config(head, labels: list[str], encoders: dict[str, dict], params: Params) -> dict:

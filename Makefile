@@ -59,8 +59,12 @@ browser: ## headless Chromium for the tests that open our HTML pages (apt-get, o
 		apt-get update -qq && apt-get install -y -qq chromium fonts-noto-color-emoji >/dev/null; }
 
 # MMFUSION_REQUIRE_BROWSER: the browser tests fail, rather than skip, where Chromium is missing.
+# Two pytest-xdist workers: most of the suite's long tests are chains of single-threaded processes (stage runs,
+# servers starting) that keep one core of two busy; tests/conftest.py groups the tests that share fixtures.
+# TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: setup browser ## the test suite (what .ci/run calls)
-	MMFUSION_REQUIRE_BROWSER=1 $(PY) -m pytest -q --durations=15
+	MMFUSION_REQUIRE_BROWSER=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=15
 
 ui: setup ## Prefect server + the `pipeline` deployment on 127.0.0.1: trigger runs from the browser
 	$(PY) -m flows.ui

@@ -145,3 +145,30 @@ def log_url(request, tmp_path):
     if request.param == "sqlite":
         return str(tmp_path / "log.sqlite")
     return request.getfixturevalue("pg_url")
+
+
+# `make test` runs the suite on two pytest-xdist workers (`--dist loadgroup`): a worker takes a whole group. A
+# directory whose modules share session fixtures (a served Bento, a trained model, a Prefect test server) is one
+# group, so they are built once; every other module is a group of its own, so its module fixtures are too.
+SHARED_GROUPS = ("service", "model", "flows")
+# The longest groups start first (measured in CI: seconds of one worker), so that neither worker is left with one
+# of them at the end while the other waits: with `--no-loadscope-reorder` xdist hands groups out in this order.
+LONG_FIRST = ("e2e/test_byod.py", "e2e/test_loop.py", "e2e/test_newcomer.py", "e2e/test_toy_modality.py", "service",
+              "e2e/test_pipeline.py", "model", "flows")  # fmt: skip
+
+
+def xdist_group(item: pytest.Item) -> str:
+    """The group of a test: its directory where that directory shares session fixtures, else its module."""
+    rel = Path(str(item.path)).relative_to(REPO / "tests")
+    return rel.parts[0] if rel.parts[0] in SHARED_GROUPS else rel.as_posix()
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
+
+    def rank(item: pytest.Item) -> int:
+        group = xdist_group(item)
+        return LONG_FIRST.index(group) if group in LONG_FIRST else len(LONG_FIRST)
+
+    items.sort(key=rank)  # stable: collection order within a group and among the rest

@@ -64,7 +64,7 @@ browser: ## headless Chromium for the tests that open our HTML pages (apt-get, o
 # TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 test: setup browser ## the test suite (what .ci/run calls)
-	MMFUSION_REQUIRE_BROWSER=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=15
+	MMFUSION_REQUIRE_BROWSER=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=15
 
 ui: setup ## Prefect server + the `pipeline` deployment on 127.0.0.1: trigger runs from the browser
 	$(PY) -m flows.ui

@@ -147,28 +147,42 @@ def log_url(request, tmp_path):
     return request.getfixturevalue("pg_url")
 
 
-# `make test` runs the suite on two pytest-xdist workers (`--dist loadgroup`): a worker takes a whole group. A
-# directory whose modules share session fixtures (a served Bento, a trained model, a Prefect test server) is one
-# group, so they are built once; every other module is a group of its own, so its module fixtures are too.
+
+# `make test` runs the suite on two pytest-xdist workers, and a worker takes a whole group of tests: a directory whose
+# modules share session fixtures (a served Bento, a trained model, a Prefect test server) is one group, so they are
+# built once; every other module is a group of its own, so its module fixtures are built once too.
+# (The scheduler is ours because `--dist loadgroup` groups nothing under pytest 9.2: pytest-xdist#1386.)
 SHARED_GROUPS = ("service", "model", "flows")
 # The longest groups start first (measured in CI: seconds of one worker), so that neither worker is left with one
-# of them at the end while the other waits: with `--no-loadscope-reorder` xdist hands groups out in this order.
+# of them at the end while the other waits: with `--no-loadscope-reorder` the groups are handed out in this order.
 LONG_FIRST = ("e2e/test_byod.py", "e2e/test_loop.py", "e2e/test_newcomer.py", "e2e/test_toy_modality.py", "service",
               "e2e/test_pipeline.py", "model", "flows")  # fmt: skip
 
 
-def xdist_group(item: pytest.Item) -> str:
-    """The group of a test: its directory where that directory shares session fixtures, else its module."""
-    rel = Path(str(item.path)).relative_to(REPO / "tests")
-    return rel.parts[0] if rel.parts[0] in SHARED_GROUPS else rel.as_posix()
+def suite_group(nodeid: str) -> str:
+    """The group of a test id (`tests/<dir>/<module>.py::...`): its directory where that directory shares session
+    fixtures, else its module."""
+    parts = nodeid.split("::", 1)[0].split("/")[1:]  # without the leading tests/
+    return parts[0] if parts and parts[0] in SHARED_GROUPS else "/".join(parts)
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
-
     def rank(item: pytest.Item) -> int:
-        group = xdist_group(item)
+        group = suite_group(item.nodeid)
         return LONG_FIRST.index(group) if group in LONG_FIRST else len(LONG_FIRST)
 
     items.sort(key=rank)  # stable: collection order within a group and among the rest
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under `--dist loadscope`, the scope of a test is its group (suite_group)."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return suite_group(nodeid)
+
+    return GroupScheduling(config, log)

@@ -40,8 +40,9 @@ def test_a_shared_directory_runs_on_one_worker_and_the_longest_group_starts_firs
         path.write_text("".join(TEST.format(i=i, module=module) for i in range(3)))
     (root / "tests" / "conftest.py").write_text(CONFTEST)
     out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2", "--dist", "loadscope",
-         "--no-loadscope-reorder", "tests"],
+        # its own --basetemp: a numbered one would make pytest delete the oldest of the suite's own temp folders
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "basetemp"),
+         "-n", "2", "--dist", "loadscope", "--no-loadscope-reorder", "tests"],
         cwd=root, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -96,3 +96,53 @@ def test_pipeline_checks_overrides_as_dvc_will_parse_them():
     with pytest.raises(ParamsError, match="train.lr: expected a number"):
         check_overrides(["train.lr=fast"], REPO / "params.yaml")
     assert build_command(["augment.views=3"], ["validate"], False)[1:] == ["exp", "run", "-S", "augment.views=3", "validate"]
+
+
+def test_featurize_with_dataloader_workers_runs_as_a_flow(prefect_harness, tiny_manifest, tmp_path):
+    """featurize.num_workers > 0 (auto's choice on CUDA) inside a stage's flow run: its forked DataLoader workers
+    inherit Prefect's exit hooks, which made every one exit with code 1 and the stage fail (mmfusion.forks)."""
+    from mmfusion.config import params_to_dict
+    from safetensors.numpy import load_file
+
+    features = {}
+    for workers in (2, 0):
+        root = tmp_path / f"w{workers}"
+        root.mkdir()
+        params = tiny_params(tiny_manifest, featurize={"num_workers": workers, "runtime": "torch",
+                                                      "cache_dir": str(root / "cache")})  # fmt: skip
+        (root / "params.yaml").write_text(yaml.safe_dump(params_to_dict(params)))
+        for name in ("ingest", "clean", "validate", "split", "augment", "featurize"):
+            _run(name, root)
+        features[workers] = load_file(root / "features" / "train.safetensors")
+    assert features[2].keys() == features[0].keys() and features[2]["image"].shape[0] > 0
+    for key, value in features[0].items():
+        assert (features[2][key] == value).all(), key  # the same vectors as decoding in-process
+
+
+def _fork_after_a_flow_run(drop_hooks: bool) -> int:
+    import multiprocessing
+
+    from prefect import flow
+
+    from mmfusion.forks import drop_inherited_prefect_exit_hooks
+
+    @flow(log_prints=True)
+    def speaks():
+        print("the log and event workers are running now")
+
+    speaks()
+
+    def child():
+        if drop_hooks:
+            drop_inherited_prefect_exit_hooks()
+
+    proc = multiprocessing.get_context("fork").Process(target=child)
+    proc.start()
+    proc.join(60)
+    return proc.exitcode
+
+
+def test_a_child_forked_after_a_flow_run_exits_cleanly_without_prefects_exit_hooks(prefect_harness):
+    assert _fork_after_a_flow_run(drop_hooks=True) == 0
+    # the Prefect behaviour the shim is for: when this fails, Prefect fixed it and the shim can go
+    assert _fork_after_a_flow_run(drop_hooks=False) == 1

@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from mmfusion.forks import dataloader_worker_init
 from mmfusion.modalities.base import InputDecodeError
 from mmfusion.encoders.base import Encoder
 from mmfusion.features.cache import FeatureCache
@@ -207,6 +208,7 @@ def encode_batches(
         pin_memory=encoder.device.type == "cuda",
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
+        worker_init_fn=dataloader_worker_init if workers else None,  # forked from a stage's flow run
     )
     bar = tqdm(
         total=len(keys),

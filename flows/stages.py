@@ -8,6 +8,7 @@ PREFECT_API_URL points at a server; an ephemeral local server otherwise).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
@@ -62,6 +63,24 @@ def build_stage_flow(name: str, compute: ComputeParams | None = None):
     return stage_flow
 
 
+def stage_heartbeats():
+    """The settings a stage's flow run runs under: no flow-run heartbeats unless the user asked for them.
+
+    Heartbeats feed Prefect's zombie-run detection (an automation you configure); a stage is a foreground process
+    that DVC watches, and Prefect's heartbeat thread sleeps in one-second steps, so joining it at the end of every
+    flow run cost ~1 s per stage (measured: a one-task flow against a server, 1.6 s -> 0.7 s). Set
+    PREFECT_FLOWS_HEARTBEAT_FREQUENCY (or a Prefect profile's flows.heartbeat_frequency) to have them.
+    """
+    from prefect.settings import get_current_settings, temporary_settings
+    from prefect.settings.models.flows import FlowsSettings
+
+    asked = any(k in os.environ for k in ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY"))
+    default = FlowsSettings.model_fields["heartbeat_frequency"].default
+    if asked or get_current_settings().flows.heartbeat_frequency != default:
+        return contextlib.nullcontext()
+    return temporary_settings(updates={"flows.heartbeat_frequency": None})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.stages", description="Run one pipeline stage as a Prefect flow.")
     parser.add_argument("stage", choices=STAGES)
@@ -74,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         compute = load_params(args.params).compute
-        build_stage_flow(args.stage, compute)(params_path=args.params, root=args.root)
+        with stage_heartbeats():
+            build_stage_flow(args.stage, compute)(params_path=args.params, root=args.root)
     except USER_ERRORS as exc:
         return report_user_error(args.stage, exc)
     except Exception as exc:  # a bug: the traceback, then one line saying which stage failed

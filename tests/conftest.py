@@ -23,6 +23,14 @@ def read_env_file(path: Path) -> dict[str, str]:
 # Offline and quiet, as `make` runs everything: the one list in offline.env.
 for key, value in read_env_file(REPO / "offline.env").items():
     os.environ.setdefault(key, value)
+# Each xdist worker (`make test` runs two) its own Prefect home and BentoML store, which every server and stage
+# process it starts inherits: a Prefect server migrates its SQLite database when it starts, and two servers
+# migrating one file at once fail ("duplicate column name: version"), as the two workers' e2e servers did.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _key, _default in (("PREFECT_HOME", REPO / ".prefect"), ("BENTOML_HOME", REPO / ".bentoml")):
+        _home = Path(os.environ.get(_key) or _default) / f"xdist-{os.environ['PYTEST_XDIST_WORKER']}"
+        _home.mkdir(parents=True, exist_ok=True)
+        os.environ[_key] = str(_home)
 # dvc.yaml's commands say `python`: the one of this environment.
 os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
 

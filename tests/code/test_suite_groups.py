@@ -19,7 +19,7 @@ from pathlib import Path
 def test_{i}():
     time.sleep(0.2)
     with open(Path(__file__).parents[2] / "ran.txt", "a") as f:
-        f.write(f"{{os.environ['PYTEST_XDIST_WORKER']}} {module} {{time.time()}}\\n")
+        f.write(f"{{os.environ['PYTEST_XDIST_WORKER']}} {module} {{time.time()}} {{os.environ['PREFECT_HOME']}}\\n")
 """
 
 
@@ -43,13 +43,16 @@ def test_a_shared_directory_runs_on_one_worker_and_the_longest_group_starts_firs
         # its own --basetemp: a numbered one would make pytest delete the oldest of the suite's own temp folders
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "basetemp"),
          "-n", "2", "--dist", "loadscope", "--no-loadscope-reorder", "tests"],
-        cwd=root, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=120,
+        cwd=root, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "PREFECT_HOME": str(tmp_path / "prefect")},
+        capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     runs = [line.split() for line in (root / "ran.txt").read_text().splitlines()]
     assert len(runs) == 3 * len(modules)
     workers = {}
-    for worker, module, _ in runs:
+    homes = {worker: home for worker, _, _, home in runs}
+    assert len(set(homes.values())) == 2 and len({(w, h) for w, _, _, h in runs}) == 2, homes  # one Prefect home each
+    for worker, module, _, _ in runs:
         workers.setdefault(suite_group("tests/" + module), set()).add(worker)
     assert len(workers["service"]) == 1, workers  # three modules, one worker
     assert len({w for ws in workers.values() for w in ws}) == 2  # and both workers worked

@@ -146,3 +146,18 @@ def test_a_child_forked_after_a_flow_run_exits_cleanly_without_prefects_exit_hoo
     assert _fork_after_a_flow_run(drop_hooks=True) == 0
     # the Prefect behaviour the shim is for: when this fails, Prefect fixed it and the shim can go
     assert _fork_after_a_flow_run(drop_hooks=False) == 1
+
+
+def test_stage_flow_runs_send_no_heartbeats_unless_asked(monkeypatch):
+    from prefect.settings import get_current_settings
+
+    from flows.stages import stage_heartbeats
+
+    for key in ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY"):
+        monkeypatch.delenv(key, raising=False)
+    with stage_heartbeats():
+        assert get_current_settings().flows.heartbeat_frequency is None
+    assert get_current_settings().flows.heartbeat_frequency == 180  # Prefect's default, outside a stage
+    monkeypatch.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "60")
+    with stage_heartbeats():  # asked for: the stage keeps Prefect's setting
+        assert get_current_settings().flows.heartbeat_frequency != None  # noqa: E711

@@ -155,7 +155,6 @@ def log_url(request, tmp_path):
     return request.getfixturevalue("pg_url")
 
 
-
 # `make test` runs the suite on two pytest-xdist workers, and a worker takes a whole group of tests: a directory whose
 # modules share session fixtures (a served Bento, a trained model, a Prefect test server) is one group, so they are
 # built once; every other module is a group of its own, so its module fixtures are built once too.

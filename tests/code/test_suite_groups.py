@@ -49,9 +49,9 @@ def test_a_shared_directory_runs_on_one_worker_and_the_longest_group_starts_firs
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     runs = [line.split() for line in (root / "ran.txt").read_text().splitlines()]
     assert len(runs) == 3 * len(modules)
+    homes = {(worker, home) for worker, _, _, home in runs}
+    assert len(homes) == len({home for _, home in homes}) == 2, homes  # one Prefect home each, not shared
     workers = {}
-    homes = {worker: home for worker, _, _, home in runs}
-    assert len(set(homes.values())) == 2 and len({(w, h) for w, _, _, h in runs}) == 2, homes  # one Prefect home each
     for worker, module, _, _ in runs:
         workers.setdefault(suite_group("tests/" + module), set()).add(worker)
     assert len(workers["service"]) == 1, workers  # three modules, one worker

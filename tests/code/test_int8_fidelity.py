@@ -76,7 +76,7 @@ def test_the_fingerprint_records_the_resolved_setting_and_the_cpu_class():
     assert here.int8.isa == rt.cpu_isa() and here.fingerprint == int8(Int8Settings().resolved(rt.cpu_isa())).fingerprint
     # records made before ISA classes (no isa) keep their identity, so their models still load
     # (and before schemes: every one was static)
-    assert Int8Settings(reduce_range=True, scheme="static").ident() == {
+    assert Int8Settings(reduce_range=True, scheme="static", float_nodes=()).ident() == {
         "calibration_size": 64, "seed": 0, "per_channel": True, "reduce_range": True, "calibrate_method": "minmax",
     }  # fmt: skip
     assert vnni.int8.scheme == "static" and "scheme" not in recorded
@@ -86,6 +86,8 @@ def test_the_fingerprint_records_the_resolved_setting_and_the_cpu_class():
         Int8Settings().ident()
     with pytest.raises(ValueError, match="scheme"):  # set by the encoder, never guessed
         Int8Settings(reduce_range=True).ident()
+    with pytest.raises(ValueError, match="float_nodes"):  # so are the float nodes
+        Int8Settings(reduce_range=True, scheme="static").ident()
 
 
 def _wav(i: int) -> bytes:
@@ -227,7 +229,7 @@ def test_text_int8_is_dynamic_agrees_with_torch_and_its_identity_ignores_the_cal
     assert rebuilt.fingerprint == here.fingerprint and rebuilt.int8.scheme == "dynamic"
     # a record made before schemes (all int8 was static then) stays static: its fingerprint is kept
     old = text_int8(TEXTS[:4])
-    old_record = {**old.describe()["runtime"], "int8": {k: v for k, v in Int8Settings(scheme="static").resolved("vnni").ident().items()}}
+    old_record = {**old.describe()["runtime"], "int8": {k: v for k, v in Int8Settings(scheme="static", float_nodes=()).resolved("vnni").ident().items()}}
     old_record["calibration"] = old.calibration.to_json()
     static = create_encoder("minilm_l6", device="cpu").set_runtime_from(old_record, threads=1, cache_dir=tmp_path)
     assert static.int8.scheme == "static" and static.fingerprint != a.fingerprint

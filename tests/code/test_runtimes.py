@@ -7,6 +7,7 @@ One export per runtime per session (module fixtures); int8 calibrates on 8 drawn
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,50 @@ def test_a_model_folder_rebuilds_its_runtime_offline_and_refuses_another(image_e
 
     with pytest.raises(ValueError, match="fingerprint"):
         Predictor.from_dir(model_dir, device="cpu", encoders={"image": image_encoders["torch"]})
+
+
+STEM, FIRST_DEPTHWISE = "/_conv_stem/Conv", "/_blocks.0/_depthwise_conv/Conv"
+
+
+def test_float_nodes_stay_float_in_the_int8_model_and_are_part_of_its_identity(image_encoders, images, onnx_cache, tmp_path):
+    """An int8 model's float nodes (EfficientNet-Lite0 on AVX2: its stem and first depthwise conv, measured by
+    bench/int8_sensitivity.py) take float weights and inputs; the list is recorded and rebuilt as recorded."""
+    import onnx
+
+    measured = create_encoder("efficientnet_lite0", device="cpu").int8_float_nodes
+    assert set(measured) == {"avx2"} and measured["avx2"][:2] == (STEM, FIRST_DEPTHWISE)
+    for isa, expected in (("avx2", measured["avx2"]), ("vnni", ())):  # set from the CPU class
+        e = create_encoder("efficientnet_lite0", device="cpu").set_runtime("onnx-int8", int8=INT8.resolved(isa), calibration=CALIBRATION)
+        assert e.int8.float_nodes == expected
+        assert e.describe()["runtime"]["int8"].get("float_nodes", []) == list(expected)  # none: no key, old fingerprints
+
+    settings = replace(INT8.resolved(), float_nodes=(STEM,))
+    enc = create_encoder("efficientnet_lite0", device="cpu").set_runtime(
+        "onnx-int8", threads=2, cache_dir=onnx_cache, int8=settings, calibration=CALIBRATION
+    )
+    assert enc.fingerprint not in {e.fingerprint for e in image_encoders.values()}
+    emb = enc.encode(images)
+    graph = onnx.load(str(rt.onnx_folder(enc, onnx_cache) / "model.onnx")).graph
+    made_by = {out: node.op_type for node in graph.node for out in node.output}
+    node = {n.name: n for n in graph.node}
+    assert made_by.get(node[STEM].input[1]) is None  # its weight: a float initializer
+    assert made_by.get(node[STEM].input[0]) != "DequantizeLinear"
+    for quantised in (FIRST_DEPTHWISE, "/_conv_head/Conv"):
+        assert made_by[node[quantised].input[0]] == made_by[node[quantised].input[1]] == "DequantizeLinear"
+
+    record = enc.describe()["runtime"]
+    assert record["int8"]["float_nodes"] == [STEM]
+    again = create_encoder("efficientnet_lite0", device="cpu").set_runtime_from(json.loads(json.dumps(record)), cache_dir=onnx_cache)
+    assert again.fingerprint == enc.fingerprint and again.int8.float_nodes == (STEM,)
+    torch.testing.assert_close(again.encode(images), emb)
+    old = {**record, "int8": {k: v for k, v in record["int8"].items() if k != "float_nodes"}}  # made before float nodes
+    assert create_encoder("efficientnet_lite0", device="cpu").set_runtime_from(old).int8.float_nodes == ()
+
+    typo = create_encoder("efficientnet_lite0", device="cpu").set_runtime(
+        "onnx-int8", cache_dir=tmp_path, int8=replace(settings, float_nodes=("/_conv_stem/conv",)), calibration=CALIBRATION
+    )
+    with pytest.raises(ValueError, match=r"float nodes not in the exported graph: \['/_conv_stem/conv'\]"):
+        typo.encode(images)
 
 
 def test_calibration_is_a_seeded_sample_of_distinct_readable_inputs():

@@ -104,6 +104,9 @@ class Encoder(ABC):
     int8_op_types: tuple[str, ...] | None = None
     # How onnx-int8 quantises activations: static (ranges calibrated on training inputs) | dynamic (per batch)
     int8_scheme: str = "static"
+    # onnx-int8: the ONNX graph nodes kept in float, per CPU int8 class (runtime.cpu_isa), where quantising them
+    # alone costs the most fidelity on that class: measured by bench/int8_sensitivity.py, not guessed
+    int8_float_nodes: dict[str, tuple[str, ...]] = {}
 
     def __init__(self, device: str | torch.device = "auto", batch_size: int | None = None):
         self.device = resolve_device(device)
@@ -232,6 +235,8 @@ class Encoder(ABC):
                 int8 = int8.resolved()
             if not int8.scheme:
                 int8 = replace(int8, scheme=self.int8_scheme)
+            if int8.float_nodes is None:  # the nodes measured to need float on this CPU class
+                int8 = replace(int8, float_nodes=tuple(self.int8_float_nodes.get(int8.isa, ())))
             calibration = calibration() if callable(calibration) else calibration
             if calibration is None or not calibration.contents:
                 raise ValueError(f"encoder {self.name!r}: runtime onnx-int8 needs calibration inputs (real training samples)")
@@ -250,8 +255,8 @@ class Encoder(ABC):
         from mmfusion.encoders.runtime import FULL_RANGE_ISAS, Calibration, Int8Settings, cpu_isa
 
         recorded = recorded or {"name": "torch"}
-        # a record without a scheme was made when every int8 model was static
-        int8 = Int8Settings(**{"scheme": "static", **recorded["int8"]}) if "int8" in recorded else None
+        # a record without a scheme was made when every int8 model was static; without float nodes, it had none
+        int8 = Int8Settings(**{"scheme": "static", "float_nodes": (), **recorded["int8"]}) if "int8" in recorded else None
         calibration = Calibration.from_json(recorded["calibration"]) if "calibration" in recorded else None
         # as recorded, never measured again: the same runtime, so the same fingerprint
         self.set_runtime(recorded["name"], threads=threads, cache_dir=cache_dir, int8=int8, calibration=calibration)

